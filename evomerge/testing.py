@@ -1,0 +1,67 @@
+"""Synthetic model families for tests and benchmarks: a random base plus experts = base + small deltas.
+
+Real formats at tiny sizes: each model is a `transformers` Llama folder written with
+`save_pretrained` (safetensors), so the loading code under test is the code users run on 7B models.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def llama_config(hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: int = 64, vocab: int = 64,
+                 tie_word_embeddings: bool = False, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie_word_embeddings,
+        **extra,
+    )
+
+
+def make_family(
+    out_dir: str | Path,
+    *,
+    n_experts: int = 3,
+    seed: int = 0,
+    delta_scale: float = 0.02,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int = "5GB",
+    config=None,
+) -> tuple[Path, list[Path]]:
+    """Write `base/` and `expert_{i}/` under `out_dir`; returns (base path, expert paths).
+
+    Experts are the base plus Gaussian deltas of relative size `delta_scale`, drawn from a
+    generator seeded by (seed, expert index), so the family is reproducible.
+    """
+    from transformers import LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    config = config or llama_config()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model = model.to(dtype)
+    model.save_pretrained(out_dir / "base", safe_serialization=True, max_shard_size=max_shard_size)
+    expert_paths = []
+    for i in range(n_experts):
+        gen.manual_seed(seed * 1000 + i + 1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                ref = base_state[name]
+                noise = torch.randn(ref.shape, generator=gen) * (ref.float().std().clamp_min(1e-3) * delta_scale)
+                param.copy_((ref.float() + noise).to(dtype))
+        path = out_dir / f"expert_{i}"
+        model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
+        expert_paths.append(path)
+    return out_dir / "base", expert_paths
