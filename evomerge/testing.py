@@ -44,6 +44,8 @@ def make_family(
     """
     from transformers import LlamaForCausalLM
 
+    from evomerge.zoo._tokenizer import build_tokenizer, save_tokenizer
+
     out_dir = Path(out_dir)
     config = config or llama_config()
     gen = torch.Generator().manual_seed(seed)
@@ -52,7 +54,13 @@ def make_family(
         model = LlamaForCausalLM(config)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model = model.to(dtype)
-    model.save_pretrained(out_dir / "base", safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer = build_tokenizer()
+
+    def save(path: Path) -> None:
+        model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
+        save_tokenizer(tokenizer, path)
+
+    save(out_dir / "base")
     expert_paths = []
     for i in range(n_experts):
         gen.manual_seed(seed * 1000 + i + 1)
@@ -62,6 +70,6 @@ def make_family(
                 noise = torch.randn(ref.shape, generator=gen) * (ref.float().std().clamp_min(1e-3) * delta_scale)
                 param.copy_((ref.float() + noise).to(dtype))
         path = out_dir / f"expert_{i}"
-        model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
+        save(path)
         expert_paths.append(path)
     return out_dir / "base", expert_paths

@@ -396,8 +396,10 @@ def write_model(
         config = dict(base.config)
         if dtype is not None or written_dtype is not None:
             name = dtype_name(dtype or written_dtype)
-            config["torch_dtype"] = name
-            if "dtype" in config:
+            # transformers 5 writes `dtype`, 4 wrote `torch_dtype`: keep whichever the base used.
+            if "torch_dtype" in config:
+                config["torch_dtype"] = name
+            if "dtype" in config or "torch_dtype" not in config:
                 config["dtype"] = name
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_tokenizer_files(base.path, tmp)
