@@ -1,0 +1,375 @@
+"""In-memory materializer: writes a candidate merge straight into a live `transformers` model.
+
+The search scores thousands of candidates that differ only in their coefficients. So the base
+weights and the experts' stacked task vectors (expert - base) are loaded once, in float32, on
+`cuda` when present, and every candidate is computed into the parameters of one live model:
+no disk I/O and no per-candidate allocation of model-sized tensors (fresh large allocations run
+at a tenth of the memory bandwidth of in-place work on this class of machine).
+
+Paths, each tested equal to the pure kernels in `evomerge.merge.kernels`:
+- task arithmetic, normalized linear, and the sparsifying methods at density 1: one fused
+  multiply-add pass, base + sum_k c_k tv_k, straight into the parameter (`fused.fused_sum`).
+- ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties: one fused pass
+  (`fused.fused_masked`). Magnitude thresholds are looked up in per-expert order statistics
+  computed once (`MagnitudeOrderStats`), so a candidate costs a compare, not a selection;
+  DARE's uniform draws come from the kernels' own generators.
+- anything else (DELLA's per-row ranks, slerp, tensors small enough for exact order stats):
+  the pure kernel itself.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from evomerge._device import default_device
+from evomerge.merge.checkpoint import ModelFolder, check_compatible
+from evomerge.merge.fused import FusedOps, rescale_factors
+from evomerge.merge.kernels import mask_generator, merge_tensor, method_defaults
+from evomerge.merge.layers import LayerMap, TensorPosition
+from evomerge.merge.sparsify import (
+    RESCALE_EPS,
+    MagnitudeOrderStats,
+    check_fraction,
+    magnitude_keep_count,
+    outlier_window,
+)
+
+# method -> (sparsifier, consensus) for the fused masked path.
+FUSED_MASKED = {
+    "ties": ("magnitude", "sum"),
+    "dare_ties": ("random", "sum"),
+    "dare_linear": ("random", None),
+    "breadcrumbs": ("magnitude_outliers", None),
+    "breadcrumbs_ties": ("magnitude_outliers", "sum"),
+}
+# Below this many stored elements, compiling costs more than it saves.
+AUTO_COMPILE_MIN_ELEMENTS = 20_000_000
+
+
+@dataclass(frozen=True)
+class TensorCoefficients:
+    """Per-expert coefficients for one tensor, each a length-K tuple."""
+
+    weight: tuple[float, ...]
+    density: tuple[float, ...] | None = None
+    gamma: tuple[float, ...] | None = None
+    epsilon: tuple[float, ...] | None = None
+
+
+CoefficientFn = Callable[[str, TensorPosition], TensorCoefficients]
+
+
+def layerwise(num_layers: int, **params: Sequence | np.ndarray | None) -> CoefficientFn:
+    """Build a coefficient function from per-expert values, each shaped (K,) or (K, num_layers).
+
+    A (K, L) array gives layer l the column l. Tensors outside the block stack (embeddings,
+    final norm, LM head) take column 0, which is what a mergekit gradient list of the same values
+    gives them (mergekit evaluates those tensors at t = 0), so a recipe export stays exact.
+    """
+    arrays = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.ndim == 1:
+            arr = np.repeat(arr[:, None], num_layers, axis=1)
+        if arr.ndim != 2 or arr.shape[1] != num_layers:
+            raise ValueError(f"{name}: expected shape (K,) or (K, {num_layers}), got {arr.shape}")
+        arrays[name] = arr
+
+    def resolve(tensor_name: str, position: TensorPosition) -> TensorCoefficients:
+        col = position.layer if position.is_layer else 0
+        return TensorCoefficients(**{k: tuple(float(x) for x in v[:, col]) for k, v in arrays.items()})
+
+    return resolve
+
+
+@dataclass
+class _Slot:
+    """One merged tensor: where it lives in the live model and its stored inputs."""
+
+    name: str
+    position: TensorPosition
+    param: torch.Tensor  # the live model's parameter (written in place)
+    base: torch.Tensor  # (N,) float32 on device
+    task_vectors: torch.Tensor  # (K, N) float32 on device
+    magnitude_stats: list[MagnitudeOrderStats] | None = None  # built on first magnitude-pruned use
+    l1_norms: torch.Tensor | None = None  # (K,) built on first rescaled use
+
+
+@dataclass
+class Materializer:
+    """Holds a base model and its experts' task vectors; materialises candidates in place.
+
+    `Materializer.from_folders(base_dir, expert_dirs)`, then `apply(method, ...)` writes the
+    merge into `self.model` (a live `transformers` model in eval mode) and returns it.
+    """
+
+    model: torch.nn.Module
+    layer_map: LayerMap
+    slots: list[_Slot]
+    device: torch.device
+    num_experts: int
+    seed: int = 0
+    order_stats_grid: int | None = 65536
+    compile: bool = False
+    _scratch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _ops: FusedOps = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._ops = FusedOps(compile=self.compile)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_folders(
+        cls,
+        base_dir: str | os.PathLike,
+        expert_dirs: Sequence[str | os.PathLike],
+        *,
+        device: str | torch.device | None = None,
+        allow_pickle: bool = False,
+        layer_pattern: str | None = None,
+        seed: int = 0,
+        order_stats_grid: int | None = 65536,
+        compile: bool | str = "auto",
+    ) -> "Materializer":
+        """Load the base model (through `transformers`) and the experts' task vectors once.
+
+        `compile="auto"` compiles the fused paths with `torch.compile` when the model is large
+        enough for that to pay off; `order_stats_grid` trades exactness of magnitude thresholds
+        on tensors above that many elements for a lookup (see `MagnitudeOrderStats`).
+        """
+        from transformers import AutoModelForCausalLM
+
+        device = default_device(device)
+        base = ModelFolder.open(base_dir, allow_pickle=allow_pickle)
+        experts = [ModelFolder.open(p, allow_pickle=allow_pickle) for p in expert_dirs]
+        if not experts:
+            raise ValueError("Materializer needs at least one expert")
+        check_compatible(base, experts)
+        layer_map = LayerMap.from_config(base.config, layer_pattern)
+
+        dtype = base.dtype(base.tensor_names()[0])
+        # The loading path users run on big checkpoints; remote code stays off.
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, trust_remote_code=False).to(device)
+        model.eval()
+        slots = []
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if not base.has_tensor(name):
+                raise ValueError(f"{base.path}: the model class expects tensor {name!r} but the checkpoint lacks it")
+            if name in base.aliases:  # a tied head shares storage with the embedding, which is merged
+                continue
+            param.requires_grad_(False)
+            base_t = base.get_tensor(name).to(device=device, dtype=torch.float32).reshape(-1)
+            tvs = torch.empty((len(experts), base_t.numel()), dtype=torch.float32, device=device)
+            for k, expert in enumerate(experts):
+                tvs[k].copy_(expert.get_tensor(name).reshape(-1))
+                tvs[k].sub_(base_t)
+            slots.append(_Slot(name, layer_map.position(name), param, base_t, tvs))
+        base.close()
+        for expert in experts:
+            expert.close()
+        if compile == "auto":
+            compile = sum(s.task_vectors.numel() for s in slots) >= AUTO_COMPILE_MIN_ELEMENTS
+        return cls(model=model, layer_map=layer_map, slots=slots, device=device, num_experts=len(experts),
+                   seed=seed, order_stats_grid=order_stats_grid, compile=bool(compile))
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_map.num_layers
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes one candidate reads (base + task vectors, float32) and writes (the merged tensors)."""
+        return sum((2 + self.num_experts) * s.base.numel() * 4 for s in self.slots)
+
+    # ------------------------------------------------------------- applying
+    def apply(
+        self,
+        method: str,
+        coefficients: CoefficientFn | None = None,
+        *,
+        normalize: bool | None = None,
+        rescale: bool | None = None,
+        lambda_: float = 1.0,
+        t: float | None = None,
+        **per_expert: Sequence | np.ndarray | None,
+    ) -> torch.nn.Module:
+        """Write the merge into the live model and return it.
+
+        Pass either a coefficient function (see `layerwise`) or per-expert arrays as keywords:
+        `apply("ties", weight=[0.8, 0.6, 0.4], density=[0.5, 0.5, 0.5])`, or (K, L) arrays.
+        """
+        if coefficients is None:
+            coefficients = layerwise(self.num_layers, **per_expert)
+        elif per_expert:
+            raise TypeError("pass either a coefficient function or per-expert arrays, not both")
+        defaults = method_defaults(method)
+        normalize = defaults.get("normalize", False) if normalize is None else bool(normalize)
+        rescale = defaults.get("rescale", False) if rescale is None else bool(rescale)
+        with torch.no_grad():
+            for slot in self.slots:
+                coeffs = coefficients(slot.name, slot.position)
+                if len(coeffs.weight) != self.num_experts:
+                    raise ValueError(f"tensor {slot.name!r}: {len(coeffs.weight)} weights for {self.num_experts} experts")
+                self._apply_slot(slot, method, coeffs, normalize, rescale, lambda_, t)
+        return self.model
+
+    def _apply_slot(self, slot: _Slot, method: str, c: TensorCoefficients, normalize: bool, rescale: bool,
+                    lambda_: float, t: float | None) -> None:
+        dense = c.density is None or all(d >= 1.0 for d in c.density)
+        if method in ("task_arithmetic", "dare_linear", "della_linear", "breadcrumbs") and dense:
+            # Every entry survives, so these are plain task arithmetic (an L1 rescale by 1 changes nothing).
+            total = sum(c.weight)
+            divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+            self._fused_sum(slot, [w * lambda_ / divisor for w in c.weight])
+        elif method == "linear" and normalize:
+            total = sum(c.weight)
+            if total == 0:
+                raise ValueError(f"linear: weights {list(c.weight)} sum to 0 and cannot be normalized (tensor {slot.name!r})")
+            # sum_k w_k (base + tv_k) / W = base + sum_k (w_k / W) tv_k
+            self._fused_sum(slot, [w / total for w in c.weight])
+        elif method in FUSED_MASKED and (FUSED_MASKED[method][0] == "random" or not self._exact_stats(slot)):
+            self._fused_masked(slot, method, c, normalize, rescale, lambda_)
+        else:
+            stats = self._order_stats(slot) if method in ("ties", "breadcrumbs", "breadcrumbs_ties") else None
+            self._kernel(slot, method, c, normalize, rescale, lambda_, t, stats)
+
+    def _fused_sum(self, slot: _Slot, coefficients: Sequence[float]) -> None:
+        out = self._output_buffer(slot)
+        coef = torch.tensor(coefficients, dtype=torch.float32, device=self.device)
+        if self._ops.compile:
+            self._ops.sum(slot.base, tuple(slot.task_vectors), coef, out)
+        else:
+            # out = base + tvs^T @ coef: one read of every stored element, one write.
+            torch.addmv(slot.base, slot.task_vectors.T, coef, out=out)
+        self._commit(slot, out)
+
+    def _fused_masked(self, slot: _Slot, method: str, c: TensorCoefficients, normalize: bool, rescale: bool,
+                      lambda_: float) -> None:
+        sparsifier, consensus = FUSED_MASKED[method]
+        k_experts = self.num_experts
+        densities = [float(d) for d in (c.density or (1.0,) * k_experts)]
+        lo, hi, keep_p = [], [], []
+        for k, density in enumerate(densities):
+            check_fraction(density, f"density[{k}]", slot.name)
+            low, high, p = -math.inf, math.inf, 2.0  # keep everything
+            if sparsifier == "random":
+                p = density if density < 1 else 2.0
+            elif sparsifier == "magnitude":
+                low = _magnitude_lo(self._order_stats(slot)[k], density)
+            else:
+                gamma = float(c.gamma[k]) if c.gamma is not None else 0.01
+                check_fraction(gamma, f"gamma[{k}]", slot.name)
+                low, high = _outlier_bounds(self._order_stats(slot)[k], density, gamma)
+            lo.append(low), hi.append(high), keep_p.append(p)
+        draws = self._draws(slot, densities) if sparsifier == "random" and min(densities) < 1 else None
+        lo_t, hi_t, p_t = (torch.tensor(v, dtype=torch.float32, device=self.device) for v in (lo, hi, keep_p))
+        rows = tuple(slot.task_vectors)
+        if rescale:
+            scale = rescale_factors(self._l1_norms(slot), self._ops.l1(rows, draws, lo_t, hi_t, p_t), RESCALE_EPS)
+        else:
+            scale = torch.ones(k_experts, dtype=torch.float32, device=self.device)
+        total = sum(c.weight)
+        plain_divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0, dtype=torch.float32, device=self.device)
+        weight = torch.tensor(c.weight, dtype=torch.float32, device=self.device)
+        out = self._output_buffer(slot)
+        self._ops.masked(slot.base, rows, draws, weight, scale, lo_t, hi_t, p_t,
+                         torch.tensor(float(lambda_), dtype=torch.float32, device=self.device), plain_divisor,
+                         consensus is not None, normalize, out)
+        self._commit(slot, out)
+
+    def _kernel(self, slot: _Slot, method: str, c: TensorCoefficients, normalize: bool, rescale: bool,
+                lambda_: float, t: float | None, order_stats: list | None) -> None:
+        shape = slot.param.shape
+        experts = (slot.task_vectors + slot.base).view(-1, *shape)
+        if method == "slerp":
+            kwargs = {"t": t}
+        elif method == "linear":
+            kwargs = {"weight": c.weight, "normalize": normalize}
+        else:
+            kwargs = {"weight": c.weight, "density": c.density, "gamma": c.gamma, "epsilon": c.epsilon,
+                      "normalize": normalize, "rescale": rescale, "lambda_": lambda_, "order_stats": order_stats}
+        merged = merge_tensor(method, slot.base.view(shape), experts, seed=self.seed, tensor_name=slot.name, **kwargs)
+        slot.param.copy_(merged.view(shape))
+
+    # ------------------------------------------------------------- buffers
+    def _draws(self, slot: _Slot, densities: Sequence[float]) -> tuple[torch.Tensor, ...]:
+        """The uniform draws behind the kernel's bernoulli masks: same generator, same order."""
+        numel = slot.base.numel()
+        buf = self._scratch.get("draws")
+        if buf is None:
+            buf = torch.empty((self.num_experts, max(s.base.numel() for s in self.slots)), dtype=torch.float32,
+                              device=self.device)
+            self._scratch["draws"] = buf
+        rows = []
+        for k, density in enumerate(densities):
+            row = buf[k, :numel]
+            if density < 1:  # the kernel draws nothing for an expert kept whole
+                torch.rand(numel, generator=mask_generator(self.seed, slot.name, k, self.device), out=row)
+            else:
+                row.zero_()
+            rows.append(row)
+        return tuple(rows)
+
+    def _l1_norms(self, slot: _Slot) -> torch.Tensor:
+        if slot.l1_norms is None:
+            slot.l1_norms = slot.task_vectors.abs().sum(dim=1)
+        return slot.l1_norms
+
+    def _order_stats(self, slot: _Slot) -> list[MagnitudeOrderStats]:
+        if slot.magnitude_stats is None:
+            shape = slot.param.shape
+            slot.magnitude_stats = [
+                MagnitudeOrderStats.from_delta(tv.view(shape), grid=self.order_stats_grid) for tv in slot.task_vectors
+            ]
+        return slot.magnitude_stats
+
+    def _exact_stats(self, slot: _Slot) -> bool:
+        return self.order_stats_grid is None or slot.base.numel() <= self.order_stats_grid
+
+    def _output_buffer(self, slot: _Slot) -> torch.Tensor:
+        if slot.param.dtype == torch.float32 and slot.param.is_contiguous():
+            return slot.param.view(-1)
+        buf = self._scratch.get("out")
+        if buf is None:
+            buf = torch.empty(max(s.base.numel() for s in self.slots), dtype=torch.float32, device=self.device)
+            self._scratch["out"] = buf
+        return buf[: slot.base.numel()]
+
+    def _commit(self, slot: _Slot, out: torch.Tensor) -> None:
+        if out.data_ptr() != slot.param.data_ptr():
+            slot.param.copy_(out.view(slot.param.shape))  # casts to the checkpoint dtype
+
+    # ------------------------------------------------------------- exporting
+    def merged_state(self) -> dict[str, torch.Tensor]:
+        """The live model's merged tensors by checkpoint name (tied heads excluded), on CPU."""
+        return {slot.name: slot.param.detach().to("cpu").clone() for slot in self.slots}
+
+
+def _magnitude_lo(stats: MagnitudeOrderStats, density: float) -> float:
+    """Grid-stats threshold of `sparsify.magnitude_mask`: keep |t| >= lo."""
+    k = magnitude_keep_count(stats.numel, density)
+    if k == 0:
+        return math.inf
+    if k == stats.numel:
+        return -math.inf
+    return stats.value_at_rank(stats.numel - k, "down")
+
+
+def _outlier_bounds(stats: MagnitudeOrderStats, density: float, gamma: float) -> tuple[float, float]:
+    """Grid-stats window of `sparsify.magnitude_outliers_mask` (default options): keep lo <= |t| <= hi."""
+    n = stats.numel
+    if density >= 1:
+        return -math.inf, math.inf
+    start, stop = outlier_window(n, density, gamma, keep_at_least_one=True)
+    if start >= stop:
+        return math.inf, -math.inf
+    lo = stats.value_at_rank(start, "down") if start > 0 else -math.inf
+    hi = stats.value_at_rank(stop - 1, "up") if stop < n else math.inf
+    return lo, hi
