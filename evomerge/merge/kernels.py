@@ -1,0 +1,538 @@
+"""Merge kernels: pure functions from (base, stacked experts, per-expert coefficients) to one tensor.
+
+Semantics follow mergekit 0.1.5 (`merge_methods/registry.py`, `generalized_task_arithmetic.py`,
+`linear.py`, `slerp.py`). The eight task-arithmetic methods are rows of data
+(`TASK_ARITHMETIC_RECIPES`: sparsifier, sign consensus, default normalize, default rescale)
+driving one pipeline of small stages, each usable alone:
+
+    task_vectors -> sparsify_task_vectors -> weight_task_vectors -> combine_task_vectors
+    (delta = expert - base; sparsify each; multiply by weight; optional sign consensus on the
+    weighted deltas, sum, optional division by the (consensus-masked) weight sum) -> * lambda -> + base
+
+Every kernel takes `base` (*shape) and `experts` stacked as (K, *shape), computes in float32
+(float64 if an input is float64), returns a new tensor in base's dtype, never mutates its inputs
+and never touches the global torch RNG: every random mask draws from
+`mask_generator(seed, tensor_name, expert_index, device)`.
+
+Deliberate differences from mergekit (the switchable ones are `KernelOptions` fields; the rest
+are documented where they happen):
+* `KernelOptions.breadcrumbs_keep_at_least_one` (default True): mergekit's breadcrumbs keeps
+  int(density * numel) entries, so a tensor with density * numel < 1 (e.g. a 64-entry bias at
+  density 0.01) has its whole delta zeroed; we keep its one best-ranked entry.
+* `KernelOptions.della_mergekit_errors` (default False): mergekit's DELLA fails on 0-d tensors
+  (IndexError), rows of one element (NaN probability -> RuntimeError) and density +/- epsilon
+  outside (0, 1) (ValueError); we give a one-element row probability `density` and shrink epsilon
+  to min(epsilon, density, 1 - density). True raises ValueError in those cases.
+* mergekit's task arithmetic runs in the inputs' dtype (bf16 arithmetic for bf16 models); we
+  compute in float32 and cast back.
+* `linear` with normalize and weights summing to 0 raises ValueError (mergekit divides by zero).
+* magnitude ties are broken by flat index (mergekit's unstable argsort leaves them unspecified).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
+
+import torch
+
+from evomerge.merge.sparsify import (
+    MagnitudeOrderStats,
+    check_fraction,
+    sparsify,
+    work_dtype,
+)
+
+__all__ = [
+    "KERNELS",
+    "Kernel",
+    "KernelOptions",
+    "TASK_ARITHMETIC_RECIPES",
+    "TaskArithmeticRecipe",
+    "combine_task_vectors",
+    "generalized_task_arithmetic",
+    "get_kernel",
+    "linear",
+    "mask_generator",
+    "merge_tensor",
+    "method_defaults",
+    "register_kernel",
+    "sign_consensus",
+    "slerp",
+    "slerp_tensors",
+    "sparsify_task_vectors",
+    "task_vectors",
+    "weight_task_vectors",
+]
+
+PerExpert = Sequence[float] | torch.Tensor | float
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Switches for our deliberate differences from mergekit 0.1.5 (defaults: ours)."""
+
+    breadcrumbs_keep_at_least_one: bool = True
+    della_mergekit_errors: bool = False
+
+    @classmethod
+    def mergekit_compatible(cls) -> "KernelOptions":
+        """Reproduce mergekit 0.1.5 in both cases (zeroed tiny tensors, DELLA errors)."""
+        return cls(breadcrumbs_keep_at_least_one=False, della_mergekit_errors=True)
+
+
+class Kernel(Protocol):
+    """Signature shared by every registered kernel (parameters a method does not use must be None)."""
+
+    def __call__(
+        self,
+        base: torch.Tensor | None,
+        experts: torch.Tensor,
+        *,
+        weight: PerExpert | None = None,
+        density: PerExpert | None = None,
+        gamma: PerExpert | None = None,
+        epsilon: PerExpert | None = None,
+        normalize: bool | None = None,
+        rescale: bool | None = None,
+        lambda_: float = 1.0,
+        t: float | None = None,
+        seed: int = 0,
+        tensor_name: str = "",
+        options: KernelOptions | None = None,
+        order_stats: Sequence[MagnitudeOrderStats | None] | None = None,
+    ) -> torch.Tensor: ...
+
+
+KERNELS: dict[str, Kernel] = {}
+_DEFAULTS: dict[str, Mapping[str, Any]] = {}
+
+
+def register_kernel(name: str, *, defaults: Mapping[str, Any] | None = None) -> Callable[[Kernel], Kernel]:
+    """Decorator registering a kernel under `name`, with its parameter defaults (see `method_defaults`)."""
+
+    def decorator(kernel: Kernel) -> Kernel:
+        if name in KERNELS:
+            raise ValueError(f"merge kernel {name!r} is already registered")
+        KERNELS[name] = kernel
+        _DEFAULTS[name] = MappingProxyType(dict(defaults or {}))
+        return kernel
+
+    return decorator
+
+
+def get_kernel(name: str) -> Kernel:
+    """The kernel registered as `name`; ValueError listing the valid names otherwise."""
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; valid methods: {', '.join(sorted(KERNELS))}") from None
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """mergekit's defaults for the method's optional parameters, e.g. ties -> normalize True, rescale False."""
+    get_kernel(name)
+    return dict(_DEFAULTS[name])
+
+
+def mask_generator(
+    seed: int, tensor_name: str, expert_index: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A generator seeded from blake2b(seed, tensor_name, expert_index): the same on every run and process.
+
+    (Python's `hash` of a str changes per process, so it is not used.)
+    """
+    key = f"{int(seed)}\x00{tensor_name}\x00{int(expert_index)}".encode()
+    digest = hashlib.blake2b(key, digest_size=8, person=b"evomerge-mask").digest()
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return generator
+
+
+def merge_tensor(
+    method: str,
+    base: torch.Tensor | None,
+    experts: torch.Tensor,
+    *,
+    weight: PerExpert | None = None,
+    density: PerExpert | None = None,
+    gamma: PerExpert | None = None,
+    epsilon: PerExpert | None = None,
+    normalize: bool | None = None,
+    rescale: bool | None = None,
+    lambda_: float = 1.0,
+    t: float | None = None,
+    seed: int = 0,
+    tensor_name: str = "",
+    options: KernelOptions | None = None,
+    order_stats: Sequence[MagnitudeOrderStats | None] | None = None,
+) -> torch.Tensor:
+    """Merge one tensor with the kernel registered as `method`; None parameters take mergekit's defaults.
+
+    Per-expert parameters (weight, density, gamma, epsilon) are length-K sequences or 1-D tensors
+    (a scalar is broadcast). For exact mergekit keep counts pass densities as Python floats:
+    int(density * numel) of a float32 0.7 is not that of 0.7.
+    """
+    return get_kernel(method)(
+        base,
+        experts,
+        weight=weight,
+        density=density,
+        gamma=gamma,
+        epsilon=epsilon,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        t=t,
+        seed=seed,
+        tensor_name=tensor_name,
+        options=options,
+        order_stats=order_stats,
+    )
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _error(tensor_name: str, message: str) -> ValueError:
+    return ValueError(f"{message} (tensor {tensor_name!r})")
+
+
+def _check_tensors(base: torch.Tensor | None, experts: torch.Tensor, tensor_name: str) -> None:
+    if not isinstance(experts, torch.Tensor) or experts.dim() < 1:
+        raise _error(tensor_name, "experts must be a tensor stacked as (K, *shape)")
+    if not experts.is_floating_point():
+        raise _error(tensor_name, f"experts must be floating point; got {experts.dtype}")
+    if base is None:
+        return
+    if not base.is_floating_point():
+        raise _error(tensor_name, f"base must be floating point; got {base.dtype}")
+    if tuple(experts.shape[1:]) != tuple(base.shape):
+        raise _error(
+            tensor_name,
+            f"experts must have shape (K, {', '.join(map(str, base.shape))}) to match base {tuple(base.shape)}; "
+            f"got {tuple(experts.shape)}",
+        )
+    if experts.device != base.device:
+        raise _error(tensor_name, f"base is on {base.device} but experts are on {experts.device}")
+
+
+def _per_expert(
+    value: PerExpert | None,
+    k: int,
+    parameter: str,
+    tensor_name: str,
+    default: float | None = None,
+    fraction: bool = False,
+) -> list[float]:
+    """Length-k list of finite floats (scalars broadcast); None takes `default`, or is an error without one."""
+    if value is None:
+        if default is None:
+            raise _error(tensor_name, f"{parameter} is required")
+        value = default
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1:
+            raise _error(tensor_name, f"{parameter} must be 1-D (one value per expert); got shape {tuple(value.shape)}")
+        value = value.item() if value.dim() == 0 else value.detach().cpu().tolist()
+    values = [float(value)] * k if isinstance(value, numbers.Real) else [float(v) for v in value]
+    if len(values) != k:
+        raise _error(tensor_name, f"{parameter} has {len(values)} values but experts stack K={k} tensors")
+    for index, number in enumerate(values):
+        if fraction:
+            check_fraction(number, f"{parameter}[{index}]", tensor_name)
+        elif not math.isfinite(number):
+            raise _error(tensor_name, f"{parameter}[{index}] must be finite; got {number}")
+    return values
+
+
+def _reject_unused(method: str, tensor_name: str, **given: Any) -> None:
+    for parameter, value in given.items():
+        unused = value != 1.0 if parameter == "lambda_" else value is not None
+        if unused:
+            raise _error(tensor_name, f"{method} does not use {parameter} (got {value!r})")
+
+
+# ----------------------------------------------------------------------------- task arithmetic stages
+
+@dataclass(frozen=True)
+class TaskArithmeticRecipe:
+    """One row of mergekit's generalized task arithmetic table."""
+
+    sparsifier: Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
+    consensus: Literal["sum", "count"] | None  # TIES sign election on the weighted deltas; None = plain sum
+    default_normalize: bool
+    default_rescale: bool
+
+
+TASK_ARITHMETIC_RECIPES: Mapping[str, TaskArithmeticRecipe] = MappingProxyType({
+    "task_arithmetic": TaskArithmeticRecipe(None, None, default_normalize=False, default_rescale=False),
+    "ties": TaskArithmeticRecipe("magnitude", "sum", default_normalize=True, default_rescale=False),
+    "dare_ties": TaskArithmeticRecipe("random", "sum", default_normalize=False, default_rescale=True),
+    "dare_linear": TaskArithmeticRecipe("random", None, default_normalize=False, default_rescale=True),
+    "breadcrumbs": TaskArithmeticRecipe("magnitude_outliers", None, default_normalize=False, default_rescale=False),
+    "breadcrumbs_ties": TaskArithmeticRecipe(
+        "magnitude_outliers", "sum", default_normalize=False, default_rescale=False
+    ),
+    "della": TaskArithmeticRecipe("della_magprune", "sum", default_normalize=True, default_rescale=True),
+    "della_linear": TaskArithmeticRecipe("della_magprune", None, default_normalize=False, default_rescale=True),
+})
+
+
+def task_vectors(base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """(K, *shape) deltas expert - base, in float32 (float64 if an input is float64)."""
+    dtype = work_dtype(base, experts)
+    return experts.to(dtype) - base.to(dtype)
+
+
+def sparsify_task_vectors(
+    deltas: torch.Tensor,
+    sparsifier: str,
+    densities: Sequence[float],
+    *,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    rescale: bool = False,
+    seed: int = 0,
+    tensor_name: str = "",
+    options: KernelOptions | None = None,
+    order_stats: Sequence[MagnitudeOrderStats | None] | None = None,
+) -> torch.Tensor:
+    """A new (K, *shape) tensor: delta i sparsified with its own density and `mask_generator(seed, tensor_name, i)`."""
+    options = options or KernelOptions()
+    random = sparsifier in ("random", "della_magprune")
+    out = torch.empty_like(deltas)
+    for index in range(deltas.shape[0]):
+        out[index] = sparsify(
+            deltas[index],
+            sparsifier,
+            densities[index],
+            gamma=gammas[index] if gammas is not None else 0.01,
+            epsilon=epsilons[index] if epsilons is not None else 0.15,
+            rescale=rescale,
+            generator=mask_generator(seed, tensor_name, index, deltas.device) if random else None,
+            stats=order_stats[index] if order_stats is not None else None,
+            keep_at_least_one=options.breadcrumbs_keep_at_least_one,
+            mergekit_errors=options.della_mergekit_errors,
+        )
+    return out
+
+
+def weight_task_vectors(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """deltas (K, *shape) times weights (K,), broadcast over *shape."""
+    return deltas * weights.reshape((-1,) + (1,) * (deltas.dim() - 1))
+
+
+def sign_consensus(weighted: torch.Tensor, method: Literal["sum", "count"] = "sum") -> torch.Tensor:
+    """(K, *shape) bool: entries whose sign equals the elected sign (mergekit `get_mask`).
+
+    "sum" elects the sign of the summed weighted deltas (TIES), "count" the majority of signs;
+    ties elect +. Zero entries never match, so they drop out of the normalizing weight sum.
+    """
+    sign = weighted.sign()
+    if method == "sum":
+        elected = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1  # (*shape)
+    elif method == "count":
+        elected = (sign.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+    else:
+        raise ValueError(f"unknown consensus method {method!r}; valid: count, sum")
+    return sign == elected
+
+
+def combine_task_vectors(
+    weighted: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    consensus: Literal["sum", "count"] | None,
+    normalize: bool,
+) -> torch.Tensor:
+    """Sum the weighted deltas (K, *shape) -> (*shape), with mergekit's consensus and normalization.
+
+    With consensus, only entries agreeing with the elected sign are summed and normalization divides
+    by the weight sum of those entries (1 where none agree). Without, it divides by the total weight
+    (1 if |total| < 1e-8).
+    """
+    weights = weights.reshape((-1,) + (1,) * (weighted.dim() - 1)).to(weighted.dtype)
+    if consensus is not None:
+        agree = sign_consensus(weighted, consensus)
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (weights * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    return mixed / divisor if normalize else mixed
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    recipe: TaskArithmeticRecipe,
+    *,
+    weight: PerExpert | None = None,
+    density: PerExpert | None = None,
+    gamma: PerExpert | None = None,
+    epsilon: PerExpert | None = None,
+    normalize: bool | None = None,
+    rescale: bool | None = None,
+    lambda_: float = 1.0,
+    seed: int = 0,
+    tensor_name: str = "",
+    options: KernelOptions | None = None,
+    order_stats: Sequence[MagnitudeOrderStats | None] | None = None,
+    method: str = "task arithmetic",
+) -> torch.Tensor:
+    """base + lambda * combine(weight * sparsify(expert - base)); `recipe` picks the stages.
+
+    Any recipe works, e.g. `dataclasses.replace(TASK_ARITHMETIC_RECIPES["ties"], consensus="count")`.
+    """
+    if base is None:
+        raise _error(tensor_name, f"{method} needs a base tensor")
+    _check_tensors(base, experts, tensor_name)
+    if recipe.sparsifier != "magnitude_outliers":
+        _reject_unused(method, tensor_name, gamma=gamma)
+    if recipe.sparsifier != "della_magprune":
+        _reject_unused(method, tensor_name, epsilon=epsilon)
+    if recipe.sparsifier not in ("magnitude", "magnitude_outliers"):
+        _reject_unused(method, tensor_name, order_stats=order_stats)
+    k = experts.shape[0]
+    weights = _per_expert(weight, k, "weight", tensor_name)
+    densities = _per_expert(density, k, "density", tensor_name, default=1.0, fraction=True)
+    gammas = _per_expert(gamma, k, "gamma", tensor_name, default=0.01, fraction=True)
+    epsilons = _per_expert(epsilon, k, "epsilon", tensor_name, default=0.15, fraction=True)
+    if not math.isfinite(float(lambda_)):
+        raise _error(tensor_name, f"lambda_ must be finite; got {lambda_}")
+    if order_stats is not None and len(order_stats) != k:
+        raise _error(tensor_name, f"order_stats has {len(order_stats)} entries but experts stack K={k} tensors")
+    normalize = recipe.default_normalize if normalize is None else bool(normalize)
+    rescale = recipe.default_rescale if rescale is None else bool(rescale)
+    if k == 0:
+        return base.clone()
+
+    deltas = task_vectors(base, experts)  # (K, *shape)
+    if recipe.sparsifier is not None:
+        try:
+            deltas = sparsify_task_vectors(
+                deltas, recipe.sparsifier, densities, gammas=gammas, epsilons=epsilons, rescale=rescale,
+                seed=seed, tensor_name=tensor_name, options=options, order_stats=order_stats,
+            )
+        except ValueError as error:
+            raise _error(tensor_name, str(error)) from error
+    weight_tensor = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)  # (K,)
+    weighted = weight_task_vectors(deltas, weight_tensor)
+    del deltas
+    mixed = combine_task_vectors(weighted, weight_tensor, consensus=recipe.consensus, normalize=normalize)
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return (base.to(mixed.dtype) + mixed).to(base.dtype)
+
+
+def _task_arithmetic_kernel(method: str, recipe: TaskArithmeticRecipe) -> Kernel:
+    def kernel(base, experts, *, weight=None, density=None, gamma=None, epsilon=None, normalize=None,
+               rescale=None, lambda_=1.0, t=None, seed=0, tensor_name="", options=None, order_stats=None):
+        _reject_unused(method, tensor_name, t=t)
+        return generalized_task_arithmetic(
+            base, experts, recipe, weight=weight, density=density, gamma=gamma, epsilon=epsilon,
+            normalize=normalize, rescale=rescale, lambda_=lambda_, seed=seed, tensor_name=tensor_name,
+            options=options, order_stats=order_stats, method=method,
+        )
+
+    kernel.__name__ = kernel.__qualname__ = method
+    kernel.__doc__ = f"mergekit's {method!r}: generalized task arithmetic with {recipe}."
+    return kernel
+
+
+for _method, _recipe in TASK_ARITHMETIC_RECIPES.items():
+    _defaults = {
+        "normalize": _recipe.default_normalize, "rescale": _recipe.default_rescale, "lambda_": 1.0, "density": 1.0,
+    }
+    if _recipe.sparsifier == "magnitude_outliers":
+        _defaults["gamma"] = 0.01
+    if _recipe.sparsifier == "della_magprune":
+        _defaults["epsilon"] = 0.15
+    register_kernel(_method, defaults=_defaults)(_task_arithmetic_kernel(_method, _recipe))
+del _method, _recipe, _defaults
+
+
+# ----------------------------------------------------------------------------- linear
+
+@register_kernel("linear", defaults={"normalize": True})
+def linear(base, experts, *, weight=None, density=None, gamma=None, epsilon=None, normalize=None,
+           rescale=None, lambda_=1.0, t=None, seed=0, tensor_name="", options=None, order_stats=None):
+    """Weighted average of every listed model (mergekit `linear`): sum_i w_i x_i / sum_i w_i.
+
+    `experts` must hold every listed model, including the base if it is listed with a weight;
+    `base` only fixes the output dtype and is checked for shape (it may be None: then the
+    experts' dtype is used). normalize defaults to True; weights summing to 0 then raise.
+    """
+    _check_tensors(base, experts, tensor_name)
+    _reject_unused("linear", tensor_name, density=density, gamma=gamma, epsilon=epsilon, rescale=rescale,
+                   lambda_=lambda_, t=t, order_stats=order_stats)
+    try:
+        weights = _per_expert(weight, experts.shape[0], "weight", tensor_name)
+    except ValueError as error:
+        raise ValueError(
+            f"{error}; linear merges exactly the stacked experts (stack the base in if it is listed)"
+        ) from None
+    normalize = True if normalize is None else bool(normalize)
+    dtype = work_dtype(experts) if base is None else work_dtype(base, experts)
+    out_dtype = experts.dtype if base is None else base.dtype
+    result = torch.zeros(experts.shape[1:], dtype=dtype, device=experts.device)
+    for expert, coefficient in zip(experts, weights):  # one expert at a time: no float32 copy of the stack
+        result.add_(expert.to(dtype), alpha=coefficient)
+    if normalize:
+        total = float(torch.tensor(weights, dtype=dtype).sum())
+        if total == 0:
+            raise _error(tensor_name, f"linear: weights {weights} sum to 0 and cannot be normalized")
+        result.div_(total)
+    return result.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- slerp
+
+def slerp_tensors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
+    """Spherical interpolation from v0 (t=0) to v1 (t=1), each tensor taken as one flat vector.
+
+    mergekit `merge_methods.slerp.slerp`: norms at or below eps count as 1; when the cosine
+    |dot| > dot_threshold (nearly collinear or antipodal) it falls back to linear interpolation.
+    Computed in float32 (float64 for float64 inputs); returned in v0's dtype.
+    """
+    dtype = work_dtype(v0, v1)
+    a = v0.reshape(-1).to(dtype)
+    b = v1.reshape(-1).to(dtype)
+    t = torch.tensor(float(t), dtype=dtype, device=a.device)
+    norm_a = torch.linalg.vector_norm(a)
+    norm_b = torch.linalg.vector_norm(b)
+    norm_a = torch.where(norm_a > eps, norm_a, torch.ones_like(norm_a))
+    norm_b = torch.where(norm_b > eps, norm_b, torch.ones_like(norm_b))
+    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    if dot.abs() > dot_threshold:
+        coef_a, coef_b = 1 - t, t
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef_a = torch.sin((1 - t) * theta) / sin_theta
+        coef_b = torch.sin(t * theta) / sin_theta
+    return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
+
+
+@register_kernel("slerp")
+def slerp(base, experts, *, weight=None, density=None, gamma=None, epsilon=None, normalize=None,
+          rescale=None, lambda_=1.0, t=None, seed=0, tensor_name="", options=None, order_stats=None):
+    """mergekit `slerp`: from base (t=0) to the single expert (t=1) over the whole tensor."""
+    if base is None:
+        raise _error(tensor_name, "slerp needs a base tensor")
+    _check_tensors(base, experts, tensor_name)
+    _reject_unused("slerp", tensor_name, weight=weight, density=density, gamma=gamma, epsilon=epsilon,
+                   normalize=normalize, rescale=rescale, lambda_=lambda_, order_stats=order_stats)
+    if experts.shape[0] != 1:
+        raise _error(
+            tensor_name, f"slerp merges the base with exactly one other model; experts stack K={experts.shape[0]}"
+        )
+    if t is None or not math.isfinite(float(t)):
+        raise _error(tensor_name, f"slerp needs a finite t; got {t!r}")
+    return slerp_tensors(float(t), base, experts[0]).to(base.dtype)

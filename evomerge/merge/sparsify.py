@@ -1,0 +1,437 @@
+"""Sparsifiers: which entries of one expert's task vector (delta) survive a merge.
+
+Follows mergekit 0.1.5 `mergekit/sparsify.py`:
+
+* `magnitude`          keep the top-k |delta|, k = max(1, int(density * numel))  (TIES, arXiv:2306.01708)
+* `bernoulli`          keep each entry with probability `density`                 (DARE, arXiv:2311.03099)
+* `magnitude_outliers` drop the largest `gamma` fraction and the smallest entries,
+                       keeping int(density * numel)                                (Breadcrumbs, arXiv:2312.06795)
+* `della_magprune`     keep with a probability that rises with the entry's magnitude
+                       rank in its row, from density - epsilon to density + epsilon (DELLA, arXiv:2406.11617)
+
+each with optional L1 rescaling (`rescale_l1`, mergekit's `rescaled_masked_tensor` with
+`RescaleNorm.l1`: the kept entries are scaled so the L1 norm of the delta is unchanged).
+
+Each sparsifier is a `*_mask` function (a bool tensor of the input's shape) plus the shared
+mask-and-rescale step, so masks can be tested and reused alone. Where we differ from mergekit:
+
+* Selection never sorts the whole tensor: `torch.kthvalue` (quickselect) finds the threshold
+  magnitude, then one comparison builds the mask. Ties at a threshold are broken by flat index
+  in ascending-magnitude order (mergekit's `argsort` is unstable, so its tie order is unspecified).
+* Random masks draw from an explicit `torch.Generator` (never the global RNG), as
+  `torch.rand(shape) < p` in float32, so the same generator gives the same mask for
+  float32 and float64 inputs.
+* Tiny tensors, switched by keyword (see `evomerge.merge.kernels.KernelOptions`):
+  `magnitude_outliers(..., keep_at_least_one=True)` keeps one entry when int(density * numel)
+  rounds to 0, where mergekit zeroes the whole tensor; `della_magprune(..., mergekit_errors=False)`
+  gives a row of one entry (and a 0-d tensor) keep probability `density` and shrinks epsilon to
+  min(epsilon, density, 1 - density), where mergekit fails (NaN probabilities, IndexError,
+  or ValueError).
+* `MagnitudeOrderStats` + `magnitude_threshold`: a lookup path for the search loop, where the
+  same delta is sparsified at many densities.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps: below it, no rescaling
+SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+
+
+def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (the dtype every kernel computes in)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_fraction(value: float, parameter: str, tensor_name: str = "") -> float:
+    """Return `value` as a float, or raise ValueError naming the parameter unless 0 <= value <= 1."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        where = f" (tensor {tensor_name!r})" if tensor_name else ""
+        raise ValueError(f"{parameter} must be in [0, 1]; got {value}{where}")
+    return value
+
+
+# ----------------------------------------------------------------------------- rescaling
+
+def rescale_l1(tensor: torch.Tensor, mask: torch.Tensor, eps: float = RESCALE_EPS) -> torch.Tensor:
+    """`tensor * mask` scaled so its L1 norm equals `tensor`'s (mergekit `rescaled_masked_tensor`, l1).
+
+    When either L1 norm is below `eps` the masked tensor is returned unscaled, as in mergekit.
+    """
+    masked = tensor * mask
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def apply_mask(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """Zero the entries outside `mask` (optionally L1-rescaling), computed in float32/64, returned in tensor's dtype."""
+    work = tensor.to(work_dtype(tensor))
+    out = rescale_l1(work, mask) if rescale else work * mask
+    return out.to(tensor.dtype)
+
+
+# ----------------------------------------------------------------------------- order statistics
+
+def _rank_window_mask(
+    magnitudes: torch.Tensor,
+    start: int,
+    stop: int,
+    lo: float | torch.Tensor | None = None,
+    hi: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Flat bool mask of the entries whose ascending rank lies in [start, stop).
+
+    Rank order is (magnitude, flat index), so ties at either end are resolved by index. `lo`/`hi`
+    are the values at ranks `start` and `stop - 1` when already known (exact order stats);
+    otherwise `torch.kthvalue` selects them, with no full sort.
+    """
+    n = magnitudes.numel()
+    keep = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    if start >= stop:
+        return keep
+    keep.fill_(True)
+    if start > 0:
+        if lo is None:
+            lo = torch.kthvalue(magnitudes, start + 1).values
+        below = magnitudes < lo
+        keep &= ~below
+        ties = torch.nonzero(magnitudes == lo).squeeze(1)  # ascending flat index
+        n_ties_below_window = max(0, start - int(below.sum()))
+        keep[ties[:n_ties_below_window]] = False
+    if stop < n:
+        if hi is None:
+            hi = torch.kthvalue(magnitudes, stop).values
+        keep &= ~(magnitudes > hi)
+        ties = torch.nonzero(magnitudes == hi).squeeze(1)
+        n_ties_in_window = max(0, stop - int((magnitudes < hi).sum()))
+        keep[ties[n_ties_in_window:]] = False
+    return keep
+
+
+@dataclass(frozen=True, eq=False)
+class MagnitudeOrderStats:
+    """Sorted |delta| of one expert's delta for one tensor, computed once, reused for every density.
+
+    `values` holds ascending |delta| at the ascending ranks `ranks`; `ranks is None` means `values`
+    is the full sorted vector (exact). Build it from the delta the kernel will sparsify, i.e.
+    `task_vectors(base, experts)[i]` (float32, or float64 for float64 inputs); `values` keeps that dtype.
+
+    Exact stats give exactly the mask of the selection path (ties included). Grid stats (tensors
+    larger than `grid`) keep everything at or beyond the grid value at the nearest grid rank
+    on the keeping side of the exact threshold rank, so the kept set contains the exact one and
+    has fewer than `max_rank_gap` extra entries per threshold (plus any entries tied with the
+    threshold value): magnitude keeps k..k+gap-1 entries, magnitude_outliers k..k+2(gap-1).
+    """
+
+    numel: int
+    values: torch.Tensor
+    ranks: torch.Tensor | None = None
+
+    @classmethod
+    def from_delta(cls, delta: torch.Tensor, grid: int | None = 65536) -> "MagnitudeOrderStats":
+        """Sort |delta| once; keep all of it if numel <= grid (or grid is None), else `grid` evenly spaced ranks."""
+        magnitudes = delta.detach().abs().reshape(-1).to(work_dtype(delta))
+        n = magnitudes.numel()
+        sorted_magnitudes = torch.sort(magnitudes).values
+        if grid is None or n <= grid:
+            return cls(numel=n, values=sorted_magnitudes)
+        if grid < 2:
+            raise ValueError(f"grid must be >= 2 (or None for full stats); got {grid}")
+        # Spacing (n - 1) / (grid - 1) > 1, so rounded ranks are strictly increasing, from 0 to n - 1.
+        ranks = torch.linspace(0, n - 1, grid, dtype=torch.float64).round().long()
+        return cls(numel=n, values=sorted_magnitudes[ranks].clone(), ranks=ranks)
+
+    @property
+    def is_exact(self) -> bool:
+        return self.ranks is None
+
+    @property
+    def max_rank_gap(self) -> int:
+        """Largest distance between consecutive stored ranks (1 for exact stats)."""
+        if self.ranks is None:
+            return 1
+        return int((self.ranks[1:] - self.ranks[:-1]).max())
+
+    def value_at_rank(self, rank: int, round: Literal["down", "up"] = "down") -> float:
+        """|delta| at ascending rank `rank`; grid stats use the nearest stored rank below ("down") or above ("up")."""
+        if not 0 <= rank < self.numel:
+            raise ValueError(f"rank must be in [0, {self.numel}); got {rank}")
+        if self.ranks is None:
+            return float(self.values[rank])
+        query = torch.tensor([rank], dtype=self.ranks.dtype)
+        if round == "down":
+            index = int(torch.searchsorted(self.ranks, query, right=True)) - 1
+        else:
+            index = int(torch.searchsorted(self.ranks, query, right=False))
+        return float(self.values[index])
+
+    def check_matches(self, tensor: torch.Tensor) -> None:
+        if tensor.numel() != self.numel:
+            raise ValueError(
+                f"order stats were built for {self.numel} elements but the tensor has {tensor.numel()}"
+            )
+
+
+def magnitude_keep_count(numel: int, density: float) -> int:
+    """mergekit's top-k size: 0 if density <= 0, all if density >= 1, else max(1, int(density * numel))."""
+    if density <= 0 or numel == 0:
+        return 0
+    if density >= 1:
+        return numel
+    return max(1, int(density * numel))
+
+
+def magnitude_threshold(stats: MagnitudeOrderStats, density: float) -> float:
+    """The |delta| threshold of `magnitude` at `density`, looked up instead of selected.
+
+    Entries with |delta| >= the threshold are kept (exact stats: ties resolved as in the selection
+    path). Returns +inf when nothing is kept.
+    """
+    density = check_fraction(density, "density")
+    k = magnitude_keep_count(stats.numel, density)
+    if k == 0:
+        return math.inf
+    return stats.value_at_rank(stats.numel - k, "down")
+
+
+def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().abs().reshape(-1).to(work_dtype(tensor))
+
+
+# ----------------------------------------------------------------------------- magnitude (TIES)
+
+def magnitude_mask(
+    tensor: torch.Tensor, density: float, *, stats: MagnitudeOrderStats | None = None
+) -> torch.Tensor:
+    """Bool mask of the top-k entries by |x|, k = `magnitude_keep_count(numel, density)`."""
+    density = check_fraction(density, "density")
+    n = tensor.numel()
+    k = magnitude_keep_count(n, density)
+    if k in (0, n):
+        return torch.full(tensor.shape, k == n, dtype=torch.bool, device=tensor.device)
+    magnitudes = _magnitudes(tensor)
+    if stats is None:
+        keep = _rank_window_mask(magnitudes, n - k, n)
+    else:
+        stats.check_matches(tensor)
+        threshold = stats.value_at_rank(n - k, "down")
+        keep = _rank_window_mask(magnitudes, n - k, n, lo=threshold) if stats.is_exact else magnitudes >= threshold
+    return keep.reshape(tensor.shape)
+
+
+def magnitude(
+    tensor: torch.Tensor, density: float, *, rescale: bool = False, stats: MagnitudeOrderStats | None = None
+) -> torch.Tensor:
+    """Keep the top-k |x| (mergekit `sparsify.magnitude`); density >= 1 returns `tensor` itself."""
+    if check_fraction(density, "density") >= 1:
+        return tensor
+    return apply_mask(tensor, magnitude_mask(tensor, density, stats=stats), rescale)
+
+
+# ----------------------------------------------------------------------------- magnitude_outliers (Breadcrumbs)
+
+def outlier_window(numel: int, density: float, gamma: float, keep_at_least_one: bool = True) -> tuple[int, int]:
+    """Ascending-rank window [start, stop) that `magnitude_outliers` keeps (mergekit's arithmetic).
+
+    target = int(density * numel) entries are kept; n_top = int(gamma * numel) outliers are dropped
+    from the top, reduced when needed so the target fits (start = max(0, numel - target - n_top)).
+    mergekit keeps nothing when density * numel < 1; `keep_at_least_one` raises target to 1 then.
+    (gamma * numel < 1 just means no outlier is dropped, in both.)
+    """
+    target = int(density * numel)
+    if keep_at_least_one and density > 0 and numel > 0:
+        target = max(1, target)
+    n_top = int(gamma * numel)
+    start = max(0, numel - target - n_top)
+    return start, start + target
+
+
+def magnitude_outliers_mask(
+    tensor: torch.Tensor,
+    density: float,
+    gamma: float = 0.01,
+    *,
+    keep_at_least_one: bool = True,
+    stats: MagnitudeOrderStats | None = None,
+) -> torch.Tensor:
+    """Bool mask of the entries kept by Breadcrumbs (see `outlier_window`); density >= 1 keeps all."""
+    density = check_fraction(density, "density")
+    gamma = check_fraction(gamma, "gamma")
+    n = tensor.numel()
+    if density >= 1:
+        return torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
+    start, stop = outlier_window(n, density, gamma, keep_at_least_one)
+    if start >= stop:
+        return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+    magnitudes = _magnitudes(tensor)
+    if stats is None:
+        keep = _rank_window_mask(magnitudes, start, stop)
+    else:
+        stats.check_matches(tensor)
+        lo = stats.value_at_rank(start, "down")
+        hi = stats.value_at_rank(stop - 1, "up")
+        if stats.is_exact:
+            keep = _rank_window_mask(magnitudes, start, stop, lo=lo, hi=hi)
+        else:
+            keep = torch.ones(n, dtype=torch.bool, device=tensor.device)
+            if start > 0:
+                keep &= magnitudes >= lo
+            if stop < n:
+                keep &= magnitudes <= hi
+    return keep.reshape(tensor.shape)
+
+
+def magnitude_outliers(
+    tensor: torch.Tensor,
+    density: float,
+    gamma: float = 0.01,
+    *,
+    rescale: bool = False,
+    keep_at_least_one: bool = True,
+    stats: MagnitudeOrderStats | None = None,
+) -> torch.Tensor:
+    """Breadcrumbs (mergekit `sparsify.magnitude_outliers`); density >= 1 returns `tensor` itself."""
+    if check_fraction(density, "density") >= 1:
+        return tensor
+    mask = magnitude_outliers_mask(tensor, density, gamma, keep_at_least_one=keep_at_least_one, stats=stats)
+    return apply_mask(tensor, mask, rescale)
+
+
+# ----------------------------------------------------------------------------- random (DARE)
+
+def bernoulli_mask(
+    shape: torch.Size | tuple[int, ...], density: float, *, generator: torch.Generator
+) -> torch.Tensor:
+    """Keep each entry independently with probability `density`, drawing from `generator` only."""
+    density = check_fraction(density, "density")
+    draws = torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32)
+    return draws < density
+
+
+def bernoulli(
+    tensor: torch.Tensor, density: float, *, generator: torch.Generator, rescale: bool = False
+) -> torch.Tensor:
+    """DARE drop (mergekit `sparsify.bernoulli`); density >= 1 returns `tensor` itself, drawing nothing."""
+    if check_fraction(density, "density") >= 1:
+        return tensor
+    return apply_mask(tensor, bernoulli_mask(tensor.shape, density, generator=generator), rescale)
+
+
+# ----------------------------------------------------------------------------- della_magprune (DELLA)
+
+def della_keep_probabilities(
+    tensor: torch.Tensor, density: float, epsilon: float, *, mergekit_errors: bool = False
+) -> torch.Tensor:
+    """Per-entry keep probability: density - epsilon + 2 * epsilon * rank / (row_length - 1).
+
+    As in mergekit, rows run along dim 1 (tensors with fewer than 2 dims are one row) and the rank
+    is the ascending |x| rank within the row (ties by index). Our rule where mergekit fails: a row
+    of one entry (or a 0-d tensor) gets probability `density`, and epsilon is shrunk to
+    min(epsilon, density, 1 - density) so probabilities stay in [0, 1] and still average `density`.
+    `mergekit_errors=True` raises ValueError in those cases instead.
+    """
+    density = check_fraction(density, "density")
+    epsilon = check_fraction(epsilon, "epsilon")
+    dtype = work_dtype(tensor)
+    if mergekit_errors and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise ValueError(
+            f"della: density +/- epsilon must lie in (0, 1) (mergekit's rule); got density={density}, epsilon={epsilon}"
+        )
+    epsilon = min(epsilon, density, 1 - density)
+    rows = tensor.detach().abs().to(dtype)
+    rows = rows.reshape(1, -1) if rows.dim() < 2 else rows
+    row_length = rows.shape[1]
+    if tensor.numel() == 0:
+        return torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
+    if row_length == 1:
+        if mergekit_errors:
+            raise ValueError(
+                "della: rows of one element have no magnitude ranking (mergekit 0.1.5 fails here); "
+                f"shape {tuple(tensor.shape)}"
+            )
+        return torch.full(tensor.shape, density, dtype=dtype, device=tensor.device)
+    order = torch.argsort(rows, dim=1, stable=True)
+    position_shape = [1] * rows.dim()
+    position_shape[1] = row_length
+    positions = torch.arange(row_length, device=rows.device).reshape(position_shape).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)  # rank of each entry within its row
+    rank_fraction = ranks.to(dtype) / (row_length - 1)  # 0 = smallest |x|, 1 = largest
+    probabilities = (density - epsilon) + rank_fraction * (2 * epsilon)
+    return probabilities.reshape(tensor.shape)
+
+
+def della_mask(
+    tensor: torch.Tensor,
+    density: float,
+    epsilon: float,
+    *,
+    generator: torch.Generator,
+    mergekit_errors: bool = False,
+) -> torch.Tensor:
+    """Draw the DELLA keep mask from `della_keep_probabilities`, using `generator` only."""
+    probabilities = della_keep_probabilities(tensor, density, epsilon, mergekit_errors=mergekit_errors)
+    draws = torch.rand(tuple(tensor.shape), generator=generator, device=generator.device, dtype=torch.float32)
+    return draws < probabilities
+
+
+def della_magprune(
+    tensor: torch.Tensor,
+    density: float,
+    epsilon: float,
+    *,
+    generator: torch.Generator,
+    rescale: bool = False,
+    mergekit_errors: bool = False,
+) -> torch.Tensor:
+    """DELLA magnitude-ranked drop (mergekit `sparsify.della_magprune`).
+
+    density >= 1 returns `tensor` itself and density <= 0 zeros, before any other check (as mergekit).
+    """
+    density = check_fraction(density, "density")
+    if density >= 1:
+        return tensor
+    if density <= 0:
+        return torch.zeros_like(tensor)
+    mask = della_mask(tensor, density, epsilon, generator=generator, mergekit_errors=mergekit_errors)
+    return apply_mask(tensor, mask, rescale)
+
+
+def sparsify(
+    tensor: torch.Tensor,
+    method: str,
+    density: float,
+    *,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    rescale: bool = False,
+    generator: torch.Generator | None = None,
+    stats: MagnitudeOrderStats | None = None,
+    keep_at_least_one: bool = True,
+    mergekit_errors: bool = False,
+) -> torch.Tensor:
+    """Dispatch to one sparsifier by mergekit's `SparsificationMethod` name (see `SPARSIFIERS`)."""
+    if method == "magnitude":
+        return magnitude(tensor, density, rescale=rescale, stats=stats)
+    if method == "magnitude_outliers":
+        return magnitude_outliers(
+            tensor, density, gamma, rescale=rescale, keep_at_least_one=keep_at_least_one, stats=stats
+        )
+    if method in ("random", "della_magprune"):
+        if generator is None:
+            raise ValueError(f"sparsifier {method!r} draws a random mask and needs an explicit generator")
+        if stats is not None:
+            raise ValueError(f"sparsifier {method!r} does not use magnitude order stats")
+        if method == "random":
+            return bernoulli(tensor, density, generator=generator, rescale=rescale)
+        return della_magprune(
+            tensor, density, epsilon, generator=generator, rescale=rescale, mergekit_errors=mergekit_errors
+        )
+    raise ValueError(f"unknown sparsifier {method!r}; valid: {', '.join(sorted(SPARSIFIERS))}")
