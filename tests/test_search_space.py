@@ -1,0 +1,128 @@
+"""Search spaces: presets, validation, genome layout, and genome -> YAML -> `evomerge merge` == materializer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from evomerge.merge.checkpoint import ModelFolder
+from evomerge.merge.engine import merge_recipe
+from evomerge.merge.materializer import Materializer
+from evomerge.search.space import SearchSpace, SearchSpaceError, preset_names
+from evomerge.testing import llama_config, make_family
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("space"), n_experts=2, seed=31, delta_scale=0.3,
+                       config=llama_config(layers=4))
+
+
+def test_presets_load():
+    names = preset_names()
+    for required in ("task_arithmetic_global", "ties_per_layer", "dare_ties_per_block"):
+        assert required in names
+    for name in names:
+        space = SearchSpace.load(name)
+        assert space.name == name
+        assert SearchSpace.from_dict(space.to_dict()) == space
+
+
+def test_layout_block_granularity():
+    bound = SearchSpace.load("dare_ties_per_block").bind(num_layers=5, num_experts=3)
+    assert bound.num_slots == 3  # layers (0,1), (2,3), (4)
+    assert bound.dim == 3 * 2 * 3  # slots x params x experts
+    assert list(bound.gene_slots) == sorted(bound.gene_slots)
+    genome = np.linspace(0.1, 0.9, bound.dim)
+    per_layer = bound.per_layer(genome)
+    weight = per_layer["weight"][0]  # (K, L)
+    assert np.array_equal(weight[:, 0], weight[:, 1]) and np.array_equal(weight[:, 2], weight[:, 3])
+    assert not np.array_equal(weight[:, 1], weight[:, 2])
+    # Gene order: slot-major, then group, then parameter, then expert.
+    assert weight[1, 4] == genome[bound._gene_index(2, 0, 0, 1)]
+    assert bound.gene_names()[bound._gene_index(2, 0, 1, 1)] == "slot2.all.density.expert1"
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic_per_layer", "ties_per_layer", "dare_ties_per_block",
+                                  "task_arithmetic_attn_mlp_per_block"])
+def test_genome_yaml_evomerge_merge_reproduces_materializer(tmp_path, family, name):
+    base, experts = family
+    space = SearchSpace.load(name).bind(num_layers=4, num_experts=2)
+    rng = np.random.default_rng(5)
+    bounds = space.bounds
+    genome = rng.uniform(bounds[:, 0], bounds[:, 1])
+    recipe_yaml = space.recipe_yaml(genome, str(base), [str(e) for e in experts], dtype="float32", seed=3)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_yaml)
+    out = merge_recipe(path, tmp_path / "merged", progress=False).out_dir
+
+    mat = Materializer.from_folders(base, experts, device="cpu", seed=3, compile=False,
+                                    order_stats_grid=None)  # exact top-k, as the file path
+    mat.apply(space.space.method, space.coefficients(genome, mat.layer_map), **space.shared_settings())
+    on_disk = ModelFolder.open(out)
+    for tensor_name, tensor in mat.merged_state().items():
+        torch.testing.assert_close(tensor, on_disk.get_tensor(tensor_name), rtol=1e-6, atol=1e-7,
+                                   msg=lambda m: f"{tensor_name}: {m}")
+
+
+def test_component_filters_reach_the_right_tensors(family):
+    base, experts = family
+    space = SearchSpace.load("task_arithmetic_attn_mlp_per_block").bind(num_layers=4, num_experts=2)
+    assert space.groups == ("attention", "mlp", "rest")
+    genome = np.zeros(space.dim)
+    genome[space._gene_index(0, 1, 0, 0)] = 1.0  # slot 0, mlp, weight, expert 0
+    mat = Materializer.from_folders(base, experts, device="cpu", compile=False)
+    coeffs = space.coefficients(genome, mat.layer_map)
+    pos = mat.layer_map.position
+    assert coeffs("model.layers.1.mlp.up_proj.weight", pos("model.layers.1.mlp.up_proj.weight")).weight == (1.0, 0.0)
+    assert coeffs("model.layers.2.mlp.up_proj.weight", pos("model.layers.2.mlp.up_proj.weight")).weight == (0.0, 0.0)
+    assert coeffs("model.layers.1.self_attn.q_proj.weight", pos("model.layers.1.self_attn.q_proj.weight")).weight == (0.0, 0.0)
+
+
+def test_recipe_yaml_is_mergekit_loadable(family):
+    from mergekit.config import MergeConfiguration
+
+    base, experts = family
+    space = SearchSpace.load("ties_per_layer").bind(num_layers=4, num_experts=2)
+    genome = np.full(space.dim, 0.5)
+    text = space.recipe_yaml(genome, str(base), [str(e) for e in experts])
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    assert config.merge_method == "ties"
+    assert config.parameters["normalize"] is False
+
+
+BAD = [
+    ({"name": "x", "method": "ties"}, "field `parameters` is required"),
+    ({"name": "x", "method": "magic", "parameters": {}}, "unknown method 'magic'"),
+    ({"name": "x", "method": "ties", "parameters": {"weight": {"low": 0, "high": 1}}, "granularity": "row"},
+     "granularity`: 'row' is not one of"),
+    ({"name": "x", "method": "ties", "parameters": {"gamma": {"low": 0, "high": 0.1}, "weight": {"low": 0, "high": 1}}},
+     "`parameters.gamma`: 'ties' has no such parameter"),
+    ({"name": "x", "method": "ties", "parameters": {"weight": {"low": 1, "high": 0}}}, "low 1.0 must be below high 0.0"),
+    ({"name": "x", "method": "ties", "parameters": {"weight": {"low": 0, "high": 1}, "density": {"low": 0, "high": 2}}},
+     "bounds must lie in \\[0, 1\\]"),
+    ({"name": "x", "method": "ties", "parameters": {"weight": {"low": 0, "high": 1}}, "settings": {"t": 0.5}},
+     "`settings.t` is not a setting of 'ties'"),
+    ({"name": "x", "method": "ties", "parameters": {"weight": {"low": 0, "high": 1}}, "colour": 1},
+     "field `colour` is not supported"),
+    ({"name": "x", "method": "ties", "parameters": {"density": {"low": 0, "high": 1}}}, "`parameters.weight` is required"),
+]
+
+
+@pytest.mark.parametrize("data,error", BAD)
+def test_bad_search_spaces_name_the_field(data, error):
+    with pytest.raises(SearchSpaceError, match=error):
+        SearchSpace.from_dict(data, source="bad.yaml")
+
+
+def test_unknown_preset_and_out_of_bounds_genome():
+    with pytest.raises(SearchSpaceError, match="unknown search space 'nope'; presets: \\["):
+        SearchSpace.load("nope")
+    bound = SearchSpace.load("ties_per_layer").bind(num_layers=2, num_experts=2)
+    genome = np.full(bound.dim, 0.5)
+    genome[3] = 1.2  # a density gene
+    with pytest.raises(SearchSpaceError, match="slot0.all.density.expert1 = 1.2 is outside \\[0.1, 1.0\\]"):
+        bound.per_layer(genome)
+    with pytest.raises(SearchSpaceError, match="genome has shape"):
+        bound.per_layer(np.zeros(3))
