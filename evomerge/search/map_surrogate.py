@@ -1,0 +1,417 @@
+"""MAP: quadratic surrogates of per-task accuracy and their Pareto front.
+
+Li et al., "MAP: Low-compute Model Merging with Amortized Pareto Fronts via Quadratic
+Approximation" (ICLR 2025, arXiv:2406.07529) and its reference code (``MAP.py``:
+``quadratic_model``, ``fit_quadratic_functions``, ``find_pareto_front``, ``bayesian_pipeline``).
+
+The reference fits, per task, ``sigmoid(quadratic(c))`` to accuracies with ``scipy.curve_fit``
+(all squares, cross products, linear terms and a constant: ``(d + 1)(d + 2) / 2`` parameters), then
+runs NSGA-III (DEAP) on the fitted surrogates; Bayesian MAP re-samples where the squared
+prediction error is largest. Here:
+
+* :class:`QuadraticSurrogate` fits the same full quadratic (terms ``[1, x_1..x_d, x_i x_j for
+  i <= j]``) by ridge least squares on ``logit(clip(acc, eps, 1 - eps))``: the linearised form of
+  the reference's sigmoid fit, exact on noise-free logit-quadratic data, closed-form and
+  deterministic. Columns are scaled before the solve; the intercept is not penalised. It reports
+  in-sample R², k-fold hold-out R² and closed-form leave-one-out residuals.
+* :class:`MAPOptimizer` asks a space-filling design first (scrambled Sobol or Latin hypercube from
+  ``scipy.stats.qmc``, at least twice the number of terms), then in every round refits, finds the
+  surrogates' Pareto front with pymoo NSGA-II (NSGA-III with Das-Dennis directions for > 3
+  objectives) inside the box, and asks (a) well-spread predicted-front points and (b) points near
+  the samples with the largest leave-one-out error, i.e. where the surrogate errs most (the
+  analogue of Bayesian MAP's error-weighted re-sampling). Predicted points are always evaluated
+  for real before :meth:`MAPOptimizer.evaluated_front` reports them.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import qmc
+
+from .optimizers.base import BaseSettings, Optimizer, OptimizerState, PrivateGlobalRNG
+from .pareto import non_dominated_mask
+
+__all__ = [
+    "MAPOptimizer",
+    "MAPSettings",
+    "QuadraticSurrogate",
+    "cross_validated_r2",
+    "n_quadratic_terms",
+    "quadratic_features",
+    "quadratic_term_names",
+    "r2_score",
+]
+
+
+# ---------------------------------------------------------------------------- surrogate
+def n_quadratic_terms(d: int) -> int:
+    return 1 + d + d * (d + 1) // 2
+
+
+def quadratic_term_names(d: int) -> list[str]:
+    names = ["1"] + [f"x{i}" for i in range(d)]
+    names += [f"x{i}*x{j}" for i in range(d) for j in range(i, d)]
+    return names
+
+
+def quadratic_features(X: np.ndarray) -> np.ndarray:
+    """``[1, x_1..x_d, x_i x_j (i <= j, row-major)]``, shape (n, 1 + d + d(d+1)/2)."""
+    X = np.asarray(X, dtype=float)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n, d); got {X.shape}")
+    n, d = X.shape
+    iu, ju = np.triu_indices(d)
+    return np.hstack([np.ones((n, 1)), X, X[:, iu] * X[:, ju]])
+
+
+def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Per-column R² = 1 - SS_res / SS_tot; NaN for a constant column. (M,)"""
+    y_true = np.asarray(y_true, dtype=float).reshape(len(y_true), -1)
+    y_pred = np.asarray(y_pred, dtype=float).reshape(len(y_pred), -1)
+    ss_res = ((y_true - y_pred) ** 2).sum(axis=0)
+    ss_tot = ((y_true - y_true.mean(axis=0)) ** 2).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ss_tot > 0, 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0), np.nan)
+
+
+class QuadraticSurrogate:
+    """Full quadratic per output column, fitted by ridge least squares on the link scale.
+
+    link="logit": outputs are accuracies in [0, 1], clipped to [eps, 1 - eps] before the logit and
+    mapped back with a sigmoid by :meth:`predict`. link="identity": plain quadratic regression.
+    """
+
+    def __init__(self, ridge: float = 1e-8, link: str = "logit", eps: float = 1e-4):
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if link not in ("logit", "identity"):
+            raise ValueError(f"link must be 'logit' or 'identity', got {link!r}")
+        if not 0 < eps < 0.5:
+            raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+        self.ridge, self.link, self.eps = float(ridge), link, float(eps)
+        self.coef_: np.ndarray | None = None  # (n_terms, M) in the raw x parametrisation
+        self._X: np.ndarray | None = None
+        self._Z: np.ndarray | None = None  # (n, M) link-scale targets
+        self._vector_output = False
+
+    # link
+    def to_link(self, y: np.ndarray) -> np.ndarray:
+        if self.link == "identity":
+            return y
+        p = np.clip(y, self.eps, 1.0 - self.eps)
+        return np.log(p) - np.log1p(-p)
+
+    def from_link(self, z: np.ndarray) -> np.ndarray:
+        return z if self.link == "identity" else 1.0 / (1.0 + np.exp(-z))
+
+    def fit(self, X: np.ndarray, Y: np.ndarray) -> "QuadraticSurrogate":
+        X = np.asarray(X, dtype=float)
+        Y = np.asarray(Y, dtype=float)
+        self._vector_output = Y.ndim == 1
+        Y = Y.reshape(len(Y), -1)  # (n, M)
+        if X.ndim != 2 or len(X) != len(Y):
+            raise ValueError(f"X (n, d) and Y (n, M) must have the same rows; got {X.shape} and {Y.shape}")
+        if not (np.all(np.isfinite(X)) and np.all(np.isfinite(Y))):
+            raise ValueError("X and Y must be finite (drop failed evaluations before fitting)")
+        if self.link == "logit" and (Y.min() < 0 or Y.max() > 1):
+            raise ValueError(f"link='logit' needs targets in [0, 1]; got [{Y.min()}, {Y.max()}]")
+        Phi = quadratic_features(X)  # (n, T)
+        Z = self.to_link(Y)  # (n, M)
+        scale = np.sqrt((Phi**2).mean(axis=0))
+        scale[scale == 0] = 1.0
+        Phis = Phi / scale  # (n, T), conditioned columns
+        penalty = np.full(Phi.shape[1], math.sqrt(self.ridge))
+        penalty[0] = 0.0  # the intercept is not shrunk
+        A = np.vstack([Phis, np.diag(penalty)])  # (n + T, T)
+        B = np.vstack([Z, np.zeros((Phi.shape[1], Z.shape[1]))])
+        beta_s, *_ = np.linalg.lstsq(A, B, rcond=None)
+        self.coef_ = beta_s / scale[:, None]  # (T, M) back to the raw features
+        self._X, self._Z = X.copy(), Z
+        self._scale, self._penalty = scale, penalty
+        return self
+
+    def _check_fitted(self) -> None:
+        if self.coef_ is None:
+            raise RuntimeError("QuadraticSurrogate is not fitted; call fit(X, Y) first")
+
+    def predict_link(self, X: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        Z = quadratic_features(X) @ self.coef_  # (n, M)
+        return Z[:, 0] if self._vector_output else Z
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Predictions on the original (accuracy) scale, (n, M) or (n,) like the fitted Y."""
+        return self.from_link(self.predict_link(X))
+
+    def r2(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """R² of :meth:`predict` against Y on the original scale, per output. (M,)"""
+        return r2_score(Y, self.predict(X))
+
+    def loo_residuals(self) -> np.ndarray:
+        """Leave-one-out residuals on the link scale for the training data, (n, M).
+
+        Closed form for ridge: ``e_i / (1 - h_ii)`` with ``H = Phi (Phi'Phi + P)^-1 Phi'``.
+        """
+        self._check_fitted()
+        Phis = quadratic_features(self._X) / self._scale
+        G = Phis.T @ Phis + np.diag(self._penalty**2)
+        h = np.einsum("ij,ji->i", Phis, np.linalg.pinv(G) @ Phis.T)  # (n,) leverages
+        resid = self._Z - quadratic_features(self._X) @ self.coef_
+        return resid / np.maximum(1.0 - h, 1e-12)[:, None]
+
+    def to_dict(self) -> dict[str, Any]:
+        self._check_fitted()
+        return {"ridge": self.ridge, "link": self.link, "eps": self.eps, "coef": self.coef_.tolist(),
+                "vector_output": self._vector_output}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuadraticSurrogate":
+        """A predict-only surrogate (no training data, so no loo_residuals)."""
+        s = cls(data["ridge"], data["link"], data["eps"])
+        s.coef_ = np.asarray(data["coef"], dtype=float)
+        s._vector_output = bool(data["vector_output"])
+        return s
+
+
+def cross_validated_r2(
+    X: np.ndarray, Y: np.ndarray, folds: int = 5, seed: int = 0, **surrogate_kwargs: Any
+) -> dict[str, np.ndarray]:
+    """k-fold hold-out R² (pooled over the held-out predictions), per output column.
+
+    Returns ``{"r2": (M,) on the original scale, "r2_link": (M,) on the link scale}``.
+    """
+    X = np.asarray(X, dtype=float)
+    Y = np.asarray(Y, dtype=float).reshape(len(X), -1)
+    n = len(X)
+    if not 2 <= folds <= n:
+        raise ValueError(f"folds must be in [2, n={n}], got {folds}")
+    order = np.random.default_rng(seed).permutation(n)
+    pred = np.empty_like(Y)
+    pred_link = np.empty_like(Y)
+    for part in np.array_split(order, folds):
+        train = np.setdiff1d(order, part)
+        s = QuadraticSurrogate(**surrogate_kwargs).fit(X[train], Y[train])
+        pred_link[part] = s.predict_link(X[part])
+        pred[part] = s.from_link(pred_link[part])
+    link = QuadraticSurrogate(**surrogate_kwargs).to_link
+    return {"r2": r2_score(Y, pred), "r2_link": r2_score(link(Y), pred_link)}
+
+
+# ---------------------------------------------------------------------------- optimizer
+@dataclass(frozen=True)
+class MAPSettings(BaseSettings):
+    batch_size: int = 8
+    design: str = "sobol"              # "sobol" or "lhs"
+    design_size: int | None = None     # None: 2 x n_terms (rounded up to a power of 2 for Sobol)
+    ridge: float = 1e-8
+    link: str = "logit"                # "logit" for accuracies, "identity" otherwise
+    eps: float = 1e-4
+    explore_fraction: float = 0.25     # share of each round spent where the surrogate errs most
+    explore_radius: float = 0.1        # std of the exploration step, relative to the box width
+    front_pop_size: int = 48           # NSGA on the surrogates
+    front_generations: int = 40
+    cv_folds: int = 5
+
+
+class MAPOptimizer(Optimizer):
+    name = "map"
+    Settings = MAPSettings
+
+    def _setup(self) -> None:
+        s = self.settings
+        self.n_terms = n_quadratic_terms(self.dim)
+        minimum = 2 * self.n_terms
+        if s.design not in ("sobol", "lhs"):
+            raise ValueError(f"map: design must be 'sobol' or 'lhs', got {s.design!r}")
+        if s.design_size is None:
+            n = minimum if s.design == "lhs" else 2 ** math.ceil(math.log2(minimum))
+        else:
+            n = int(s.design_size)
+        if n < minimum:
+            raise ValueError(
+                f"map: design_size={n} is below twice the number of quadratic terms "
+                f"(2 x {self.n_terms} = {minimum} for dim={self.dim})"
+            )
+        if s.batch_size < 1 or not 0 <= s.explore_fraction <= 1 or s.explore_radius <= 0:
+            raise ValueError("map: need batch_size >= 1, 0 <= explore_fraction <= 1, explore_radius > 0")
+        if s.cv_folds < 2:
+            raise ValueError(f"map: cv_folds must be >= 2, got {s.cv_folds}")
+        QuadraticSurrogate(s.ridge, s.link, s.eps)  # validates ridge / link / eps
+        design_rng = np.random.default_rng([self.seed, 2])
+        engine = (qmc.Sobol(self.dim, scramble=True, rng=design_rng) if s.design == "sobol"
+                  else qmc.LatinHypercube(self.dim, rng=design_rng))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Sobol balance warning for n != 2**m
+            unit = engine.random(n)
+        self.design = self.lower + unit * (self.upper - self.lower)  # (n, dim)
+        self._n_design_asked = 0
+        self._round = 0
+        self._X = np.zeros((0, self.dim))
+        self._F = np.zeros((0, self.n_objectives))
+        self._failed = np.zeros(0, dtype=bool)
+        self.predicted_front_genomes = np.zeros((0, self.dim))
+        self.predicted_front_objectives = np.zeros((0, self.n_objectives))
+
+    # -- data
+    def _data(self) -> tuple[np.ndarray, np.ndarray]:
+        ok = ~self._failed
+        return self._X[ok], self._F[ok]
+
+    def surrogate(self) -> QuadraticSurrogate:
+        """The surrogates fitted to every successful evaluation so far."""
+        X, F = self._data()
+        if len(X) == 0:
+            raise RuntimeError("map: no successful evaluations to fit yet")
+        s = self.settings
+        return QuadraticSurrogate(s.ridge, s.link, s.eps).fit(X, F)
+
+    def surrogate_report(self) -> dict[str, Any]:
+        """R² per objective: k-fold hold-out (original and link scale) and in-sample."""
+        X, F = self._data()
+        s = self.settings
+        report: dict[str, Any] = {"n_samples": int(len(X)), "n_terms": self.n_terms, "folds": s.cv_folds}
+        if len(X) < max(s.cv_folds, 2):
+            return report
+        cv = cross_validated_r2(X, F, s.cv_folds, self.seed, ridge=s.ridge, link=s.link, eps=s.eps)
+        report["r2_holdout"] = cv["r2"].tolist()
+        report["r2_holdout_link"] = cv["r2_link"].tolist()
+        report["r2_train"] = self.surrogate().r2(X, F).tolist()
+        return report
+
+    def evaluated_front(self) -> tuple[np.ndarray, np.ndarray]:
+        """Non-dominated evaluated genomes and their *real* objectives: ((k, dim), (k, M))."""
+        X, F = self._data()
+        if len(X) == 0:
+            return X, F
+        keep = non_dominated_mask(F)
+        return X[keep], F[keep]
+
+    # -- ask
+    def _ask(self) -> np.ndarray:
+        n_design = len(self.design)
+        if self._n_design_asked < n_design:
+            start = self._n_design_asked
+            stop = min(n_design, start + self.settings.batch_size)
+            self._n_design_asked = stop
+            return self.design[start:stop]
+        return self._surrogate_round()
+
+    def _surrogate_round(self) -> np.ndarray:
+        s = self.settings
+        width = self.upper - self.lower
+        X, F = self._data()
+        self._round += 1
+        if len(X) < self.n_terms:  # too many failures to fit: keep filling the space
+            return self.lower + self._rng.random((s.batch_size, self.dim)) * width
+        surrogate = QuadraticSurrogate(s.ridge, s.link, s.eps).fit(X, F)
+        front_X, front_Z = self._predicted_front(surrogate)
+        self.predicted_front_genomes = front_X
+        self.predicted_front_objectives = surrogate.from_link(front_Z)
+        n_explore = int(round(s.explore_fraction * s.batch_size))
+        picked = self._spread_subset(front_X, front_Z, s.batch_size - n_explore)
+        n_explore = s.batch_size - len(picked)
+        # Where the surrogate errs most: the samples with the largest standardised LOO error.
+        loo = surrogate.loo_residuals()  # (n, M)
+        err = np.max(np.abs(loo) / (loo.std(axis=0) + 1e-12), axis=1)  # (n,)
+        worst = np.argsort(-err, kind="stable")[:n_explore]
+        worst = np.resize(worst, n_explore)  # repeat if fewer samples than needed
+        steps = self._rng.normal(0.0, s.explore_radius, (n_explore, self.dim)) * width
+        explore = np.clip(X[worst] + steps, self.lower, self.upper)
+        return np.vstack([front_X[picked], explore])
+
+    def _predicted_front(self, surrogate: QuadraticSurrogate) -> tuple[np.ndarray, np.ndarray]:
+        """Pareto set of the surrogates inside the box: ((P, dim), (P, M) link-scale predictions)."""
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.algorithms.moo.nsga3 import NSGA3
+        from pymoo.core.problem import Problem
+        from pymoo.optimize import minimize
+        from pymoo.util.ref_dirs import get_reference_directions
+
+        s, M = self.settings, self.n_objectives
+
+        class SurrogateProblem(Problem):
+            def _evaluate(self, x, out, *args, **kwargs):
+                out["F"] = -surrogate.predict_link(x).reshape(len(x), M)  # sigmoid is monotone
+
+        problem = SurrogateProblem(n_var=self.dim, n_obj=M, xl=self.lower, xu=self.upper)
+        if M > 3:
+            p = 1
+            while math.comb(p + 1 + M - 1, M - 1) <= s.front_pop_size:
+                p += 1
+            ref_dirs = get_reference_directions("das-dennis", M, n_partitions=p)
+            algorithm = NSGA3(ref_dirs=ref_dirs, pop_size=max(s.front_pop_size, len(ref_dirs)))
+        else:
+            algorithm = NSGA2(pop_size=s.front_pop_size)
+        round_seed = int(np.random.SeedSequence([self.seed, 3, self._round]).generate_state(1)[0])
+        with PrivateGlobalRNG(round_seed).active():
+            res = minimize(problem, algorithm, ("n_gen", s.front_generations), seed=round_seed, verbose=False)
+        front_X = np.atleast_2d(res.X).reshape(-1, self.dim)
+        return front_X, -np.atleast_2d(res.F).reshape(-1, M)
+
+    def _spread_subset(self, front_X: np.ndarray, front_Z: np.ndarray, k: int) -> np.ndarray:
+        """Up to k well-spread front points (farthest-point in predicted objective space), skipping
+        points that duplicate an evaluated genome."""
+        width = self.upper - self.lower
+        if k <= 0 or len(front_X) == 0:
+            return np.zeros(0, dtype=int)
+        if len(self._X):
+            gap = np.abs(front_X[:, None, :] - self._X[None, :, :]) / width  # (P, n, dim)
+            fresh = np.flatnonzero(gap.max(axis=2).min(axis=1) > 1e-3)
+        else:
+            fresh = np.arange(len(front_X))
+        if len(fresh) == 0:
+            return np.zeros(0, dtype=int)
+        Z = front_Z[fresh]
+        span = Z.max(axis=0) - Z.min(axis=0)
+        Zn = (Z - Z.min(axis=0)) / np.where(span > 0, span, 1.0)
+        chosen = [int(np.argmax(Zn @ self.weights))]  # start from the best compromise
+        dist = np.linalg.norm(Zn - Zn[chosen[0]], axis=1)
+        while len(chosen) < min(k, len(fresh)):
+            nxt = int(np.argmax(dist))
+            if dist[nxt] <= 0:
+                break
+            chosen.append(nxt)
+            dist = np.minimum(dist, np.linalg.norm(Zn - Zn[nxt], axis=1))
+        return fresh[np.asarray(chosen, dtype=int)]
+
+    # -- tell
+    def _check_tell(self, objectives, responses, failed) -> None:
+        ok = objectives[~failed]
+        if self.settings.link == "logit" and ok.size and (ok.min() < 0 or ok.max() > 1):
+            raise ValueError(
+                f"map: link='logit' models accuracies in [0, 1]; got objectives in [{ok.min()}, {ok.max()}]. "
+                "Use link='identity' for other objectives."
+            )
+
+    def _tell(self, genomes, objectives, responses, failed) -> None:
+        self._X = np.vstack([self._X, genomes])
+        self._F = np.vstack([self._F, objectives])
+        self._failed = np.concatenate([self._failed, failed])
+
+    # -- checkpoint
+    def _strategy_state(self) -> dict[str, Any]:
+        return {
+            "n_design_asked": self._n_design_asked,
+            "round": self._round,
+            "X": self._X.copy(),
+            "F": self._F.copy(),
+            "failed": self._failed.copy(),
+            "predicted_front_genomes": self.predicted_front_genomes.copy(),
+            "predicted_front_objectives": self.predicted_front_objectives.copy(),
+        }
+
+    def _load_strategy_state(self, strategy: dict[str, Any], state: OptimizerState) -> None:
+        self._n_design_asked = int(strategy.pop("n_design_asked"))
+        self._round = int(strategy.pop("round"))
+        self._X = np.asarray(strategy.pop("X"), dtype=float).reshape(-1, self.dim)
+        self._F = np.asarray(strategy.pop("F"), dtype=float).reshape(-1, self.n_objectives)
+        self._failed = np.asarray(strategy.pop("failed"), dtype=bool)
+        self.predicted_front_genomes = np.asarray(strategy.pop("predicted_front_genomes"), float).reshape(-1, self.dim)
+        self.predicted_front_objectives = np.asarray(strategy.pop("predicted_front_objectives"), float).reshape(
+            -1, self.n_objectives
+        )
+        super()._load_strategy_state(strategy, state)

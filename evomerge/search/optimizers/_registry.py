@@ -1,0 +1,84 @@
+"""The registry of optimizers by name.
+
+Entries are ``"module:Class"`` paths imported on first use, so importing evomerge.search does not
+import pymoo or nevergrad, and M2N2 / MAP (which live beside this package and import its base) do
+not create an import cycle.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .base import Optimizer, OptimizerState
+
+__all__ = ["OPTIMIZERS", "make_optimizer", "register_optimizer", "restore_optimizer"]
+
+_BUILTIN: dict[str, str] = {
+    "random": "evomerge.search.optimizers._random:RandomSearch",
+    "nsga2": "evomerge.search.optimizers._pymoo:NSGA2Optimizer",
+    "nsga3": "evomerge.search.optimizers._pymoo:NSGA3Optimizer",
+    "ga": "evomerge.search.optimizers._pymoo:GAOptimizer",
+    "de": "evomerge.search.optimizers._pymoo:DEOptimizer",
+    "cma": "evomerge.search.optimizers._nevergrad:CMAOptimizer",
+    "twopointsde": "evomerge.search.optimizers._nevergrad:TwoPointsDEOptimizer",
+    "ngopt": "evomerge.search.optimizers._nevergrad:NGOptOptimizer",
+    "m2n2": "evomerge.search.m2n2:M2N2Optimizer",
+    "map": "evomerge.search.map_surrogate:MAPOptimizer",
+}
+
+
+class _Registry(Mapping):
+    """name -> Optimizer subclass; unknown names raise a ValueError listing the valid ones."""
+
+    def __init__(self, entries: dict[str, str]):
+        self._paths = dict(entries)
+        self._loaded: dict[str, type[Optimizer]] = {}
+
+    def __getitem__(self, name: str) -> type[Optimizer]:
+        if name not in self._paths and name not in self._loaded:
+            raise ValueError(f"unknown optimizer {name!r}; valid names are {sorted(self)}")
+        if name not in self._loaded:
+            module, attr = self._paths[name].split(":")
+            cls = getattr(importlib.import_module(module), attr)
+            if cls.name != name:
+                raise RuntimeError(f"registry entry {name!r} points at {cls.__name__} named {cls.name!r}")
+            self._loaded[name] = cls
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set(self._paths) | set(self._loaded)))
+
+    def __len__(self) -> int:
+        return len(set(self._paths) | set(self._loaded))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._paths or name in self._loaded
+
+    def register(self, cls: type[Optimizer]) -> type[Optimizer]:
+        if not cls.name:
+            raise ValueError(f"{cls.__name__} has no name")
+        if cls.name in self and self[cls.name] is not cls:
+            raise ValueError(f"an optimizer named {cls.name!r} is already registered")
+        self._loaded[cls.name] = cls
+        return cls
+
+
+OPTIMIZERS = _Registry(_BUILTIN)
+
+
+def register_optimizer(cls: type[Optimizer]) -> type[Optimizer]:
+    """Class decorator adding a user-defined optimizer to :data:`OPTIMIZERS`."""
+    return OPTIMIZERS.register(cls)
+
+
+def make_optimizer(
+    name: str, dim: int, bounds: Any, n_objectives: int, seed: int = 0, **settings: Any
+) -> Optimizer:
+    """Build the optimizer registered as ``name`` (see :data:`OPTIMIZERS`)."""
+    return OPTIMIZERS[name](dim, bounds, n_objectives, seed, **settings)
+
+
+def restore_optimizer(state: OptimizerState) -> Optimizer:
+    """Rebuild an optimizer from a state written by ``Optimizer.state()``."""
+    return OPTIMIZERS[state.name].from_state(state)
