@@ -49,5 +49,140 @@ def merge_command(config: Path, out_dir: Path, shard_size: str, device: str, all
     click.echo(f"wrote {report.out_dir} ({report.tensors} tensors, {report.bytes_written / 1e6:.1f} MB) in {report.seconds:.1f}s")
 
 
+# ------------------------------------------------------------------------------- zoo
+@main.group("zoo")
+def zoo_group() -> None:
+    """The built-in demo models and tasks."""
+
+
+@zoo_group.command("build")
+@click.option("--out", "out_dir", default="zoo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def zoo_build(out_dir: Path, size: str, seed: int) -> None:
+    """Build (or reuse) the demo base model, task experts and task data under OUT/SIZE."""
+    from evomerge.zoo import build_zoo
+
+    manifest = build_zoo(out_dir, size=size, seed=seed, progress=True)
+    click.echo(f"zoo ready: {getattr(manifest, 'root', out_dir)}")
+
+
+# ------------------------------------------------------------------------------- fitness
+@main.group("fitness")
+def fitness_group() -> None:
+    """Calibrate and inspect compressed fitness functions."""
+
+
+@fitness_group.command("calibrate")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Save as fitness/NAME (default: the config's name).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing compressed fitness of that name.")
+def fitness_calibrate(config: Path, name: str | None, overwrite: bool) -> None:
+    """Score endpoint models and random merges, fit IRT, choose subsets, and save a compressed fitness."""
+    from evomerge.fitness.calibrate import calibrate_from_config
+    from evomerge.fitness.compressed import FitnessError
+    from evomerge.fitness.tasks import TaskError
+
+    try:
+        path = calibrate_from_config(config, name=name, overwrite=overwrite)
+    except (*USER_ERRORS, FitnessError, TaskError) as exc:
+        _fail(exc)
+    click.echo(f"compressed fitness saved to {path}")
+
+
+# ------------------------------------------------------------------------------- runs
+def _run_errors():
+    from evomerge.fitness.compressed import FitnessError
+    from evomerge.fitness.tasks import TaskError
+    from evomerge.runs.config import ConfigError
+    from evomerge.runs.store import RunStoreError
+    from evomerge.search.space import SearchSpaceError
+
+    return (*USER_ERRORS, ConfigError, RunStoreError, SearchSpaceError, FitnessError, TaskError)
+
+
+@main.command("search")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Delete an existing run of the same name and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def search_command(config: Path, overwrite: bool, quiet: bool) -> None:
+    """Run a merge search as CONFIG (a run YAML) describes; writes runs/<name>/."""
+    from evomerge.runs.search import SearchInterrupted, start_search
+
+    try:
+        start_search(config, overwrite=overwrite, progress=not quiet, echo=click.echo)
+    except SearchInterrupted:
+        sys.exit(130)
+    except _run_errors() as exc:
+        _fail(exc)
+
+
+@main.command("resume")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def resume_command(run_dir: Path, quiet: bool) -> None:
+    """Continue an interrupted search from its last good checkpoint."""
+    from evomerge.runs.search import SearchInterrupted, resume_search
+
+    try:
+        resume_search(run_dir, progress=not quiet, echo=click.echo)
+    except SearchInterrupted:
+        sys.exit(130)
+    except _run_errors() as exc:
+        _fail(exc)
+
+
+@main.command("pareto")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def pareto_command(run_dir: Path) -> None:
+    """Print the run's Pareto set (estimated accuracy per task; test scores once verified)."""
+    import pandas as pd
+
+    from evomerge.runs.run import Run
+
+    try:
+        run = Run.load(run_dir)
+        frame = run.pareto
+    except _run_errors() as exc:
+        _fail(exc)
+    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.precision", 3):
+        click.echo(frame.to_string())
+
+
+@main.command("verify")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--member", "members", type=int, multiple=True, help="Only these member ids (default: the Pareto set).")
+@click.option("--split", "role", type=click.Choice(["test", "fitness"]), default="test", show_default=True)
+def verify_command(run_dir: Path, members: tuple[int, ...], role: str) -> None:
+    """Score Pareto members on the full test split and record it in verify.json."""
+    from evomerge.runs.run import Run
+
+    try:
+        run = Run.load(run_dir)
+        run.verify(list(members) or None, role=role, echo=click.echo)
+    except _run_errors() as exc:
+        _fail(exc)
+    click.echo(f"recorded in {run_dir / 'verify.json'}")
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--member", "member", type=int, default=None, help="Candidate id (default: the best balanced member).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True)
+@click.option("--shard-size", default="5GB", show_default=True)
+def export_command(run_dir: Path, member: int | None, out_dir: Path, overwrite: bool, shard_size: str) -> None:
+    """Write a Pareto member as a Hugging Face model folder plus recipe.yaml (mergekit format)."""
+    from evomerge.runs.run import Run
+
+    try:
+        run = Run.load(run_dir)
+        member = run.best_balanced() if member is None else member
+        path = run.export(member, out_dir, overwrite=overwrite, max_shard_bytes=shard_size, progress=True)
+    except _run_errors() as exc:
+        _fail(exc)
+    click.echo(f"exported member {member} to {path} (recipe: {path / 'recipe.yaml'})")
+
+
 if __name__ == "__main__":
     main()

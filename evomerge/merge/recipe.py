@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
+
+from evomerge._validation import Strict as _Strict
+from evomerge._validation import format_validation_error as _format_validation
 
 # Which parameters each method reads, per model and globally (mergekit 0.1.5's specs).
 TASK_ARITHMETIC_FAMILY = {
@@ -50,10 +53,6 @@ UNSUPPORTED_TOP_LEVEL = {
 
 class RecipeError(ValueError):
     """A merge recipe that cannot be used; the message names the file and field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ModelEntry(_Strict):
@@ -121,19 +120,6 @@ def load_recipe(path_or_text: str | os.PathLike | dict, *, source: str | None = 
         raise RecipeError(f"{source}: {_format_validation(exc)}") from None
     _check_semantics(recipe, source)
     return LoadedRecipe(recipe=recipe, source=source, root=root)
-
-
-def _format_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "<top>"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"field `{where}` is not supported (unknown field)")
-        elif err["type"] == "missing":
-            parts.append(f"field `{where}` is required")
-        else:
-            parts.append(f"field `{where}`: {err['msg']}")
-    return "; ".join(parts)
 
 
 def _check_semantics(recipe: MergeRecipe, source: str) -> None:
