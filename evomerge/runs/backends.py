@@ -1,0 +1,179 @@
+"""Worker backends: where candidates are materialised and scored.
+
+Both backends take a batch of (candidate id, genome) and return one `Evaluation` per candidate,
+ordered by id, so the search tells the optimizer the same thing whatever ran it: the in-process
+backend, one Ray worker or many (results are identical because every worker runs the same
+deterministic code with the same thread count).
+
+The Ray pool follows Ray's fault-tolerance model: actors are created with `max_restarts`, so a
+crashed worker process is restarted (and reloads the base and task vectors); the candidate it
+was scoring is resubmitted up to `max_retries` times and then recorded as failed, and the run
+goes on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict
+from typing import Sequence
+
+import numpy as np
+
+from evomerge.runs.config import RunConfig
+from evomerge.runs.problem import Evaluation, MergeProblem
+
+log = logging.getLogger(__name__)
+
+Candidate = tuple[int, np.ndarray]
+
+
+def failed_evaluation(candidate_id: int, tasks: Sequence[str], error: str, worker: str = "") -> Evaluation:
+    nan = float("nan")
+    return Evaluation(candidate_id, {t: nan for t in tasks}, {t: nan for t in tasks}, {}, 0,
+                      worker=worker, status="failed", error=error)
+
+
+class InProcessBackend:
+    """Scores candidates in this process, one after another."""
+
+    def __init__(self, config: RunConfig, fitness_path: str):
+        from evomerge.fitness.compressed import CompressedFitness
+
+        self.config = config
+        self.fitness = CompressedFitness.load(fitness_path)
+        self.problem = MergeProblem(config, self.fitness, worker="inprocess")
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.fitness.task_names)
+
+    def evaluate(self, candidates: Sequence[Candidate]) -> list[Evaluation]:
+        out = []
+        for cid, genome in sorted(candidates, key=lambda c: c[0]):
+            try:
+                out.append(self.problem.evaluate(cid, genome))
+            except Exception as exc:  # a candidate that breaks scoring must not end the run
+                log.error("candidate %d failed: %s", cid, exc)
+                out.append(failed_evaluation(cid, self.tasks, f"{type(exc).__name__}: {exc}", "inprocess"))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class _Worker:
+    """The Ray actor body: one MergeProblem per process, built once."""
+
+    def __init__(self, config_data: dict, fitness_path: str, index: int):
+        from evomerge.fitness.compressed import CompressedFitness
+
+        config = RunConfig.model_validate(config_data)
+        self.name = f"ray-{index}-pid{os.getpid()}"
+        self.problem = MergeProblem(config, CompressedFitness.load(fitness_path), worker=self.name)
+
+    def evaluate(self, candidate_id: int, genome: list[float]) -> dict:
+        try:
+            return asdict(self.problem.evaluate(candidate_id, np.asarray(genome, dtype=np.float64)))
+        except Exception as exc:
+            tasks = list(self.problem.fitness.task_names)
+            return asdict(failed_evaluation(candidate_id, tasks, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+                                            self.name))
+
+    def ready(self) -> str:
+        return self.name
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Start a local single-node Ray on loopback (no dashboard), or join the cluster at `address`."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        return
+    # Without this a local Ray on Linux binds to the machine's external address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
+
+
+class RayBackend:
+    """A pool of Ray actors, each holding the base and task vectors once."""
+
+    def __init__(self, config: RunConfig, fitness_path: str):
+        import ray
+        import torch
+
+        from evomerge.fitness.compressed import CompressedFitness
+
+        self.config = config
+        self.tasks = list(CompressedFitness.load(fitness_path).task_names)
+        workers = config.workers
+        init_ray(workers.address, num_cpus=None if workers.address else max(
+            os.cpu_count() or 1, workers.num_workers * workers.threads_per_worker))
+        gpus = float(ray.cluster_resources().get("GPU", 0)) if workers.device != "cpu" else 0.0
+        options = dict(num_cpus=workers.threads_per_worker, num_gpus=1 if gpus >= workers.num_workers else 0,
+                       max_restarts=-1, max_task_retries=0)
+        actor_cls = ray.remote(_Worker)
+        config_data = config.model_dump()
+        self.actors = [actor_cls.options(**options).remote(config_data, fitness_path, i)
+                       for i in range(workers.num_workers)]
+        ray.get([a.ready.remote() for a in self.actors])
+        del torch
+
+    def evaluate(self, candidates: Sequence[Candidate]) -> list[Evaluation]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending = list(sorted(candidates, key=lambda c: c[0]))
+        attempts = {cid: 0 for cid, _ in pending}
+        genomes = {cid: g for cid, g in pending}
+        results: dict[int, Evaluation] = {}
+        idle = list(range(len(self.actors)))
+        running: dict = {}  # object ref -> (candidate id, actor index)
+        while pending or running:
+            while pending and idle:
+                cid, genome = pending.pop(0)
+                actor = idle.pop(0)
+                ref = self.actors[actor].evaluate.remote(cid, np.asarray(genome).tolist())
+                running[ref] = (cid, actor)
+            done, _ = ray.wait(list(running), num_returns=1)
+            ref = done[0]
+            cid, actor = running.pop(ref)
+            try:
+                results[cid] = Evaluation(**ray.get(ref))
+                idle.append(actor)
+            except (RayActorError, RayTaskError) as exc:
+                attempts[cid] += 1
+                log.warning("worker %d died while scoring candidate %d (attempt %d): %s", actor, cid, attempts[cid],
+                            type(exc).__name__)
+                idle.append(actor)  # Ray restarts the actor; its next call waits for the restart
+                if attempts[cid] <= self.config.workers.max_retries:
+                    pending.insert(0, (cid, genomes[cid]))
+                else:
+                    results[cid] = failed_evaluation(cid, self.tasks, f"worker crashed {attempts[cid]} times",
+                                                     f"ray-{actor}")
+        return [results[cid] for cid in sorted(results)]
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone
+                pass
+        if not self.config.workers.address:
+            ray.shutdown()
+
+
+def make_backend(config: RunConfig, fitness_path: str):
+    if config.workers.backend == "inprocess":
+        return InProcessBackend(config, fitness_path)
+    started = time.perf_counter()
+    backend = RayBackend(config, fitness_path)
+    log.info("Ray pool of %d workers ready in %.1fs", config.workers.num_workers, time.perf_counter() - started)
+    return backend

@@ -1,0 +1,132 @@
+"""Run configuration (`evomerge search RUN.yaml`): validated, with errors naming the file and field.
+
+```yaml
+name: zoo_ties                      # run folder: <runs_dir>/<name>
+models:
+  base: ../zoo/small/base           # relative paths resolve against this file's folder
+  experts: [../zoo/small/expert_addition, ../zoo/small/expert_reversal]
+search_space: ties_per_layer        # preset name or a YAML path
+fitness: zoo_small                  # a compressed fitness by name or path (see `evomerge fitness calibrate`)
+optimizer: {name: nsga2, settings: {pop_size: 16}}
+budget: {evaluations: 150, wall_time: null}   # stop at whichever comes first
+workers: {backend: ray, num_workers: 2}       # or {backend: inprocess}, or {backend: ray, address: HOST:PORT}
+seed: 0
+```
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from evomerge._validation import Strict, format_validation_error
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the file and field."""
+
+
+class ModelsConfig(Strict):
+    base: str
+    experts: list[str] = Field(min_length=1)
+    allow_pickle: bool = False
+
+
+class FitnessConfig(Strict):
+    name: str | None = None  # a compressed fitness by name or path
+    calibrate: str | None = None  # a calibration config to run first (then `name` is where it is saved)
+    estimator: str = "gmp-IRT"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.name is None and self.calibrate is None:
+            raise ValueError("give `name` (a compressed fitness) or `calibrate` (a calibration config)")
+        return self
+
+
+class OptimizerConfig(Strict):
+    name: str
+    settings: dict[str, Any] = Field(default_factory=dict)  # passed to the optimizer (pop_size, batch_size, ...)
+    prescreen: float | None = Field(default=None, ge=1.0)  # propose this many times more, evaluate the surrogate's best
+
+
+class BudgetConfig(Strict):
+    evaluations: int | None = Field(default=None, ge=1)
+    wall_time: float | None = Field(default=None, gt=0)  # seconds
+
+    @model_validator(mode="after")
+    def _some_limit(self):
+        if self.evaluations is None and self.wall_time is None:
+            raise ValueError("give `evaluations`, `wall_time` (seconds) or both")
+        return self
+
+
+class WorkersConfig(Strict):
+    backend: Literal["ray", "inprocess"] = "ray"
+    num_workers: int = Field(default=2, ge=1)
+    address: str | None = None  # an existing Ray cluster; default starts a local one
+    threads_per_worker: int = Field(default=1, ge=1)
+    max_retries: int = Field(default=2, ge=0)  # per candidate, after a worker crash
+    device: str | None = None  # default: cuda when present, else cpu
+
+
+class RunConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    models: ModelsConfig
+    search_space: str
+    fitness: FitnessConfig
+    optimizer: OptimizerConfig
+    budget: BudgetConfig
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    seed: int = 0
+    runs_dir: str = "runs"
+    dtype: str | None = None  # dtype of exported models (default: the base's)
+
+    # -- paths are resolved against the config file's folder when loading
+    def resolved(self, root: Path) -> "RunConfig":
+        def absolute(p: str) -> str:
+            path = Path(p).expanduser()
+            return str(path if path.is_absolute() else (root / path).resolve())
+
+        data = self.model_dump()
+        data["models"]["base"] = absolute(self.models.base)
+        data["models"]["experts"] = [absolute(e) for e in self.models.experts]
+        for key in ("search_space",):
+            value = data[key]
+            if value.endswith((".yaml", ".yml")) or os.sep in value:
+                data[key] = absolute(value)
+        fit = data["fitness"]
+        for key in ("name", "calibrate"):
+            value = fit.get(key)
+            if value and (os.sep in value or value.endswith((".yaml", ".yml"))):
+                fit[key] = absolute(value)
+        data["runs_dir"] = absolute(self.runs_dir)
+        return RunConfig.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def load_run_config(path: str | os.PathLike | dict, *, source: str | None = None, root: Path | None = None) -> RunConfig:
+    """Validate a run config from a YAML file or a dict; relative paths resolve against the file's folder."""
+    if isinstance(path, dict):
+        data, source, root = path, source or "<run config>", root or Path.cwd()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: run config not found")
+        source, root = str(path), path.resolve().parent
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc)}") from None
+    return config.resolved(root)

@@ -1,0 +1,99 @@
+"""The problem a search solves: genome -> merged model -> per-task scores (pymoo's Problem, separated
+from the optimizer and the stopping rule).
+
+A `MergeProblem` lives once per worker: it loads the base and the task vectors once (the
+materializer), tokenizes the fitness subset once (the scorers), and then each `evaluate(genome)`
+writes the candidate into the live model and scores it on the subset items only, returning the
+estimated full-split accuracy per task with its uncertainty and the raw subset answers.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from evomerge.runs.config import RunConfig
+from evomerge.search.space import BoundSpace, SearchSpace
+
+
+@dataclass
+class Evaluation:
+    """What one candidate evaluation produced (plain data: it crosses process boundaries)."""
+
+    candidate_id: int
+    objectives: dict[str, float]  # task -> estimated full-split accuracy
+    stderr: dict[str, float]
+    responses: dict[str, list[int]]  # task -> 0/1 answers on the subset items, in subset order
+    item_evaluations: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    worker: str = ""
+    status: str = "ok"  # "ok" or "failed"
+    error: str | None = None
+
+
+def bind_space(config: RunConfig) -> BoundSpace:
+    """The search space bound to the base model's depth and the number of experts."""
+    from evomerge.merge.checkpoint import ModelFolder
+    from evomerge.merge.layers import LayerMap
+
+    base = ModelFolder.open(config.models.base, allow_pickle=config.models.allow_pickle)
+    num_layers = LayerMap.from_config(base.config).num_layers
+    return SearchSpace.load(config.search_space).bind(num_layers, len(config.models.experts))
+
+
+class MergeProblem:
+    """Materializer + compressed fitness for one worker process."""
+
+    def __init__(self, config: RunConfig, fitness, *, device: str | None = None, worker: str = "inprocess"):
+        from transformers import AutoTokenizer
+
+        from evomerge.merge.materializer import Materializer
+
+        torch.set_num_threads(config.workers.threads_per_worker)
+        self.config = config
+        self.fitness = fitness
+        self.worker = worker
+        self.space = bind_space(config)
+        self.materializer = Materializer.from_folders(
+            config.models.base, config.models.experts, device=device or config.workers.device,
+            allow_pickle=config.models.allow_pickle, seed=config.seed,
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(config.models.base, trust_remote_code=False)
+        self.scorers = fitness.subset_scorers(self.tokenizer, device=self.materializer.device)
+
+    def materialize(self, genome: np.ndarray) -> torch.nn.Module:
+        coefficients = self.space.coefficients(np.asarray(genome, dtype=np.float64), self.materializer.layer_map)
+        return self.materializer.apply(self.space.space.method, coefficients, **self.space.shared_settings())
+
+    def evaluate(self, candidate_id: int, genome: np.ndarray) -> Evaluation:
+        _maybe_inject_crash(candidate_id)
+        t0 = time.perf_counter()
+        model = self.materialize(genome)
+        t1 = time.perf_counter()
+        objectives, stderr, responses, items = {}, {}, {}, 0
+        for task, scorer in self.scorers.items():
+            answers = np.asarray(scorer(model), dtype=np.int64)
+            estimate = self.fitness.estimate(task, answers, self.config.fitness.estimator)
+            objectives[task] = float(estimate.value)
+            stderr[task] = float(estimate.stderr)
+            responses[task] = answers.tolist()
+            items += int(answers.size)
+        t2 = time.perf_counter()
+        return Evaluation(candidate_id, objectives, stderr, responses, items,
+                          {"materialize": t1 - t0, "score": t2 - t1}, worker=self.worker)
+
+
+def _maybe_inject_crash(candidate_id: int) -> None:
+    """Test hook: EVOMERGE_CRASH_ONCE=<candidate id>:<marker file> kills this process once, hard."""
+    spec = os.environ.get("EVOMERGE_CRASH_ONCE")
+    if not spec:
+        return
+    target, marker = spec.split(":", 1)
+    if int(target) == candidate_id and not os.path.exists(marker):
+        with open(marker, "w") as handle:
+            handle.write(str(os.getpid()))
+        os._exit(17)

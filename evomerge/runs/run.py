@@ -1,0 +1,199 @@
+"""A finished (or running) search as data: `Run.load(path)` for the notebook, the CLI and the tests.
+
+    run = Run.load("runs/zoo_ties")
+    run.pareto          # DataFrame: one row per Pareto member, a column per task
+    run.evaluations     # DataFrame: the whole evaluation log
+    run.plot_front()    # pairwise projections when there are more than two tasks
+    run.export(member_id, "merged/")   # Hugging Face folder + recipe.yaml (mergekit format)
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from evomerge.runs.config import RunConfig
+from evomerge.runs.store import RunStore, RunStoreError
+
+
+@dataclass
+class Run:
+    store: RunStore
+    config: RunConfig
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Run":
+        store = RunStore.open(path)
+        return cls(store, RunConfig.model_validate(yaml.safe_load(store.config_text)))
+
+    @property
+    def path(self) -> Path:
+        return self.store.root
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.store.read_pareto()["tasks"])
+
+    # ------------------------------------------------------------- tables
+    @property
+    def evaluations(self) -> pd.DataFrame:
+        rows = []
+        for r in self.store.records():
+            row = {"id": r["id"], "generation": r["generation"], "status": r["status"], "worker": r.get("worker"),
+                   "item_evaluations": r["item_evaluations"]}
+            for task, value in (r.get("objectives") or {}).items():
+                row[task] = value
+                row[f"{task}_stderr"] = (r.get("stderr") or {}).get(task)
+            for key, value in (r.get("seconds") or {}).items():
+                row[f"seconds_{key}"] = value
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+        if not frame.empty:
+            frame = frame.set_index("id").sort_index()
+        return frame
+
+    @property
+    def pareto(self) -> pd.DataFrame:
+        data = self.store.read_pareto()
+        rows = []
+        verified = (self.store.read_verify() or {}).get("members", {})
+        for m in data["members"]:
+            row = {"id": m["id"], "generation": m.get("generation"), "mean": m["mean"], "crowding": m.get("crowding")}
+            row.update(m["objectives"])
+            for task, value in (verified.get(str(m["id"])) or {}).items():
+                row[f"{task}_test"] = value
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("id") if rows else pd.DataFrame()
+
+    def record(self, member_id: int) -> dict[str, Any]:
+        for r in self.store.records():
+            if r["id"] == member_id:
+                return r
+        raise RunStoreError(f"{self.path}: no candidate with id {member_id}")
+
+    def genome(self, member_id: int) -> np.ndarray:
+        return np.asarray(self.record(member_id)["genome"], dtype=np.float64)
+
+    def recipe_yaml(self, member_id: int) -> str:
+        from evomerge.merge.recipe import load_recipe
+
+        return load_recipe(self.record(member_id)["recipe"], source=f"{self.path} candidate {member_id}").recipe.to_yaml()
+
+    def coefficients(self, member_id: int) -> dict[str, np.ndarray]:
+        """{parameter: (groups, experts, layers)} of one candidate, for heatmaps."""
+        from evomerge.runs.problem import bind_space
+
+        return bind_space(self.config).per_layer(self.genome(member_id))
+
+    def best_balanced(self) -> int:
+        """The Pareto member with the highest mean over tasks (the worst task breaking ties)."""
+        frame = self.pareto
+        if frame.empty:
+            raise RunStoreError(f"{self.path}: the Pareto set is empty")
+        worst = frame[self.tasks].min(axis=1)
+        return int(frame.assign(worst=worst).sort_values(["mean", "worst"], ascending=False).index[0])
+
+    # ------------------------------------------------------------- export and verify
+    def export(self, member_id: int, out_dir: str | os.PathLike, *, overwrite: bool = False,
+               max_shard_bytes: str | int = "5GB", progress: bool = False) -> Path:
+        """Write the member as a Hugging Face folder plus `recipe.yaml` (mergekit format)."""
+        from evomerge.merge.engine import merge_recipe
+        from evomerge.merge.recipe import load_recipe
+
+        record = self.record(member_id)
+        if record["status"] != "ok":
+            raise RunStoreError(f"{self.path}: candidate {member_id} failed; nothing to export")
+        loaded = load_recipe(record["recipe"], source=f"{self.path} candidate {member_id}")
+        return merge_recipe(loaded, out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                            allow_pickle=self.config.models.allow_pickle, progress=progress).out_dir
+
+    def verify(self, member_ids: list[int] | None = None, *, role: str = "test", device: str | None = None,
+               echo=print) -> dict[str, dict[str, float]]:
+        """Score Pareto members on the full `role` split of every task and record it in verify.json."""
+        from evomerge.fitness.compressed import CompressedFitness
+        from evomerge.runs.problem import MergeProblem
+
+        meta = json.loads((self.path / "run.json").read_text())
+        fitness = CompressedFitness.load(meta["fitness"])
+        problem = MergeProblem(self.config, fitness, device=device, worker="verify")
+        scorers = fitness.full_scorers(problem.tokenizer, role=role, device=problem.materializer.device)
+        ids = member_ids if member_ids is not None else list(self.pareto.index)
+        results = {}
+        for member_id in ids:
+            model = problem.materialize(self.genome(member_id))
+            results[str(member_id)] = {task: float(np.mean(scorer(model))) for task, scorer in scorers.items()}
+            echo(f"  member {member_id}: " + " ".join(f"{t}={v:.3f}" for t, v in results[str(member_id)].items()))
+        previous = self.store.read_verify() or {"members": {}}
+        previous["members"].update(results)
+        previous["split"] = role
+        self.store.write_verify(previous)
+        return results
+
+    # ------------------------------------------------------------- plots
+    def plot_front(self, ax=None):
+        """Pareto front; with more than two tasks, a grid of pairwise projections."""
+        import matplotlib.pyplot as plt
+
+        evals = self.evaluations
+        evals = evals[evals["status"] == "ok"] if not evals.empty else evals
+        front = self.pareto
+        tasks = self.tasks
+        pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]] or [(tasks[0], tasks[0])]
+        if ax is None:
+            fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
+            axes = axes[0]
+        else:
+            fig, axes = ax.figure, [ax]
+        for axis, (a, b) in zip(axes, pairs):
+            axis.scatter(evals[a], evals[b], s=10, alpha=0.35, label="evaluated")
+            axis.scatter(front[a], front[b], s=30, color="crimson", label="Pareto set")
+            axis.set_xlabel(a)
+            axis.set_ylabel(b)
+            axis.grid(alpha=0.3)
+        axes[0].legend(loc="lower left")
+        fig.tight_layout()
+        return fig
+
+    def plot_trajectory(self, ax=None):
+        """Best-so-far estimated accuracy per task against candidate evaluations."""
+        import matplotlib.pyplot as plt
+
+        evals = self.evaluations
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6, 4))
+        for task in self.tasks:
+            ax.plot(evals.index, evals[task].cummax(), label=task)
+        ax.plot(evals.index, evals[self.tasks].mean(axis=1).cummax(), "k--", label="mean")
+        ax.set_xlabel("candidate evaluations")
+        ax.set_ylabel("best estimated accuracy")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        return ax.figure
+
+    def plot_coefficients(self, member_id: int, parameter: str = "weight", ax=None):
+        """Heatmap of one member's per-layer coefficients (experts x layers, one panel per group)."""
+        import matplotlib.pyplot as plt
+
+        values = self.coefficients(member_id)[parameter]  # (groups, K, L)
+        groups = values.shape[0]
+        if ax is None:
+            fig, axes = plt.subplots(groups, 1, figsize=(1.0 + 0.5 * values.shape[2], 1.2 + 1.0 * groups * values.shape[1]),
+                                     squeeze=False)
+            axes = axes[:, 0]
+        else:
+            fig, axes = ax.figure, [ax]
+        experts = [Path(e).name for e in self.config.models.experts]
+        for g, axis in enumerate(axes):
+            image = axis.imshow(values[g], aspect="auto", cmap="viridis")
+            axis.set_yticks(range(len(experts)), experts)
+            axis.set_xlabel("layer")
+            axis.set_title(f"member {member_id}: {parameter}")
+            fig.colorbar(image, ax=axis)
+        fig.tight_layout()
+        return fig

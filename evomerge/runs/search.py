@@ -1,0 +1,271 @@
+"""The search loop: ask the optimizer, score the batch on the workers, log, tell, checkpoint.
+
+One generation at a time:
+    genomes = optimizer.ask()                 ids next_id .. next_id + n - 1
+    evaluations = backend.evaluate(batch)     ordered by id, whatever ran them
+    append each record to evaluations.jsonl (fsynced)
+    optimizer.tell(...); Pareto archive update
+    checkpoint (optimizer, archive, counters) atomically; rewrite pareto.json
+
+A resumed run restores the newest good checkpoint, re-asks the generation that was in flight
+(the restored optimizer asks the same genomes) and reuses every evaluation of it already in the
+log, so an interruption costs at most the evaluations that were running. Because evaluation is
+deterministic, an interrupted-and-resumed run ends with the same Pareto set as an uninterrupted
+one. Budgets are counted in candidate evaluations and in item evaluations; the loop stops after
+the generation that reaches `budget.evaluations` or `budget.wall_time`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from evomerge._atomic import write_json_atomic
+from evomerge.runs.config import ConfigError, RunConfig, load_run_config
+from evomerge.runs.problem import Evaluation, bind_space
+from evomerge.runs.store import RunStore, RunStoreError
+from evomerge.search.optimizers import Optimizer, make_optimizer, state_from_dict, state_to_dict
+from evomerge.search.pareto import ParetoArchive, crowding_distance
+
+log = logging.getLogger(__name__)
+RUN_META = "run.json"
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a search: the state is checkpointed; `evomerge resume` continues."""
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def resolve_fitness(config: RunConfig) -> str:
+    """The compressed fitness to use, calibrating it first when the config asks for that."""
+    from evomerge.fitness.compressed import CompressedFitness, resolve_fitness_path
+
+    fit = config.fitness
+    if fit.calibrate:
+        from evomerge.fitness.calibrate import calibrate_from_config
+
+        target = fit.name
+        if target:
+            try:
+                return str(resolve_fitness_path(target))
+            except FileNotFoundError:
+                pass
+        return str(calibrate_from_config(fit.calibrate, name=target))
+    path = resolve_fitness_path(fit.name)
+    CompressedFitness.load(path)  # fail early: a stale source-data hash is an error here
+    return str(path)
+
+
+# ------------------------------------------------------------------------------- starting
+def start_search(config: str | os.PathLike | RunConfig, *, overwrite: bool = False, progress: bool = True,
+                 echo=print) -> Path:
+    """Validate the config, create `runs/<name>/`, and run the search to its budget."""
+    source = None
+    if not isinstance(config, RunConfig):
+        source = str(Path(config).resolve())
+        config = load_run_config(config)
+    run_dir = Path(config.runs_dir) / config.name
+    fitness_path = resolve_fitness(config)
+    snapshot = config.to_yaml()
+    store = RunStore.create(run_dir, snapshot, overwrite=overwrite)
+    meta = {"config_sha256": _sha(snapshot), "source": source, "fitness": fitness_path,
+            "source_sha256": _sha(Path(source).read_text()) if source else None, "created": time.time()}
+    write_json_atomic(run_dir / RUN_META, meta)
+    echo(f"run folder: {run_dir}")
+    echo(f"resume after an interruption with: evomerge resume {run_dir}")
+    return _run(store, config, fitness_path, progress=progress, echo=echo)
+
+
+def resume_search(run_dir: str | os.PathLike, *, progress: bool = True, echo=print) -> Path:
+    """Continue a run from its newest good checkpoint; refuses a run whose config changed."""
+    store = RunStore.open(run_dir)
+    meta_path = store.root / RUN_META
+    if not meta_path.is_file():
+        raise RunStoreError(f"{store.root}: {RUN_META} missing; cannot verify the config")
+    meta = json.loads(meta_path.read_text())
+    if _sha(store.config_text) != meta["config_sha256"]:
+        raise RunStoreError(f"{store.root / 'config.yaml'} was edited after the run started; resuming would mix two "
+                            "searches. Start a new run with the new config instead.")
+    source = meta.get("source")
+    if source and Path(source).is_file() and _sha(Path(source).read_text()) != meta.get("source_sha256"):
+        raise RunStoreError(f"{source} changed since this run started (the run's snapshot is "
+                            f"{store.root / 'config.yaml'}); start a new run, or restore the file to resume.")
+    try:
+        config = RunConfig.model_validate(yaml.safe_load(store.config_text))
+    except Exception as exc:
+        raise ConfigError(f"{store.root / 'config.yaml'}: {exc}") from exc
+    echo(f"resuming {store.root}")
+    return _run(store, config, meta["fitness"], progress=progress, echo=echo)
+
+
+# ------------------------------------------------------------------------------- the loop
+def _new_state(config: RunConfig, dim: int, bounds: np.ndarray, n_objectives: int, gene_slots: np.ndarray):
+    settings = dict(config.optimizer.settings)
+    if config.optimizer.name == "m2n2":
+        settings.setdefault("gene_layer_index", gene_slots.tolist())
+    optimizer = make_optimizer(config.optimizer.name, dim, bounds, n_objectives, seed=config.seed, **settings)
+    return optimizer, ParetoArchive(n_objectives), {"generation": 0, "next_id": 0, "evaluations": 0,
+                                                     "failed": 0, "item_evaluations": 0, "elapsed": 0.0}
+
+
+def _checkpoint_state(optimizer: Optimizer, archive: ParetoArchive, counters: dict, config_hash: str) -> dict:
+    from evomerge.search.optimizers._checkpoint import encode_plain
+
+    return {"optimizer": state_to_dict(optimizer.state()), "archive": encode_plain(archive.to_dict()),
+            "counters": dict(counters), "config_sha256": config_hash}
+
+
+def _restore(state: dict) -> tuple[Optimizer, ParetoArchive, dict]:
+    from evomerge.search.optimizers._checkpoint import decode_plain
+
+    optimizer = Optimizer.from_state(state_from_dict(state["optimizer"]))
+    return optimizer, ParetoArchive.from_dict(decode_plain(state["archive"])), dict(state["counters"])
+
+
+def _budget_left(config: RunConfig, counters: dict, started: float) -> bool:
+    b = config.budget
+    if b.evaluations is not None and counters["evaluations"] >= b.evaluations:
+        return False
+    elapsed = counters["elapsed"] + (time.perf_counter() - started)
+    return not (b.wall_time is not None and elapsed >= b.wall_time)
+
+
+def _record(evaluation: Evaluation, genome: np.ndarray, generation: int, recipe: dict) -> dict:
+    record = asdict(evaluation)
+    record["id"] = record.pop("candidate_id")
+    record.update({"generation": generation, "genome": [float(x) for x in genome], "recipe": recipe,
+                   "time": time.time()})
+    return record
+
+
+def _run(store: RunStore, config: RunConfig, fitness_path: str, *, progress: bool, echo) -> Path:
+    from tqdm.auto import tqdm
+
+    from evomerge.fitness.compressed import CompressedFitness
+    from evomerge.runs.backends import make_backend
+
+    fitness = CompressedFitness.load(fitness_path)
+    tasks = list(fitness.task_names)
+    space = bind_space(config)
+    config_hash = _sha(store.config_text)
+    restored = store.load_latest_checkpoint()
+    if restored is None:
+        optimizer, archive, counters = _new_state(config, space.dim, space.bounds, len(tasks), space.gene_slots)
+    else:
+        optimizer, archive, counters = _restore(restored[1])
+    # Evaluations logged after the checkpoint belong to the generation that was in flight.
+    salvage = {r["id"]: r for r in store.records() if r["id"] >= counters["next_id"]}
+    if salvage or restored is not None:
+        store.truncate_log({r["id"] for r in store.records() if r["id"] < counters["next_id"]})
+    if salvage:
+        echo(f"reusing {len(salvage)} evaluations of the interrupted generation")
+
+    backend = make_backend(config, fitness_path)
+    started = time.perf_counter()
+    total = config.budget.evaluations
+    bar = tqdm(total=total, initial=min(counters["evaluations"], total or 0), disable=not progress, unit="eval",
+               desc="search", dynamic_ncols=True, file=sys.stderr)
+    best = {t: max((m.objectives[i] for m in archive.members), default=float("nan")) for i, t in enumerate(tasks)}
+    try:
+        while _budget_left(config, counters, started):
+            genomes = optimizer.ask()
+            ids = list(range(counters["next_id"], counters["next_id"] + len(genomes)))
+            reused, todo = {}, []
+            for cid, genome in zip(ids, genomes):
+                old = salvage.pop(cid, None)
+                if old is not None and np.array_equal(np.asarray(old["genome"]), genome):
+                    reused[cid] = old
+                else:
+                    todo.append((cid, genome))
+            fresh = {e.candidate_id: e for e in backend.evaluate(todo)} if todo else {}
+            records = []
+            for cid, genome in zip(ids, genomes):
+                if cid in reused:
+                    record = reused[cid]
+                else:
+                    recipe = space.recipe(genome, config.models.base, config.models.experts, dtype=config.dtype,
+                                          seed=config.seed).model_dump(exclude_none=True)
+                    record = _record(fresh[cid], genome, counters["generation"], recipe)
+                store.append(record)
+                records.append(record)
+            objectives = np.array([[r["objectives"].get(t, np.nan) if r["status"] == "ok" else np.nan for t in tasks]
+                                   for r in records], dtype=np.float64)
+            responses = _response_matrix(records, tasks, fitness)
+            optimizer.tell(genomes, objectives, responses)
+            for r, row in zip(records, objectives):
+                if r["status"] == "ok":
+                    archive.add(r["id"], row)
+            n_ok = sum(r["status"] == "ok" for r in records)
+            counters["generation"] += 1
+            counters["next_id"] += len(genomes)
+            counters["evaluations"] += len(genomes)
+            counters["failed"] += len(genomes) - n_ok
+            counters["item_evaluations"] += sum(int(r["item_evaluations"]) for r in records)
+            now = time.perf_counter()
+            counters["elapsed"] += now - started
+            started = now
+            store.save_checkpoint(counters["generation"], _checkpoint_state(optimizer, archive, counters, config_hash))
+            store.write_pareto(pareto_summary(archive, records_by_id(store), tasks, counters))
+            for i, t in enumerate(tasks):
+                column = objectives[:, i][np.isfinite(objectives[:, i])]
+                if column.size:
+                    best[t] = float(np.nanmax([best[t], column.max()]))
+            bar.update(len(genomes))
+            bar.set_postfix_str(f"gen {counters['generation']} | {counters['evaluations'] / max(counters['elapsed'], 1e-9):.2f} eval/s | "
+                                + " ".join(f"{t}={v:.3f}" for t, v in best.items()))
+    except KeyboardInterrupt:
+        bar.close()
+        store.save_checkpoint(counters["generation"], _checkpoint_state(optimizer, archive, counters, config_hash))
+        echo(f"\ninterrupted: checkpoint written after generation {counters['generation']}. "
+             f"Continue with: evomerge resume {store.root}")
+        raise SearchInterrupted() from None
+    finally:
+        bar.close()
+        backend.close()
+    echo(f"done: {counters['evaluations']} candidates ({counters['failed']} failed), "
+         f"{counters['item_evaluations']} item evaluations, Pareto set of {len(archive)} in {store.root / 'pareto.json'}")
+    return store.root
+
+
+def _response_matrix(records: list[dict], tasks: list[str], fitness) -> np.ndarray:
+    """(n, items) subset answers concatenated over tasks; failed candidates answer nothing (zeros)."""
+    widths = [fitness.subset_size(t) for t in tasks]
+    rows = []
+    for r in records:
+        if r["status"] == "ok":
+            rows.append(np.concatenate([np.asarray(r["responses"][t], dtype=np.float64) for t in tasks]))
+        else:
+            rows.append(np.zeros(sum(widths)))
+    return np.vstack(rows)
+
+
+def records_by_id(store: RunStore) -> dict[int, dict]:
+    return {r["id"]: r for r in store.records()}
+
+
+def pareto_summary(archive: ParetoArchive, records: dict[int, dict], tasks: list[str], counters: dict) -> dict[str, Any]:
+    members = archive.members
+    F = archive.objectives
+    crowd = crowding_distance(F) if len(members) else np.zeros(0)
+    out = []
+    for m, c in zip(members, crowd):
+        r = records.get(m.record_id, {})
+        out.append({"id": int(m.record_id), "objectives": dict(zip(tasks, map(float, m.objectives))),
+                    "stderr": r.get("stderr", {}), "mean": float(np.mean(m.objectives)),
+                    "crowding": float(c) if np.isfinite(c) else None, "generation": r.get("generation")})
+    out.sort(key=lambda m: -m["mean"])
+    return {"tasks": tasks, "members": out, "hypervolume": float(archive.hypervolume(0.0)) if len(members) else 0.0,
+            "evaluations": counters["evaluations"], "item_evaluations": counters["item_evaluations"],
+            "generation": counters["generation"]}
