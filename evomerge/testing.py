@@ -73,3 +73,46 @@ def make_family(
         save(path)
         expert_paths.append(path)
     return out_dir / "base", expert_paths
+
+
+def make_choice_task(out_dir: str | Path, *, n_validation: int = 40, n_test: int = 40, n_choices: int = 3,
+                     seed: int = 0) -> Path:
+    """A `datasets.DatasetDict` of multiple-choice sums over the zoo vocabulary, saved to disk.
+
+    Even randomly initialised models answer these differently from one another (argmax over the
+    choices' log-likelihoods), so they give search and calibration tests a real, varied signal
+    without any training.
+    """
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    splits = {}
+    used = set()
+    for split, n in (("validation", n_validation), ("test", n_test)):
+        rows = {"id": [], "prompt": [], "choices": [], "label": []}
+        while len(rows["id"]) < n:
+            a, b = (int(x) for x in rng.integers(0, 100, size=2))
+            if (a, b) in used:
+                continue
+            used.add((a, b))
+            wrong = set()
+            while len(wrong) < n_choices - 1:
+                candidate = a + b + int(rng.integers(-9, 10))
+                if candidate != a + b and candidate >= 0:
+                    wrong.add(candidate)
+            choices = [str(c) for c in sorted(wrong | {a + b})]
+            rows["id"].append(f"{split}-{len(rows['id']):04d}")
+            rows["prompt"].append(f"{a}+{b}=")
+            rows["choices"].append(choices)
+            rows["label"].append(choices.index(str(a + b)))
+        splits[split] = datasets.Dataset.from_dict(rows)
+    path = Path(out_dir)
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+    return path
+
+
+def choice_task_preset(dataset_path: str | Path, name: str = "sums") -> dict:
+    """The task preset (as a dict) for `make_choice_task` data."""
+    return {"name": name, "dataset": {"path": str(dataset_path)}, "prompt": "{prompt}", "scorer": "multiple_choice",
+            "choices": "{choices}", "choice_template": "{choice}", "answer_index": "{label}", "batch_size": 64}

@@ -87,15 +87,22 @@ class _Worker:
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Start a local single-node Ray on loopback (no dashboard), or join the cluster at `address`."""
+    if not address:
+        # Without this a local Ray on Linux binds to the machine's external address; a local pool
+        # stays on loopback. Ray reads the variable when it is imported, so when it was imported
+        # already its constant is switched too (the raylet and workers inherit the variable).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     if ray.is_initialized():
         return
+    if not address:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         return
-    # Without this a local Ray on Linux binds to the machine's external address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False)
 
@@ -126,36 +133,51 @@ class RayBackend:
 
     def evaluate(self, candidates: Sequence[Candidate]) -> list[Evaluation]:
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         pending = list(sorted(candidates, key=lambda c: c[0]))
         attempts = {cid: 0 for cid, _ in pending}
         genomes = {cid: g for cid, g in pending}
         results: dict[int, Evaluation] = {}
         idle = list(range(len(self.actors)))
-        running: dict = {}  # object ref -> (candidate id, actor index)
-        while pending or running:
+        running: dict = {}  # object ref -> ("eval", candidate id, actor) or ("ready", None, actor)
+        while pending or any(kind == "eval" for kind, _, _ in running.values()):
             while pending and idle:
                 cid, genome = pending.pop(0)
                 actor = idle.pop(0)
-                ref = self.actors[actor].evaluate.remote(cid, np.asarray(genome).tolist())
-                running[ref] = (cid, actor)
+                running[self.actors[actor].evaluate.remote(cid, np.asarray(genome).tolist())] = ("eval", cid, actor)
             done, _ = ray.wait(list(running), num_returns=1)
-            ref = done[0]
-            cid, actor = running.pop(ref)
+            kind, cid, actor = running.pop(done[0])
             try:
-                results[cid] = Evaluation(**ray.get(ref))
-                idle.append(actor)
+                value = ray.get(done[0])
             except (RayActorError, RayTaskError) as exc:
-                attempts[cid] += 1
-                log.warning("worker %d died while scoring candidate %d (attempt %d): %s", actor, cid, attempts[cid],
-                            type(exc).__name__)
-                idle.append(actor)  # Ray restarts the actor; its next call waits for the restart
+                if kind == "ready":  # still restarting: ask again
+                    running[self.actors[actor].ready.remote()] = ("ready", None, actor)
+                    continue
+                if isinstance(exc, ActorUnavailableError):
+                    # The actor is between death and restart: not this candidate's fault, try again.
+                    log.debug("worker %d unavailable for candidate %d; waiting for its restart", actor, cid)
+                else:
+                    attempts[cid] += 1
+                    log.warning("worker %d died while scoring candidate %d (attempt %d): %s", actor, cid,
+                                attempts[cid], type(exc).__name__)
+                # Ray restarts the actor (max_restarts); it takes work again once it answers.
+                running[self.actors[actor].ready.remote()] = ("ready", None, actor)
                 if attempts[cid] <= self.config.workers.max_retries:
                     pending.insert(0, (cid, genomes[cid]))
                 else:
                     results[cid] = failed_evaluation(cid, self.tasks, f"worker crashed {attempts[cid]} times",
                                                      f"ray-{actor}")
+                continue
+            if kind == "eval":
+                results[cid] = Evaluation(**value)
+            idle.append(actor)
+        for ref, (kind, _, actor) in running.items():  # restarts still pending: they rejoin next batch
+            try:
+                ray.get(ref, timeout=120)
+            except Exception:
+                pass
+            idle.append(actor)
         return [results[cid] for cid in sorted(results)]
 
     def close(self) -> None:

@@ -70,7 +70,7 @@ class MergeProblem:
         return self.materializer.apply(self.space.space.method, coefficients, **self.space.shared_settings())
 
     def evaluate(self, candidate_id: int, genome: np.ndarray) -> Evaluation:
-        _maybe_inject_crash(candidate_id)
+        _test_hooks(candidate_id)
         t0 = time.perf_counter()
         model = self.materialize(genome)
         t1 = time.perf_counter()
@@ -87,8 +87,14 @@ class MergeProblem:
                           {"materialize": t1 - t0, "score": t2 - t1}, worker=self.worker)
 
 
-def _maybe_inject_crash(candidate_id: int) -> None:
-    """Test hook: EVOMERGE_CRASH_ONCE=<candidate id>:<marker file> kills this process once, hard."""
+def _test_hooks(candidate_id: int) -> None:
+    """Fault injection for the test suite (inert unless these variables are set):
+    EVOMERGE_TEST_EVAL_DELAY=<seconds> slows every evaluation (to interrupt a run mid-generation);
+    EVOMERGE_CRASH_ONCE=<candidate id>:<marker file> kills this process once, hard.
+    """
+    delay = os.environ.get("EVOMERGE_TEST_EVAL_DELAY")
+    if delay:
+        time.sleep(float(delay))
     spec = os.environ.get("EVOMERGE_CRASH_ONCE")
     if not spec:
         return

@@ -78,6 +78,12 @@ def start_search(config: str | os.PathLike | RunConfig, *, overwrite: bool = Fal
         config = load_run_config(config)
     run_dir = Path(config.runs_dir) / config.name
     fitness_path = resolve_fitness(config)
+    # Fail on a bad space or optimizer before anything is written.
+    from evomerge.fitness.compressed import CompressedFitness
+
+    space = bind_space(config)
+    _new_state(config, space.dim, space.bounds, len(CompressedFitness.load(fitness_path, check_data=False).task_names),
+               space.gene_slots)
     snapshot = config.to_yaml()
     store = RunStore.create(run_dir, snapshot, overwrite=overwrite)
     meta = {"config_sha256": _sha(snapshot), "source": source, "fitness": fitness_path,
@@ -115,7 +121,10 @@ def _new_state(config: RunConfig, dim: int, bounds: np.ndarray, n_objectives: in
     settings = dict(config.optimizer.settings)
     if config.optimizer.name == "m2n2":
         settings.setdefault("gene_layer_index", gene_slots.tolist())
-    optimizer = make_optimizer(config.optimizer.name, dim, bounds, n_objectives, seed=config.seed, **settings)
+    try:
+        optimizer = make_optimizer(config.optimizer.name, dim, bounds, n_objectives, seed=config.seed, **settings)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"field `optimizer`: {exc}") from None
     return optimizer, ParetoArchive(n_objectives), {"generation": 0, "next_id": 0, "evaluations": 0,
                                                      "failed": 0, "item_evaluations": 0, "elapsed": 0.0}
 
