@@ -232,6 +232,29 @@ def test_best_irt_estimator_beats_the_random_subset_mean():
     assert mae[best] < mae["subset"], f"MAE: {mae}"
 
 
+def test_empirical_prior_centres_the_lambda_rows_and_precomputed_folds_give_the_same_fit():
+    from evomerge.fitness.estimators import cross_validation_folds
+
+    # the scale of a joint fit is arbitrary; the empirical prior puts the lam rows at mean ~0, sd ~1
+    responses = simulate(40, 60, seed=7)
+    lam_rows = np.arange(20, 60)
+    subset = select_items(10, "random", seed=0, n_items=40)
+    fitted = CompressedEstimator.fit(responses, [0, 1], subset, model="2pl-jmap", lambda_rows=lam_rows, n_folds=4,
+                                     empirical_prior=True)
+    theta = fitted.item_params.theta[lam_rows]
+    assert abs(theta.mean()) < 0.2 and 0.6 < theta.std() < 1.2  # MAP under N(0, 1) on their own scale
+    again = CompressedEstimator.fit(
+        responses, [0, 1], subset, lambda_rows=lam_rows,
+        item_params=fit_irt(responses, "2pl-jmap", prior_rows=lam_rows),
+        folds=cross_validation_folds(responses, lam_rows, 4, model="2pl-jmap", empirical_prior=True))
+    assert again.lambdas == fitted.lambdas
+    np.testing.assert_array_equal(again.endpoint_theta, fitted.endpoint_theta)
+    with pytest.raises(ValueError, match=r"the folds hold out rows \[20, 21"):
+        CompressedEstimator.fit(responses, [0, 1], subset, lambda_rows=np.arange(2, 60),
+                                item_params=fitted.item_params,
+                                folds=cross_validation_folds(responses, lam_rows, 4, model="2pl-jmap"))
+
+
 def small_fitted(endpoints=(0, 1)) -> tuple[CompressedEstimator, np.ndarray]:
     responses = simulate(30, 40, seed=6)
     subset = select_items(8, "random", seed=1, n_items=30)

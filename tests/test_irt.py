@@ -16,6 +16,7 @@ from evomerge.fitness.irt import (
     held_out_log_likelihood,
     log_likelihood,
     predict_correct,
+    standardize_abilities,
 )
 
 
@@ -151,3 +152,29 @@ def test_fit_irt_rejects_bad_arguments(kwargs, message):
 def test_fit_irt_rejects_non_binary_responses():
     with pytest.raises(ValueError, match="0/1"):
         fit_irt(np.array([[0.0, 0.5], [1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_standardized_scale_predicts_the_same_and_centres_the_chosen_rows(dims):
+    rng = np.random.default_rng(dims)
+    y = simulate_two_factor(40, 30, seed=dims) if dims == 2 else simulate_2pl(40, 30, seed=1)[0]
+    params = fit_irt(y, "2pl-jmap", dims=dims, seed=0)
+    rows = np.arange(10, 30)
+    params.theta = params.theta + (0.8 if dims == 1 else np.array([0.8, -0.5]))  # move the scale off-centre
+    params.theta = params.theta * 1.7
+    moved = standardize_abilities(params, y, rows)
+    # theta = mu + L theta' maps the old abilities onto the new scale; every prediction is unchanged
+    theta = params.theta.reshape(30, -1)
+    mu = theta[rows].mean(axis=0)
+    chol = np.linalg.cholesky(np.atleast_2d(np.cov(theta[rows], rowvar=False)) + 1e-6 * np.eye(dims))
+    mapped = np.linalg.solve(chol, (theta - mu).T).T  # (M, D)
+    np.testing.assert_allclose(mapped[rows].mean(axis=0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(np.atleast_2d(np.cov(mapped[rows], rowvar=False)), np.eye(dims), atol=1e-5)
+    old = predict_correct(params.theta, params)
+    new = predict_correct(mapped[:, 0] if dims == 1 else mapped, moved)
+    np.testing.assert_allclose(new, old, rtol=1e-9, atol=1e-12)
+    # and the stored abilities are the MAP ones under the new scale's N(0, I) prior
+    np.testing.assert_allclose(moved.theta, estimate_ability(y, moved, "map"), atol=1e-12)
+    assert moved.pinned.tolist() == params.pinned.tolist()
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        standardize_abilities(params, y, [3])

@@ -11,7 +11,8 @@ from evomerge.merge.checkpoint import ModelFolder
 from evomerge.merge.engine import merge_recipe
 from evomerge.merge.kernels import merge_tensor
 from evomerge.merge.layers import LayerMap
-from evomerge.merge.materializer import Materializer, layerwise
+from evomerge.merge.fused import FusedOps
+from evomerge.merge.materializer import Materializer, layerwise, order_stats_from_delta
 from evomerge.merge.sparsify import MagnitudeOrderStats
 from evomerge.testing import llama_config, make_family
 
@@ -168,3 +169,115 @@ def test_wrong_number_of_coefficients_is_an_error(materializer):
         materializer.apply("task_arithmetic", weight=np.ones((3, 5)))
     with pytest.raises(ValueError, match=r"density\[0\] must be in \[0, 1\]"):
         materializer.apply("ties", weight=[1, 1, 1], density=[1.5, 0.5, 0.5])
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+def assert_state_equal(materializer, reference):
+    merged = materializer.merged_state()
+    for name, ref in reference.items():
+        assert torch.equal(merged[name], ref), f"{name}: {int((merged[name] != ref).sum())} entries differ"
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"])
+def test_eager_fused_path_is_bit_identical_to_the_pure_kernels(family, materializer, method):
+    """Without rescaling the chunked eager pass runs the pure kernel's operations in its order."""
+    coeffs = layerwise(3, **CASES[method])
+    shared = {"rescale": False, "normalize": True, "lambda_": 0.9}
+    materializer.apply(method, coeffs, **shared)
+    assert_state_equal(materializer, reference_state(family, method, coeffs, **shared))
+
+
+def test_eager_fused_path_in_small_chunks_on_a_pool(family):
+    base, experts = family
+    mat = Materializer.from_folders(base, experts, device="cpu", seed=7, order_stats_grid=GRID, compile=False)
+    mat._ops = FusedOps(compile=False, chunk_size=100, workers=2)  # 2048-entry tensors: 21 chunks each
+    for method in ("ties", "dare_ties", "breadcrumbs_ties"):
+        coeffs = layerwise(3, **CASES[method])
+        mat.apply(method, coeffs, rescale=False)
+        assert_state_equal(mat, reference_state(family, method, coeffs, rescale=False))
+    mat._ops.close()
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_cached_random_draws_give_the_kernels_masks(family, cache):
+    base, experts = family
+    mat = Materializer.from_folders(base, experts, device="cpu", seed=7, compile=False, cache_random_draws=cache)
+    rng = np.random.default_rng(1)
+    for method in ("dare_ties", "dare_linear", "dare_ties"):  # later candidates reuse the draws
+        coeffs = layerwise(3, weight=rng.uniform(0.1, 1.2, (3, 3)), density=rng.uniform(0.2, 1.0, (3, 3)))
+        mat.apply(method, coeffs)
+        assert_state_close(mat, reference_state(family, method, coeffs))
+    numel = sum(s.task_vectors.numel() for s in mat.slots)
+    assert mat.random_draws_bytes == (4 * numel if cache else 0)
+
+
+def test_automatic_draw_caching_follows_the_budget(family):
+    base, experts = family
+    small = Materializer.from_folders(base, experts, device="cpu", compile=False, random_draws_budget_bytes=1024)
+    large = Materializer.from_folders(base, experts, device="cpu", compile=False, random_draws_budget_bytes=2**30)
+    for mat in (small, large):
+        mat.apply("dare_ties", weight=[0.5, 0.5, 0.5], density=[0.5, 0.5, 0.5])
+    assert small.random_draws_bytes == 0
+    assert large.random_draws_bytes == 4 * sum(s.task_vectors.numel() for s in large.slots)
+    with pytest.raises(ValueError, match="cache_random_draws must be True, False or 'auto'"):
+        Materializer.from_folders(base, experts, device="cpu", compile=False, cache_random_draws="yes")
+
+
+@pytest.mark.parametrize("grid", [None, 7, 4096])
+def test_radix_order_stats_equal_the_sorted_ones(grid):
+    g = torch.Generator().manual_seed(2)
+    delta = torch.cat([torch.randn(3000, generator=g), torch.zeros(50), -torch.zeros(50),
+                       torch.full((30,), 0.25), torch.tensor([float("inf"), -float("inf")])])
+    ours, reference = order_stats_from_delta(delta, grid), MagnitudeOrderStats.from_delta(delta, grid=grid)
+    assert ours.numel == reference.numel
+    assert torch.equal(ours.values, reference.values)
+    assert (ours.ranks is None and reference.ranks is None) or torch.equal(ours.ranks, reference.ranks)
+
+
+def test_compile_failure_falls_back_to_the_eager_path(family, monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    base, experts = family
+    mat = Materializer.from_folders(base, experts, device="cpu", seed=7, order_stats_grid=GRID, compile=True)
+    for method in ("task_arithmetic", "ties", "dare_ties"):
+        coeffs = layerwise(3, **CASES[method])
+        mat.apply(method, coeffs)
+        assert_state_close(mat, reference_state(family, method, coeffs))
+    assert not mat._ops.compile
+
+
+def test_one_compiled_graph_per_variant_not_per_tensor(family):
+    """Every tensor shape shares the dynamic-shape graph of its variant (fused_masked: TIES)."""
+    from torch._dynamo.utils import counters
+
+    base, experts = family
+    mat = Materializer.from_folders(base, experts, device="cpu", seed=7, order_stats_grid=GRID, compile=True)
+    sizes = {s.base.numel() for s in mat.slots if s.base.numel() > GRID}
+    assert len(sizes) >= 2  # several shapes take the fused path
+    torch._dynamo.reset()
+    counters.clear()
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        mat.apply("ties", weight=rng.uniform(0.1, 1, (3, 3)), density=rng.uniform(0.2, 0.9, (3, 3)))
+    assert mat._ops.compile
+    assert counters["stats"]["unique_graphs"] == 1  # dynamic shapes: no graph per tensor size
+
+
+def test_num_threads_is_set_while_applying_and_restored(family):
+    base, experts = family
+    mat = Materializer.from_folders(base, experts, device="cpu", compile=False, num_threads=1)
+    before = torch.get_num_threads()
+    seen = []
+    original = mat._apply_slot
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return original(*args)
+
+    mat._apply_slot = spy
+    mat.apply("task_arithmetic", weight=[0.3, 0.3, 0.3])
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before

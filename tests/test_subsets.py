@@ -1,4 +1,4 @@
-"""Item subsets: random draws and tinyBenchmarks-style k-means anchors."""
+"""Item subsets: random draws, tinyBenchmarks-style k-means anchors and D-optimal informative items."""
 from __future__ import annotations
 
 import json
@@ -79,7 +79,7 @@ def test_n_larger_than_the_task_names_both_numbers():
 
 
 def test_unknown_method_and_features_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"valid: \['random', 'anchors'\]"):
+    with pytest.raises(ValueError, match=r"valid: \['random', 'anchors', 'informative'\]"):
         select_items(2, "stratified", seed=0, n_items=10)
     with pytest.raises(ValueError, match=r"valid: \['irt', 'correctness'\]"):
         select_items(2, "anchors", seed=0, item_params=blob_params(), features="text")
@@ -96,3 +96,46 @@ def test_subset_round_trips_through_json_exactly():
     restored = Subset.from_dict(json.loads(json.dumps(subset.to_dict())))
     assert np.array_equal(restored.items, subset.items) and np.array_equal(restored.weights, subset.weights)
     assert restored.to_dict() == subset.to_dict()
+
+
+def test_informative_items_by_hand_spread_over_the_population():
+    # Two models, theta = -2 and +2; items a = (1.1, 1.1, 1, 1), b = (-2, -2, 2, 2).
+    # First pick, gain sum_i log(1 + a^2 P(1 - P)) with the prior's information 1:
+    #   item 0: log(1 + 1.21 / 4) + log(1 + 1.21 s(4.4)(1 - s(4.4))) = 0.2643 + 0.0144 = 0.2787
+    #   item 2: log(1 + 1 / 4) + log(1 + s(4)(1 - s(4)))            = 0.2231 + 0.0175 = 0.2407
+    # Second pick, with model 1's information now 1.3025 and model 2's 1.01447:
+    #   item 1: log(1 + 0.3025 / 1.3025) + log(1 + 0.01447 / 1.01447) = 0.2090 + 0.0142 = 0.2232
+    #   item 2: log(1 + 0.0177 / 1.3025) + log(1 + 0.25 / 1.01447)    = 0.0135 + 0.2203 = 0.2338
+    # so the design takes one item for each model, where the top-2 by information takes 0 and 1.
+    params = IRTParams(np.array([1.1, 1.1, 1.0, 1.0]), np.array([-2.0, -2.0, 2.0, 2.0]), np.array([-2.0, 2.0]))
+    subset = select_items(2, "informative", seed=0, item_params=params)
+    np.testing.assert_array_equal(subset.items, [0, 2])
+    np.testing.assert_array_equal(subset.weights, [0.5, 0.5])
+    # designed for the first model alone, both picks are its items
+    np.testing.assert_array_equal(select_items(2, "informative", seed=0, item_params=params,
+                                               abilities=np.array([-2.0])).items, [0, 1])
+
+
+def test_informative_items_match_a_brute_force_log_det_greedy_in_two_dimensions():
+    rng = np.random.default_rng(4)
+    a, b, theta = rng.gamma(2.0, 0.5, size=(30, 2)), rng.normal(size=30), rng.normal(size=(12, 2))
+    params = IRTParams(a, b, theta)
+    logits = theta @ a.T - np.linalg.norm(a, axis=1) * b  # (models, items)
+    w = expit(logits) * (1 - expit(logits))
+
+    def objective(items: list[int]) -> float:  # sum_i log det(I + sum_j w_ij a_j a_j^T), slogdet
+        return sum(np.linalg.slogdet(np.eye(2) + (a[items].T * w[i, items]) @ a[items])[1] for i in range(12))
+
+    chosen: list[int] = []
+    for _ in range(6):
+        chosen.append(max((j for j in range(30) if j not in chosen), key=lambda j: objective(chosen + [j])))
+    np.testing.assert_array_equal(select_items(6, "informative", seed=0, item_params=params).items, sorted(chosen))
+
+
+def test_informative_items_skip_pinned_items_and_say_when_too_few_are_left():
+    params = IRTParams(np.full(5, 1.0), np.zeros(5), np.zeros(3), pinned=np.array([True, False, True, False, False]))
+    assert set(select_items(3, "informative", seed=0, item_params=params).items) == {1, 3, 4}
+    with pytest.raises(ValueError, match=r"n=4 informative items: only 3 of 5 items have estimated parameters"):
+        select_items(4, "informative", seed=0, item_params=params)
+    with pytest.raises(ValueError, match="informative subsets need item_params"):
+        select_items(2, "informative", seed=0, n_items=5)

@@ -1,23 +1,47 @@
 """Calibration (`evomerge fitness calibrate CONFIG`): from full-split answers to a compressed fitness.
 
-1. Score the endpoint models (the base, and each expert alone) and a calibration population of
-   random task-level merges (random weights, and densities for sparsifying methods, through the
-   in-memory materializer) on the *whole* fitness split of every task.
+1. Score the calibration population on the *whole* fitness split of every task: the endpoint
+   models (rows 0..K: the base, then each expert alone) and random task-level merges (the rest:
+   random weights, and densities for sparsifying methods, through the in-memory materializer).
 2. Keep the response matrix (models x items) per task (`responses.npz` beside the fitness).
-3. Fit a 2PL IRT model per task, choose n items (`random` or tinyBenchmarks-style `anchors`),
-   and fit the estimators' calibration (endpoint abilities, mixing weights).
+3. Per task: fit a 2PL IRT model, choose n items (`informative`, `random` or tinyBenchmarks-style
+   `anchors`), read the endpoints' abilities, and fit the mixing weights lam of gp-IRT / gmp-IRT on the
+   random merges only -- they look like the candidates a search scores, the endpoints do not
+   (`CompressedEstimator.fit(lambda_rows=...)`).
 4. Save everything as a `CompressedFitness` under `fitness/<name>/`.
 
-Config (YAML; relative paths resolve against the file's folder):
+Defaults keep `make demo`'s calibration of the small zoo (3 tasks x 300 items) to about two
+minutes on 2 busy cores (2.5 s to score one model on all 900 items with one torch thread), as
+measured by benchmarks/fitness_estimation.py on held-out random merges at n = 20 per task:
+
+* 36 random merges (40 models with the endpoints; ~100 s of scoring). MAE of the best estimator
+  with 12 / 24 / 36 / 48 / 64 merges: 0.033 / 0.025 / 0.022 / 0.018 / 0.019.
+* `informative` subsets (D-optimal for the random merges' abilities; subsets.py): MAE 0.022,
+  Spearman 0.94, against 0.031 / 0.86 for random and 0.035 / 0.79 for anchors.
+* the joint-MAP 2PL (`2pl-jmap`) with the empirical ability prior (`irt.prior: empirical`, see
+  irt.py; the standard N(0, 1) scale gives 0.023): ~0.1 s per fit. Girth's marginal likelihood
+  (`irt.model: 2pl`) gave the same MAE with informative subsets (0.0215 both; better anchors:
+  0.026 against 0.035) but took 65-150 s per 300-item fit: 785 s for 3 tasks with 3-fold lam.
+* lam by 5-fold cross-validation on the random merges (~2 s in all; 3 or 10 folds give the same
+  MAE to 1e-4; the in-sample bias-variance rule gives 0.039 for gp-IRT on informative subsets).
+* estimator gp-IRT (0.022; gmp-IRT 0.024: with a one-dimensional ability the endpoints add no
+  information, and the c >= 0 constraint costs a little). A 2-D ability gave 0.020 with a lower
+  Spearman of the task mean (0.94 against 0.96).
+
+For the thorough version raise `calibration.random_merges` (48-64) and try `irt.model: 2pl`.
+
+Config (YAML; relative paths resolve against the file's folder; see
+fitness/examples/zoo_small_calibration.yaml):
 ```yaml
 name: zoo_small
-models: {base: ../zoo/small/base, experts: [../zoo/small/addition, ...]}
+models: {base: ../zoo/small/models/base, experts: [../zoo/small/models/addition, ...]}
 tasks:
   - {preset: zoo_addition, dataset: {path: ../zoo/small/tasks/addition}}
-calibration: {random_merges: 48, method: task_arithmetic, weight: [0.0, 1.5], density: [0.2, 1.0], seed: 0}
-subset: {n: 20, method: anchors, features: irt, seed: 0}
-irt: {model: 2pl, dims: 1}
-estimator: gmp-IRT
+calibration: {random_merges: 36, method: task_arithmetic, weight: [0.0, 1.5], density: [0.2, 1.0], seed: 0}
+subset: {n: 20, method: informative, seed: 0}   # or random, or anchors (features: irt | correctness)
+irt: {model: 2pl-jmap, dims: 1, prior: empirical}   # or model: 2pl (girth's MML; minutes per fit)
+mixing: {method: cv, folds: 5}        # or {method: bias-variance} (in-sample, no refits)
+estimator: gp-IRT
 ```
 """
 from __future__ import annotations
@@ -36,7 +60,13 @@ from evomerge.fitness.compressed import DEFAULT_ROOT, CompressedFitness, Fitness
 from evomerge.fitness.estimators import ESTIMATORS, CompressedEstimator
 from evomerge.fitness.irt import fit_irt
 from evomerge.fitness.subsets import select_items
-from evomerge.fitness.tasks import TaskSpec, dataset_hash, load_task
+from evomerge.fitness.tasks import TaskError, TaskSpec, dataset_hash, load_task
+
+DEFAULT_RANDOM_MERGES = 36
+DEFAULT_SUBSET_METHOD = "informative"
+DEFAULT_ESTIMATOR = "gp-IRT"
+DEFAULT_IRT_MODEL = "2pl-jmap"
+DEFAULT_FOLDS = 5
 
 
 class _Models(Strict):
@@ -52,7 +82,7 @@ class _TaskEntry(Strict):
 
 
 class _Calibration(Strict):
-    random_merges: int = Field(default=48, ge=0)
+    random_merges: int = Field(default=DEFAULT_RANDOM_MERGES, ge=0)
     method: str = "task_arithmetic"
     weight: tuple[float, float] = (0.0, 1.5)
     density: tuple[float, float] = (0.2, 1.0)
@@ -61,14 +91,20 @@ class _Calibration(Strict):
 
 class _Subset(Strict):
     n: int = Field(default=20, ge=1)
-    method: Literal["random", "anchors"] = "anchors"
+    method: Literal["random", "anchors", "informative"] = DEFAULT_SUBSET_METHOD
     features: Literal["irt", "correctness"] = "irt"
     seed: int = 0
 
 
 class _IRT(Strict):
-    model: Literal["2pl", "2pl-jmap"] = "2pl"
+    model: Literal["2pl", "2pl-jmap"] = DEFAULT_IRT_MODEL
     dims: int = Field(default=1, ge=1)
+    prior: Literal["empirical", "standard"] = "empirical"
+
+
+class _Mixing(Strict):
+    method: Literal["cv", "bias-variance"] = "cv"
+    folds: int = Field(default=DEFAULT_FOLDS, ge=2)
 
 
 class CalibrationConfig(Strict):
@@ -78,9 +114,11 @@ class CalibrationConfig(Strict):
     calibration: _Calibration = Field(default_factory=_Calibration)
     subset: _Subset = Field(default_factory=_Subset)
     irt: _IRT = Field(default_factory=_IRT)
-    estimator: str = "gmp-IRT"
+    mixing: _Mixing = Field(default_factory=_Mixing)
+    estimator: str = DEFAULT_ESTIMATOR
     device: str | None = None
     batch_size: int | None = None
+    threads: int | None = Field(default=1, ge=1)
 
 
 def load_calibration_config(path: str | os.PathLike) -> tuple[CalibrationConfig, Path]:
@@ -94,6 +132,14 @@ def load_calibration_config(path: str | os.PathLike) -> tuple[CalibrationConfig,
         raise FitnessError(f"{path}: invalid YAML ({exc})") from exc
     except ValidationError as exc:
         raise FitnessError(f"{path}: {format_validation_error(exc)}") from None
+    if config.irt.dims > 1 and config.irt.model == "2pl":
+        raise FitnessError(f"{path}: field `irt.dims`: {config.irt.dims} needs `irt.model: 2pl-jmap` "
+                           "(girth's 2pl is unidimensional)")
+    from evomerge.merge.recipe import MODEL_PARAMETERS
+
+    if config.calibration.method not in MODEL_PARAMETERS:
+        raise FitnessError(f"{path}: field `calibration.method`: unknown merge method {config.calibration.method!r}; "
+                           f"valid: {sorted(MODEL_PARAMETERS)}")
     if config.estimator not in ESTIMATORS:
         raise FitnessError(f"{path}: field `estimator`: unknown {config.estimator!r}; valid: {list(ESTIMATORS)}")
     return config, path.resolve().parent
@@ -119,7 +165,10 @@ def calibrate_from_config(path: str | os.PathLike, *, name: str | None = None, o
             overrides["splits"] = entry.splits
         if config.batch_size:
             overrides["batch_size"] = config.batch_size
-        tasks.append(load_task(entry.preset, overrides))
+        try:
+            tasks.append(load_task(entry.preset, overrides))
+        except TaskError as exc:
+            raise FitnessError(f"{path}: field `tasks[{i}]` ({entry.preset}): {exc}") from exc
     target = Path(out_dir) if out_dir else Path.cwd() / DEFAULT_ROOT / (name or config.name)
     return calibrate(
         tasks,
@@ -138,12 +187,21 @@ def calibrate_from_config(path: str | os.PathLike, *, name: str | None = None, o
         subset_seed=config.subset.seed,
         irt_model=config.irt.model,
         irt_dims=config.irt.dims,
+        empirical_prior=config.irt.prior == "empirical",
+        lambda_method=config.mixing.method,
+        n_folds=config.mixing.folds,
         estimator=config.estimator,
         device=config.device,
+        threads=config.threads,
         allow_pickle=config.models.allow_pickle,
         overwrite=overwrite,
         echo=echo,
     )
+
+
+def endpoint_coefficients(k: int) -> list[dict]:
+    """The endpoint models as task-level merges: the base (all weights 0), then each expert alone."""
+    return [{"weight": np.zeros(k)}] + [{"weight": np.eye(k)[i]} for i in range(k)]
 
 
 def random_task_level_coefficients(k: int, count: int, weight_bounds, density_bounds, seed: int) -> list[dict]:
@@ -151,6 +209,20 @@ def random_task_level_coefficients(k: int, count: int, weight_bounds, density_bo
     rng = np.random.default_rng(seed)
     return [{"weight": rng.uniform(*weight_bounds, size=k), "density": rng.uniform(*density_bounds, size=k)}
             for _ in range(count)]
+
+
+def population_scorers(tasks: list[TaskSpec], base: str, experts: list[str], *, device: str | None = None,
+                       allow_pickle: bool = False, seed: int = 0, role: str = "fitness"):
+    """(materializer, {task: scorer over the whole `role` split}, {task: split}) for scoring merges."""
+    from transformers import AutoTokenizer
+
+    from evomerge.merge.materializer import Materializer
+
+    splits = {t.name: t.load_split(role) for t in tasks}
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    materializer = Materializer.from_folders(base, experts, device=device, allow_pickle=allow_pickle, seed=seed)
+    scorers = {t.name: t.make_scorer(tokenizer, splits[t.name], device=materializer.device) for t in tasks}
+    return materializer, scorers, splits
 
 
 def score_population(materializer, method: str, population: list[dict], scorers: dict, echo=print) -> dict[str, np.ndarray]:
@@ -165,8 +237,44 @@ def score_population(materializer, method: str, population: list[dict], scorers:
         for task, scorer in scorers.items():
             out[task].append(np.asarray(scorer(model), dtype=np.int8))
         if (i + 1) % 8 == 0 or i + 1 == len(population):
-            echo(f"  scored {i + 1}/{len(population)} calibration models ({time.perf_counter() - started:.0f}s)")
-    return {task: np.vstack(rows) for task, rows in out.items()}
+            echo(f"  scored {i + 1}/{len(population)} models ({time.perf_counter() - started:.0f}s)")
+    return {task: np.vstack(rows) if rows else np.zeros((0, 0), np.int8) for task, rows in out.items()}
+
+
+def fit_task_calibration(
+    responses: np.ndarray,
+    endpoint_rows,
+    lambda_rows,
+    *,
+    n: int,
+    subset_method: str = DEFAULT_SUBSET_METHOD,
+    features: str = "irt",
+    subset_seed: int = 0,
+    irt_model: str = DEFAULT_IRT_MODEL,
+    irt_dims: int = 1,
+    empirical_prior: bool = True,
+    lambda_method: str = "cv",
+    n_folds: int = DEFAULT_FOLDS,
+    item_params=None,
+    folds=None,
+) -> CompressedEstimator:
+    """One task's calibration from its full response matrix (models, items): IRT, subset, lam.
+
+    lam is fitted on `lambda_rows` (the random merges: they look like the candidates a search
+    scores; the endpoints do not); with `empirical_prior` their abilities also set the ability
+    prior (`fit_irt(prior_rows=...)`), and informative subsets are designed for them.
+    `item_params` / `folds` reuse fits made earlier (`fit_irt` with the same prior rows,
+    `cross_validation_folds`); neither depends on n or the subset.
+    """
+    y = np.asarray(responses, dtype=np.float64)
+    design_rows = np.asarray(lambda_rows if lambda_rows is not None and len(lambda_rows) else range(y.shape[0]))
+    params = item_params if item_params is not None else fit_irt(
+        y, irt_model, dims=irt_dims, seed=subset_seed, prior_rows=design_rows if empirical_prior else None)
+    subset = select_items(n, subset_method, seed=subset_seed, responses=y, item_params=params, features=features,
+                          abilities=params.theta[design_rows])
+    return CompressedEstimator.fit(y, endpoint_rows, subset, item_params=params, lambda_method=lambda_method,
+                                   lambda_rows=lambda_rows, n_folds=n_folds, seed=subset_seed, folds=folds,
+                                   empirical_prior=empirical_prior)
 
 
 def calibrate(
@@ -176,72 +284,100 @@ def calibrate(
     out_dir: str | os.PathLike,
     *,
     name: str,
-    random_merges: int = 48,
+    random_merges: int = DEFAULT_RANDOM_MERGES,
     method: str = "task_arithmetic",
     weight_bounds=(0.0, 1.5),
     density_bounds=(0.2, 1.0),
     calibration_seed: int = 0,
     n: int = 20,
-    subset_method: str = "anchors",
+    subset_method: str = DEFAULT_SUBSET_METHOD,
     features: str = "irt",
     subset_seed: int = 0,
-    irt_model: str = "2pl",
+    irt_model: str = DEFAULT_IRT_MODEL,
     irt_dims: int = 1,
-    estimator: str = "gmp-IRT",
+    empirical_prior: bool = True,
+    lambda_method: str = "cv",
+    n_folds: int = DEFAULT_FOLDS,
+    estimator: str = DEFAULT_ESTIMATOR,
     device: str | None = None,
+    threads: int | None = 1,
     allow_pickle: bool = False,
     overwrite: bool = False,
     echo=print,
 ) -> Path:
-    """Score endpoints and random merges on the full fitness splits, fit IRT, pick subsets, save."""
-    from transformers import AutoTokenizer
+    """Score endpoints and random merges on the full fitness splits, fit IRT, pick subsets, save.
 
-    from evomerge.merge.materializer import Materializer
-
+    `threads` caps torch's CPU threads while scoring (restored afterwards; None leaves them): on
+    a busy 2-core machine one thread scored a small-zoo model in 2.3 s and two took 5-30 s.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to recalibrate")
+    if estimator not in ESTIMATORS:
+        raise FitnessError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
     started = time.perf_counter()
-    splits = {t.name: t.load_split("fitness") for t in tasks}
     for t in tasks:
-        if n > len(splits[t.name]):
+        size = len(t.load_split("fitness"))
+        if n > size:
             raise FitnessError(f"task {t.name!r}: a subset of n={n} items is larger than its fitness split "
-                               f"({len(splits[t.name])} items)")
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
-    materializer = Materializer.from_folders(base, experts, device=device, allow_pickle=allow_pickle,
-                                             seed=calibration_seed)
-    scorers = {t.name: t.make_scorer(tokenizer, splits[t.name], device=materializer.device) for t in tasks}
+                               f"({size} items)")
     k = len(experts)
-    endpoints = [{"weight": np.zeros(k)}] + [{"weight": np.eye(k)[i]} for i in range(k)]
+    endpoints = endpoint_coefficients(k)
+    population = random_task_level_coefficients(k, random_merges, weight_bounds, density_bounds, calibration_seed)
+    endpoint_rows = list(range(len(endpoints)))
+    lambda_rows = list(range(len(endpoints), len(endpoints) + len(population)))
+    if lambda_method == "cv" and len(lambda_rows) < n_folds:
+        echo(f"  {len(lambda_rows)} random merges are too few for {n_folds}-fold cross-validation of the mixing "
+             "weights; using lambda_method='bias-variance'")
+        lambda_method = "bias-variance"
+
+    materializer, scorers, splits = population_scorers(tasks, base, experts, device=device,
+                                                       allow_pickle=allow_pickle, seed=calibration_seed)
     echo(f"calibrating {name}: {len(endpoints)} endpoint models + {random_merges} random {method} merges on "
          + ", ".join(f"{t.name} ({len(splits[t.name])} items)" for t in tasks))
-    responses = score_population(materializer, "task_arithmetic", endpoints, scorers, echo)
-    population = random_task_level_coefficients(k, random_merges, weight_bounds, density_bounds, calibration_seed)
-    if population:
-        randoms = score_population(materializer, method, population, scorers, echo)
-        responses = {t: np.vstack([responses[t], randoms[t]]) for t in responses}
-    endpoint_rows = list(range(len(endpoints)))
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        responses = score_population(materializer, "task_arithmetic", endpoints, scorers, echo)
+        if population:
+            randoms = score_population(materializer, method, population, scorers, echo)
+            responses = {t: np.vstack([responses[t], randoms[t]]) for t in responses}
+    finally:
+        torch.set_num_threads(previous_threads)
+    scored = time.perf_counter()
 
     task_fitness = {}
     for t in tasks:
-        y = responses[t.name].astype(np.float64)
         t0 = time.perf_counter()
-        params = fit_irt(y, irt_model, dims=irt_dims, seed=subset_seed)
-        subset = select_items(n, subset_method, seed=subset_seed, responses=y, item_params=params, features=features)
-        fitted = CompressedEstimator.fit(y, endpoint_rows, subset, item_params=params, seed=subset_seed,
-                                         lambda_method="cv" if y.shape[0] - len(endpoint_rows) >= 5 else "bias-variance")
+        try:
+            fitted = fit_task_calibration(
+                responses[t.name], endpoint_rows, lambda_rows or None, n=n, subset_method=subset_method,
+                features=features, subset_seed=subset_seed, irt_model=irt_model, irt_dims=irt_dims,
+                empirical_prior=empirical_prior, lambda_method=lambda_method, n_folds=n_folds)
+        except ValueError as exc:
+            rates = responses[t.name].mean(axis=1)
+            raise FitnessError(f"task {t.name!r}: cannot calibrate ({exc}); the calibration models' accuracies "
+                               f"range {rates.min():.3f}..{rates.max():.3f}") from exc
         ids = t.item_ids(splits[t.name])
-        task_fitness[t.name] = TaskFitness(t, [ids[i] for i in subset.items], fitted, dataset_hash(splits[t.name]),
-                                           len(ids))
-        echo(f"  {t.name}: IRT fit + subset of {n} ({subset_method}) in {time.perf_counter() - t0:.1f}s; "
-             f"lambdas {fitted.lambdas}")
+        task_fitness[t.name] = TaskFitness(t, [ids[i] for i in fitted.subset.items], fitted,
+                                           dataset_hash(splits[t.name]), len(ids))
+        echo(f"  {t.name}: {irt_model} IRT + subset of {n} ({subset_method}) + lambdas ({lambda_method}) in "
+             f"{time.perf_counter() - t0:.1f}s; lambdas {({k: round(v, 3) for k, v in fitted.lambdas.items()})}")
     meta = {"models": {"base": base, "experts": experts}, "calibration_models": len(endpoints) + len(population),
-            "method": method, "irt": {"model": irt_model, "dims": irt_dims}, "seconds": time.perf_counter() - started,
+            "method": method,
+            "irt": {"model": irt_model, "dims": irt_dims, "prior": "empirical" if empirical_prior else "standard"},
+            "mixing": {"method": lambda_method, "folds": n_folds, "rows": "random merges"},
+            "seconds": {"scoring": scored - started, "fitting": time.perf_counter() - scored,
+                        "total": time.perf_counter() - started},
             "item_evaluations": int(sum(r.size for r in responses.values()))}
     # The raw matrices travel with the fitness, for benchmarks and re-fits (loaded with allow_pickle=False).
     coeffs = np.array([np.concatenate([c["weight"], c.get("density", np.ones(k))]) for c in endpoints + population])
-    arrays = {"coefficients": coeffs, "endpoint_rows": np.array(endpoint_rows),
+    arrays = {"coefficients": coeffs, "endpoint_rows": np.array(endpoint_rows), "lambda_rows": np.array(lambda_rows),
               **{f"task_{t}": r for t, r in responses.items()}}
     path = CompressedFitness(name, task_fitness, estimator, meta).save(out_dir, overwrite=overwrite, arrays=arrays)
-    echo(f"saved {path} in {time.perf_counter() - started:.0f}s")
+    echo(f"saved {path} in {time.perf_counter() - started:.0f}s "
+         f"(scoring {scored - started:.0f}s, fitting {time.perf_counter() - scored:.0f}s)")
     return path

@@ -61,8 +61,17 @@ class CompressedFitness:
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
+    def task(self, name: str) -> TaskFitness:
+        """One task's calibration; an unknown name is an error listing the fitness's tasks."""
+        try:
+            return self.tasks[name]
+        except KeyError:
+            where = f" ({self.path})" if self.path else ""
+            raise FitnessError(f"compressed fitness {self.name!r}{where} has no task {name!r}; "
+                               f"tasks: {self.task_names}") from None
+
     def subset_size(self, task: str) -> int:
-        return len(self.tasks[task].item_ids)
+        return len(self.task(task).item_ids)
 
     @property
     def items_per_candidate(self) -> int:
@@ -71,7 +80,7 @@ class CompressedFitness:
     # ------------------------------------------------------------- scoring
     def subset_items(self, task: str):
         """The fitness-split rows of the subset items, in subset order."""
-        tf = self.tasks[task]
+        tf = self.task(task)
         data = tf.task.load_split("fitness")
         ids = tf.task.item_ids(data)
         position = {item_id: i for i, item_id in enumerate(ids)}
@@ -92,7 +101,8 @@ class CompressedFitness:
         return out
 
     def estimate(self, task: str, responses: np.ndarray, estimator: str | None = None) -> Estimate:
-        return self.tasks[task].estimator.estimate(estimator or self.estimator, responses)
+        """Full-split accuracy of `task` from the answers on its subset items (in `item_ids` order)."""
+        return self.task(task).estimator.estimate(estimator or self.estimator, responses)
 
     # ------------------------------------------------------------- storage
     def save(self, path: str | os.PathLike, *, overwrite: bool = False,

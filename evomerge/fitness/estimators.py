@@ -316,12 +316,15 @@ def cross_validation_folds(
     model: str = "2pl",
     dims: int = 1,
     seed: int = 0,
+    empirical_prior: bool = False,
 ) -> list[CalibrationFold]:
     """Split `rows` into `n_folds` folds (seeded) and refit the IRT model without each one.
 
     The fits depend on neither the subset nor n, so callers comparing many subsets of one task
     (benchmarks, `evomerge fitness calibrate` on several n) compute them once and pass them to
     `CompressedEstimator.fit(folds=...)`. Rows outside `rows` (the endpoints) stay in training.
+    `empirical_prior` standardizes each fold's ability scale on its training rows among `rows`,
+    as `fit_irt(prior_rows=rows)` does for the full calibration.
     """
     y = np.asarray(responses, dtype=np.float64)
     chosen = np.asarray(rows, dtype=np.int64)
@@ -335,7 +338,8 @@ def cross_validation_folds(
     for held_out in np.array_split(rng.permutation(chosen), n_folds):
         held_out = np.sort(held_out)
         train = np.setdiff1d(np.arange(y.shape[0]), held_out)
-        folds.append(CalibrationFold(held_out, fit_irt(y[train], model, dims=dims, seed=seed)))
+        prior_rows = np.flatnonzero(np.isin(train, chosen)) if empirical_prior else None  # positions in train
+        folds.append(CalibrationFold(held_out, fit_irt(y[train], model, dims=dims, seed=seed, prior_rows=prior_rows)))
     return folds
 
 
@@ -349,7 +353,8 @@ def _check_folds(folds: Sequence[CalibrationFold], rows: np.ndarray, ends: np.nd
     for fold in folds:
         if fold.params.n_models != n_models - fold.held_out.size:
             raise ValueError(f"a fold's IRT fit has {fold.params.n_models} models; expected "
-                             f"{n_models - fold.held_out.size} (all {n_models} rows minus the {fold.held_out.size} held out)")
+                             f"{n_models - fold.held_out.size} (all {n_models} rows minus the "
+                             f"{fold.held_out.size} held out)")
     if np.intersect1d(held_out, ends).size:
         raise ValueError(f"the folds hold out endpoint rows {np.intersect1d(held_out, ends).tolist()}")
 
@@ -394,6 +399,7 @@ class CompressedEstimator:
         n_folds: int = 5,
         seed: int = 0,
         folds: Sequence[CalibrationFold] | None = None,
+        empirical_prior: bool = False,
     ) -> "CompressedEstimator":
         """Calibrate on one task's (models, items) responses.
 
@@ -406,6 +412,10 @@ class CompressedEstimator:
         you will score -- e.g. merges already evaluated in full. On two-skill synthetic data
         (D = 2) a gmp-IRT lam fitted on generic models came out ~0.7 and gave MAE 0.063 on
         held-out merges; fitted on 20 evaluated merges it came out ~0.05 and gave 0.051.
+        `folds` reuses `cross_validation_folds(responses, lambda_rows, ...)` made earlier (they
+        must hold out exactly the lam rows); otherwise "cv" computes them here.
+        `empirical_prior` standardizes the ability scale on the lam rows (`fit_irt(prior_rows=)`)
+        in the fits made here: the IRT fit when `item_params` is not given, and the folds.
         """
         y = np.asarray(responses, dtype=np.float64)
         if y.ndim != 2 or y.shape[1] != subset.n_total:
@@ -415,7 +425,16 @@ class CompressedEstimator:
         ends = np.asarray(endpoint_rows, dtype=np.int64)
         if ends.size and (ends.min() < 0 or ends.max() >= y.shape[0]):
             raise ValueError(f"endpoint_rows {ends.tolist()} out of range for {y.shape[0]} calibration models")
-        params = item_params if item_params is not None else fit_irt(y, model, dims=dims, seed=seed)
+        others = np.setdiff1d(np.arange(y.shape[0]), ends)
+        if lambda_rows is not None:
+            chosen = np.unique(np.asarray(lambda_rows, dtype=np.int64))
+            if chosen.size and (chosen.min() < 0 or chosen.max() >= y.shape[0]):
+                raise ValueError(f"lambda_rows {chosen.tolist()} out of range for {y.shape[0]} calibration models")
+            if np.intersect1d(chosen, ends).size:
+                raise ValueError(f"lambda_rows {chosen.tolist()} include endpoint rows {ends.tolist()}")
+            others = chosen
+        params = item_params if item_params is not None else fit_irt(
+            y, model, dims=dims, seed=seed, prior_rows=others if empirical_prior else None)
         if params.n_models != y.shape[0]:
             raise ValueError(f"item_params were fitted on {params.n_models} models, responses have {y.shape[0]}")
         fitted = cls(
@@ -425,14 +444,6 @@ class CompressedEstimator:
             ability_method=ability_method,
             lambda_method=lambda_method,
         )
-        others = np.setdiff1d(np.arange(y.shape[0]), ends)
-        if lambda_rows is not None:
-            chosen = np.unique(np.asarray(lambda_rows, dtype=np.int64))
-            if chosen.size and (chosen.min() < 0 or chosen.max() >= y.shape[0]):
-                raise ValueError(f"lambda_rows {chosen.tolist()} out of range for {y.shape[0]} calibration models")
-            if np.intersect1d(chosen, ends).size:
-                raise ValueError(f"lambda_rows {chosen.tolist()} include endpoint rows {ends.tolist()}")
-            others = chosen
         if lambda_method == "cv":
             if folds is None:
                 if n_folds < 2 or others.size < n_folds:
@@ -441,7 +452,8 @@ class CompressedEstimator:
                         f"(non-endpoint or lambda_rows); got n_folds={n_folds}, {others.size} rows "
                         "(use lambda_method='bias-variance' for tiny calibration sets)"
                     )
-                folds = cross_validation_folds(y, others, n_folds, model=params.model, dims=params.dims, seed=seed)
+                folds = cross_validation_folds(y, others, n_folds, model=params.model, dims=params.dims, seed=seed,
+                                               empirical_prior=empirical_prior)
             else:
                 _check_folds(folds, others, ends, y.shape[0])
             fitted.lambdas = fitted._cross_validated_lambdas(y, ends, folds)

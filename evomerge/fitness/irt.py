@@ -20,6 +20,14 @@ abilities, discriminations and intercepts; L-BFGS), the estimator family py-irt'
 models at D = 2 on our machine) and its default initial guess calls `scipy.stats.mvn.mvnun`,
 which SciPy has removed.
 
+`fit_irt(prior_rows=...)` moves the ability scale so that those calibration models (e.g. the
+random merges, which look like the candidates a search will score) have mean 0 and covariance I
+(`standardize_abilities`): the N(0, I) prior of every later MAP ability is then an empirical-Bayes
+prior for the candidates, not a statement about the calibration's arbitrary scale. On the demo
+zoo the random merges' abilities had means -0.9..0.4 and sd 1.5..1.9 on the default scale, and the
+empirical prior cut the best estimator's MAE on held-out merges from 0.034 to 0.031 with random
+20-item subsets and from 0.023 to 0.022 with informative ones (benchmarks/fitness_estimation.py).
+
 `estimate_ability` reads a model's ability from its responses on any subset of calibrated
 items, as tinyBenchmarks' `fit_theta` does; "map" adds the N(0, I) prior the calibration
 assumed, "mle" is tinyBenchmarks' plain likelihood (bounded to |theta| <= 6 per dimension, as
@@ -47,6 +55,7 @@ __all__ = [
     "log_likelihood",
     "predict_correct",
     "single_threaded_blas",
+    "standardize_abilities",
 ]
 
 ABILITY_BOUND = 6.0  # |theta| per dimension; girth's ability_map searches the same interval
@@ -374,6 +383,36 @@ def _fit_joint_map(
     return a, d, t
 
 
+def standardize_abilities(params: IRTParams, responses: np.ndarray, rows: Sequence[int] | np.ndarray,
+                          *, ridge: float = 1e-6) -> IRTParams:
+    """The same 2PL on an ability scale where `rows`' abilities have mean 0 and covariance I.
+
+    With mu, Sigma = L L^T the mean and covariance of params.theta[rows], theta = mu + L theta'
+    gives logits a . theta - |a| b = a' . theta' - |a'| b' with a' = L^T a and
+    b' = (|a| b - a . mu) / |a'|: every prediction is unchanged, only the scale moves. All
+    abilities are then re-estimated (MAP) from `responses` under the N(0, I) prior on the new
+    scale. `ridge` keeps Sigma invertible when the rows barely vary in some direction.
+    """
+    y = _check_calibration(responses)
+    rows = np.asarray(rows, dtype=np.int64)
+    if y.shape[0] != params.n_models:
+        raise ValueError(f"responses have {y.shape[0]} models but the parameters were fitted on {params.n_models}")
+    if rows.size < 2:
+        raise ValueError(f"standardizing the ability scale needs at least 2 rows, got {rows.size}")
+    theta = _theta_2d(params.theta, params.dims)[rows]  # (R, D)
+    mu = theta.mean(axis=0)  # (D,)
+    cov = np.atleast_2d(np.cov(theta, rowvar=False)) + ridge * np.eye(params.dims)  # (D, D)
+    chol = np.linalg.cholesky(cov)  # L
+    a = _as_2d(params.discrimination)  # (I, D)
+    a_new = a @ chol  # rows are (L^T a_j)^T
+    norm_new = np.maximum(np.linalg.norm(a_new, axis=1), 1e-12)
+    b_new = (np.linalg.norm(a, axis=1) * params.difficulty - a @ mu) / norm_new
+    out = IRTParams(a_new[:, 0] if params.dims == 1 else a_new, b_new, np.zeros_like(params.theta),
+                    params.pinned.copy(), params.model)
+    out.theta = estimate_ability(y, out, "map")
+    return out
+
+
 def fit_irt(
     responses: np.ndarray,
     model: str = "2pl",
@@ -381,6 +420,7 @@ def fit_irt(
     dims: int = 1,
     seed: int = 0,
     options: Mapping[str, Any] | None = None,
+    prior_rows: Sequence[int] | np.ndarray | None = None,
 ) -> IRTParams:
     """Calibrate a 2PL model on one task's (models, items) 0/1 response matrix.
 
@@ -389,7 +429,8 @@ def fit_irt(
     described in the module docstring, seeded by `seed`. Items with no variance across models
     are left out of the fit and pinned (see `_pin_constant_items`; `IRTParams.pinned` marks
     them). `theta` holds each calibration model's MAP ability on all items, so calibration
-    models and new candidates are scored by the same estimator.
+    models and new candidates are scored by the same estimator. `prior_rows` standardizes the
+    ability scale on those models (`standardize_abilities`): the empirical-Bayes prior.
     """
     if model not in _FIT_MODELS:
         raise ValueError(f"unknown IRT model {model!r}; valid: {list(_FIT_MODELS)}")
@@ -434,6 +475,8 @@ def fit_irt(
         model=model,
     )
     params.theta = estimate_ability(y, params, "map")
+    if prior_rows is not None:
+        params = standardize_abilities(params, y, prior_rows)
     return params
 
 

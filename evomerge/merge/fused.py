@@ -1,26 +1,58 @@
-"""Fused single-pass versions of the task-arithmetic kernels, for the search's per-candidate path.
+"""Fused single-pass versions of the task-arithmetic kernels, for the search and for `evomerge merge`.
 
 The pure kernels in `kernels.py` run one stage at a time over whole tensors; each stage reads
-and writes K full-size temporaries. In the search, the same stored task vectors are merged
-thousands of times, so here every stage is written as elementwise maths over the K expert rows
-and compiled by `torch.compile` (Inductor: one OpenMP/SIMD loop on CPU, one Triton kernel on
-GPU) that reads each stored element once and writes the result straight into the output buffer.
+and writes K full-size temporaries. Here the same maths (sparsify by thresholds or draws,
+weight, TIES sign election, sum, normalize, add to base) runs in one pass over the K stored
+task vectors, in one of two forms:
 
-The magnitude masks use thresholds looked up from `MagnitudeOrderStats` (grid statistics), and
-random masks use draws made outside with the kernels' own generators, so for the same inputs the
-result equals the pure kernel's given the same order statistics (tested to float32 round-off).
-Without a working compiler the same functions run eagerly: slower, same numbers.
+* compiled (`fused_sum`, `fused_masked`, `masked_l1`): elementwise maths over the K expert
+  rows, compiled by `torch.compile` (Inductor: one OpenMP/SIMD loop on CPU, one Triton kernel
+  on GPU) that reads each stored element once and writes straight into the output buffer.
+  Dynamic shapes, so one graph per (K, variant: draws or not, consensus, normalize), not per tensor.
+* eager and chunked (`masked_block`, `masked_l1_block`): the same stages over (K, chunk) blocks
+  that stay in cache, written with float-valued masks (torch's comparisons into a float output
+  are vectorized; bool tensors and `torch.where` are not) and in the pure kernel's operation
+  order, so the result is bit-identical to `kernels.generalized_task_arithmetic`. Chunks run on
+  a small thread pool with single-threaded torch ops: OpenMP's static split stalls on every op
+  when the machine is shared, a pool of workers taking chunks does not.
+
+The magnitude masks use thresholds the caller looked up (order statistics in the search, exact
+rank windows in `evomerge merge`), random masks use draws made with the kernels' own generators
+(an explicit mask is passed as draws of 0 = keep / 1 = drop against keep_p 0.5), so the result
+equals the pure kernel's for the same masks. Without a working compiler the eager form runs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Callable
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
 
+INF = math.inf
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count set to `n` (None: unchanged), restored after."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------- compiled (row) form
 
 def fused_sum(base: torch.Tensor, rows: tuple[torch.Tensor, ...], coef: torch.Tensor, out: torch.Tensor) -> None:
     """out = base + sum_k coef[k] * rows[k]; every argument is 1-D of the same length but coef (K,)."""
@@ -84,45 +116,252 @@ def masked_l1(rows: tuple[torch.Tensor, ...], draws: tuple[torch.Tensor, ...] | 
     return torch.stack(norms)
 
 
+# ----------------------------------------------------------------------------- the constants of one merge
+
+@dataclass(frozen=True)
+class MaskedMerge:
+    """Per-tensor constants of one masked merge; each tensor is (K,) float32 on the data's device.
+
+    None switches a stage off (no lower / upper magnitude bound, no draws, no rescale), which
+    the eager form skips and the compiled form fills with a neutral value.
+    """
+
+    weight: torch.Tensor
+    lo: torch.Tensor | None = None  # keep |t| >= lo
+    hi: torch.Tensor | None = None  # keep |t| <= hi
+    keep_p: torch.Tensor | None = None  # keep draws < keep_p (needs draws)
+    scale: torch.Tensor | None = None  # L1 rescale factors
+    lam: float = 1.0
+    plain_divisor: float = 1.0  # normalize without consensus: float32 weight sum, 1 if |sum| < 1e-8
+    consensus: bool = False  # TIES sign election ("sum")
+    normalize: bool = False
+
+    @property
+    def masks(self) -> bool:
+        return self.lo is not None or self.hi is not None or self.keep_p is not None
+
+    def replace_scale(self, scale: torch.Tensor | None) -> "MaskedMerge":
+        return MaskedMerge(self.weight, self.lo, self.hi, self.keep_p, scale, self.lam, self.plain_divisor,
+                           self.consensus, self.normalize)
+
+    def row_args(self) -> tuple:
+        """(weight, scale, lo, hi, keep_p, lam, plain_divisor, consensus, normalize) for `fused_masked`."""
+        w = self.weight
+
+        def full(value: float) -> torch.Tensor:
+            return torch.full_like(w, value)
+
+        return (w, full(1.0) if self.scale is None else self.scale, full(-INF) if self.lo is None else self.lo,
+                full(INF) if self.hi is None else self.hi, full(2.0) if self.keep_p is None else self.keep_p,
+                torch.tensor(float(self.lam), dtype=w.dtype, device=w.device),
+                torch.tensor(float(self.plain_divisor), dtype=w.dtype, device=w.device), self.consensus, self.normalize)
+
+
+def weight_sum_divisor(weights: Sequence[float]) -> float:
+    """The pure kernel's normalizing divisor without consensus: float32 sum of weights, 1 when |sum| < 1e-8."""
+    total = float(torch.tensor(list(weights), dtype=torch.float32).sum())
+    return 1.0 if abs(total) < 1e-8 else total
+
+
+# ----------------------------------------------------------------------------- eager (block) form
+
+class _Scratch:
+    """Per-thread reusable buffers: fresh allocations per chunk would dominate the cost."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.device != like.device:
+            buf = torch.empty(numel, dtype=torch.float32, device=like.device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _keep_mask(plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None, scratch: _Scratch) -> torch.Tensor:
+    """(K, c) float 1/0 mask of the entries each expert keeps."""
+    shape = tuple(tvs.shape)
+    keep = scratch.take("keep", shape, tvs)
+    aux = scratch.take("aux", shape, tvs)
+    started = False
+    if plan.lo is not None or plan.hi is not None:
+        magnitude = torch.abs(tvs, out=scratch.take("magnitude", shape, tvs))
+        if plan.lo is not None:
+            torch.ge(magnitude, plan.lo[:, None], out=keep)
+            started = True
+        if plan.hi is not None:
+            torch.le(magnitude, plan.hi[:, None], out=aux if started else keep)
+            if started:
+                keep.mul_(aux)
+            started = True
+    if plan.keep_p is not None:
+        if draws is None:
+            raise ValueError("keep_p needs draws")
+        torch.lt(draws, plan.keep_p[:, None], out=aux if started else keep)
+        if started:
+            keep.mul_(aux)
+    return keep
+
+
+def masked_block(plan: MaskedMerge, base: torch.Tensor, tvs: torch.Tensor, draws: torch.Tensor | None,
+                 out: torch.Tensor, scratch: _Scratch | None = None) -> None:
+    """`fused_masked` on one block: base (c,), task vectors (K, c), draws (K, c) or None -> out (c,).
+
+    Mirrors `kernels.generalized_task_arithmetic` operation by operation (mask, rescale, weight,
+    sum over experts in order, elect, divide, add), so it is bit-identical to the pure kernel
+    given the same masks and rescale factors.
+    """
+    scratch = scratch or _Scratch()
+    k, c = tvs.shape
+    shape = (k, c)
+    v = scratch.take("v", shape, tvs)
+    w = plan.weight[:, None]
+    if plan.masks:
+        torch.mul(tvs, _keep_mask(plan, tvs, draws, scratch), out=v)  # sparsified delta (t * mask)
+        if plan.scale is not None:
+            v.mul_(plan.scale[:, None])
+        v.mul_(w)
+    else:
+        torch.mul(tvs, w, out=v)
+    mixed = scratch.take("mixed", (c,), tvs)
+    if plan.consensus:
+        total = torch.sum(v, 0, out=scratch.take("total", (c,), tvs))
+        elected = total.ge_(0).mul_(2).sub_(1)  # +1 / -1: the sign of the sum, + on ties
+        tmp = scratch.take("aux", shape, tvs)
+        agree = torch.gt(torch.mul(v, elected, out=tmp), 0, out=scratch.take("keep", shape, tvs))
+        v.mul_(agree)
+        torch.sum(v, 0, out=mixed)
+        if plan.normalize:
+            divisor = torch.sum(torch.mul(agree, w, out=tmp), 0, out=scratch.take("divisor", (c,), tvs))
+            divisor.add_(torch.eq(divisor, 0, out=total))  # 0 -> 1
+            mixed.div_(divisor)
+    else:
+        torch.sum(v, 0, out=mixed)
+        if plan.normalize:
+            mixed.div_(plan.plain_divisor)
+    if plan.lam != 1:
+        mixed.mul_(plan.lam)
+    torch.add(base, mixed, out=out)
+
+
+def masked_l1_block(plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None,
+                    scratch: _Scratch | None = None) -> torch.Tensor:
+    """(K,) float32 L1 norms of the block's masked task vectors (all of it when the plan has no mask)."""
+    scratch = scratch or _Scratch()
+    shape = tuple(tvs.shape)
+    magnitude = torch.abs(tvs, out=scratch.take("l1", shape, tvs))
+    if plan.masks:
+        magnitude.mul_(_keep_mask(plan, tvs, draws, scratch))
+    return magnitude.sum(1)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
 class FusedOps:
-    """The three functions above, compiled on first use (or eager when `compile` is False/fails)."""
+    """Runs the fused merges: compiled on first use, or eager and chunked (`compile` False or failing).
 
-    def __init__(self, compile: bool = True):
+    `workers` threads share the eager chunks (default: torch's thread count); each op in them
+    runs single-threaded.
+    """
+
+    def __init__(self, compile: bool = True, *, chunk_size: int = 1 << 16, workers: int | None = None):
         self.compile = compile
+        self.chunk_size = int(chunk_size)
+        self.workers = max(1, int(workers or torch.get_num_threads()))
         self._compiled: dict[str, Callable] = {}
+        self._local = threading.local()
+        self._pool: ThreadPoolExecutor | None = None
 
+    # ---------------------------------------------------------------- compiled
     def _get(self, fn: Callable) -> Callable:
-        if not self.compile:
-            return fn
         name = fn.__name__
         if name not in self._compiled:
             self._compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
         return self._compiled[name]
 
-    def _call(self, fn: Callable, *args):
+    def _try_compiled(self, fn: Callable, *args) -> tuple[bool, object]:
+        if not self.compile:
+            return False, None
         try:
-            return self._get(fn)(*args)
+            return True, self._get(fn)(*args)
         except Exception as exc:  # a missing C compiler or an Inductor limitation: fall back, same maths
-            if not self.compile:
-                raise
             log.warning("torch.compile unavailable (%s: %s); merging eagerly", type(exc).__name__, exc)
             self.compile = False
-            return fn(*args)
+            return False, None
 
-    def sum(self, *args) -> None:
-        self._call(fused_sum, *args)
+    # ---------------------------------------------------------------- eager
+    def _scratch(self) -> _Scratch:
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = _Scratch()
+        return scratch
 
-    def masked(self, *args) -> None:
-        self._call(fused_masked, *args)
+    def map_chunks(self, fn: Callable[[int, int, _Scratch], object], numel: int) -> list:
+        """[fn(start, stop, scratch) for each chunk of [0, numel)], on the worker pool, ops single-threaded."""
+        bounds = [(s, min(s + self.chunk_size, numel)) for s in range(0, numel, self.chunk_size)]
+        with torch_threads(1):
+            if self.workers == 1 or len(bounds) < 2:
+                scratch = self._scratch()
+                return [fn(s, e, scratch) for s, e in bounds]
+            return list(self.pool().map(lambda se: fn(se[0], se[1], self._scratch()), bounds))
 
-    def l1(self, *args) -> torch.Tensor:
-        return self._call(masked_l1, *args)
+    def map_each(self, fn: Callable[[object], object], items: Sequence) -> list:
+        """[fn(item) for item in items], on the worker pool, ops single-threaded (e.g. one task per expert)."""
+        with torch_threads(1):
+            if self.workers == 1 or len(items) < 2:
+                return [fn(item) for item in items]
+            return list(self.pool().map(fn, items))
+
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="evomerge-fused")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    # ---------------------------------------------------------------- the merges
+    def sum(self, base: torch.Tensor, tvs: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> None:
+        """out = base + tvs^T @ coef (one read of every stored element, one write)."""
+        done, _ = self._try_compiled(fused_sum, base, tuple(tvs), coef, out)
+        if not done:
+            torch.addmv(base, tvs.T, coef, out=out)
+
+    def masked(self, plan: MaskedMerge, base: torch.Tensor, tvs: torch.Tensor, draws: torch.Tensor | None,
+               out: torch.Tensor) -> None:
+        """out (N,) = the masked merge of base (N,) and task vectors (K, N) (see `masked_block`)."""
+        rows_draws = tuple(draws) if draws is not None and plan.keep_p is not None else None
+        done, _ = self._try_compiled(fused_masked, base, tuple(tvs), rows_draws, *plan.row_args(), out)
+        if done:
+            return
+
+        def block(start: int, stop: int, scratch: _Scratch) -> None:
+            masked_block(plan, base[start:stop], tvs[:, start:stop],
+                         None if draws is None else draws[:, start:stop], out[start:stop], scratch)
+
+        self.map_chunks(block, base.numel())
+
+    def l1(self, plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+        """(K,) L1 norms of the masked task vectors (float32; the eager form sums chunks in float64)."""
+        rows_draws = tuple(draws) if draws is not None and plan.keep_p is not None else None
+        _, lo, hi, keep_p = plan.row_args()[1:5]
+        done, norms = self._try_compiled(masked_l1, tuple(tvs), rows_draws, lo, hi, keep_p)
+        if done:
+            return norms
+
+        def block(start: int, stop: int, scratch: _Scratch) -> torch.Tensor:
+            return masked_l1_block(plan, tvs[:, start:stop], None if draws is None else draws[:, start:stop],
+                                   scratch).double()
+
+        parts = self.map_chunks(block, tvs.shape[1])
+        return torch.stack(parts).sum(0).float()
 
 
 def rescale_factors(before: torch.Tensor, after: torch.Tensor, eps: float) -> torch.Tensor:
     """mergekit's L1 rescale: before/after, or 1 when either norm is below eps."""
     ok = (before >= eps) & (after >= eps)
     return torch.where(ok, before / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after))
-
-
-INF = math.inf

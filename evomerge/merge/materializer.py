@@ -10,9 +10,12 @@ Paths, each tested equal to the pure kernels in `evomerge.merge.kernels`:
 - task arithmetic, normalized linear, and the sparsifying methods at density 1: one fused
   multiply-add pass, base + sum_k c_k tv_k, straight into the parameter (`fused.fused_sum`).
 - ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties: one fused pass
-  (`fused.fused_masked`). Magnitude thresholds are looked up in per-expert order statistics
-  computed once (`MagnitudeOrderStats`), so a candidate costs a compare, not a selection;
-  DARE's uniform draws come from the kernels' own generators.
+  (`fused.fused_masked`, or its chunked eager form). Magnitude thresholds are looked up in
+  per-expert order statistics computed once (`MagnitudeOrderStats`), so a candidate costs a
+  compare, not a selection. DARE's uniform draws come from the kernels' own generators, seeded
+  by (seed, tensor, expert): the same for every candidate (common random numbers, which makes
+  candidates comparable), so they are drawn once and kept when memory allows
+  (`cache_random_draws`); later candidates only compare them with their densities.
 - anything else (DELLA's per-row ranks, slerp, tensors small enough for exact order stats):
   the pure kernel itself.
 """
@@ -28,7 +31,7 @@ import torch
 
 from evomerge._device import default_device
 from evomerge.merge.checkpoint import ModelFolder, check_compatible
-from evomerge.merge.fused import FusedOps, rescale_factors
+from evomerge.merge.fused import FusedOps, MaskedMerge, rescale_factors, torch_threads, weight_sum_divisor
 from evomerge.merge.kernels import mask_generator, merge_tensor, method_defaults
 from evomerge.merge.layers import LayerMap, TensorPosition
 from evomerge.merge.sparsify import (
@@ -49,6 +52,8 @@ FUSED_MASKED = {
 }
 # Below this many stored elements, compiling costs more than it saves.
 AUTO_COMPILE_MIN_ELEMENTS = 20_000_000
+# `cache_random_draws="auto"` keeps the draws when they fit in this budget (and in half the free memory).
+DEFAULT_RANDOM_DRAWS_BUDGET = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,9 @@ class _Slot:
     base: torch.Tensor  # (N,) float32 on device
     task_vectors: torch.Tensor  # (K, N) float32 on device
     magnitude_stats: list[MagnitudeOrderStats] | None = None  # built on first magnitude-pruned use
+    lookups: list["_RankLookup"] | None = None  # the same stats, for threshold lookups without torch calls
     l1_norms: torch.Tensor | None = None  # (K,) built on first rescaled use
+    draws: torch.Tensor | None = None  # (K, N) cached uniform draws of the random sparsifier
 
 
 @dataclass
@@ -108,6 +115,14 @@ class Materializer:
 
     `Materializer.from_folders(base_dir, expert_dirs)`, then `apply(method, ...)` writes the
     merge into `self.model` (a live `transformers` model in eval mode) and returns it.
+
+    `cache_random_draws` (True, False or "auto"): keep DARE's uniform draws after the first
+    candidate. They cost 4 bytes per stored task-vector element, as much memory again as the task
+    vectors (K x parameters x 4 bytes), and save regenerating them (the dominant cost of a
+    dare_* candidate on CPU). "auto" caches when that fits in `random_draws_budget_bytes`
+    (default 8 GiB) and in half the device's free memory at the first random merge.
+    `num_threads` sets torch's thread count while a candidate is written (None: unchanged);
+    on a shared CPU, 1 avoids OpenMP stalls on every fused op.
     """
 
     model: torch.nn.Module
@@ -118,11 +133,18 @@ class Materializer:
     seed: int = 0
     order_stats_grid: int | None = 65536
     compile: bool = False
+    cache_random_draws: bool | str = "auto"
+    random_draws_budget_bytes: int = DEFAULT_RANDOM_DRAWS_BUDGET
+    num_threads: int | None = None
     _scratch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _ops: FusedOps = field(init=False, repr=False)
+    _draws_cached: bool | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._ops = FusedOps(compile=self.compile)
+        if self.cache_random_draws not in (True, False, "auto"):
+            raise ValueError(f"cache_random_draws must be True, False or 'auto'; got {self.cache_random_draws!r}")
+        # A CPU pool spreads eager chunks, sorts and draws; on a GPU the device already runs them in parallel.
+        self._ops = FusedOps(compile=self.compile, workers=None if torch.device(self.device).type == "cpu" else 1)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -137,6 +159,9 @@ class Materializer:
         seed: int = 0,
         order_stats_grid: int | None = 65536,
         compile: bool | str = "auto",
+        cache_random_draws: bool | str = "auto",
+        random_draws_budget_bytes: int = DEFAULT_RANDOM_DRAWS_BUDGET,
+        num_threads: int | None = None,
     ) -> "Materializer":
         """Load the base model (through `transformers`) and the experts' task vectors once.
 
@@ -177,7 +202,9 @@ class Materializer:
         if compile == "auto":
             compile = sum(s.task_vectors.numel() for s in slots) >= AUTO_COMPILE_MIN_ELEMENTS
         return cls(model=model, layer_map=layer_map, slots=slots, device=device, num_experts=len(experts),
-                   seed=seed, order_stats_grid=order_stats_grid, compile=bool(compile))
+                   seed=seed, order_stats_grid=order_stats_grid, compile=bool(compile),
+                   cache_random_draws=cache_random_draws, random_draws_budget_bytes=random_draws_budget_bytes,
+                   num_threads=num_threads)
 
     @property
     def num_layers(self) -> int:
@@ -212,7 +239,7 @@ class Materializer:
         defaults = method_defaults(method)
         normalize = defaults.get("normalize", False) if normalize is None else bool(normalize)
         rescale = defaults.get("rescale", False) if rescale is None else bool(rescale)
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(self.num_threads):
             for slot in self.slots:
                 coeffs = coefficients(slot.name, slot.position)
                 if len(coeffs.weight) != self.num_experts:
@@ -243,11 +270,7 @@ class Materializer:
     def _fused_sum(self, slot: _Slot, coefficients: Sequence[float]) -> None:
         out = self._output_buffer(slot)
         coef = torch.tensor(coefficients, dtype=torch.float32, device=self.device)
-        if self._ops.compile:
-            self._ops.sum(slot.base, tuple(slot.task_vectors), coef, out)
-        else:
-            # out = base + tvs^T @ coef: one read of every stored element, one write.
-            torch.addmv(slot.base, slot.task_vectors.T, coef, out=out)
+        self._ops.sum(slot.base, slot.task_vectors, coef, out)
         self._commit(slot, out)
 
     def _fused_masked(self, slot: _Slot, method: str, c: TensorCoefficients, normalize: bool, rescale: bool,
@@ -255,34 +278,42 @@ class Materializer:
         sparsifier, consensus = FUSED_MASKED[method]
         k_experts = self.num_experts
         densities = [float(d) for d in (c.density or (1.0,) * k_experts)]
-        lo, hi, keep_p = [], [], []
         for k, density in enumerate(densities):
             check_fraction(density, f"density[{k}]", slot.name)
-            low, high, p = -math.inf, math.inf, 2.0  # keep everything
-            if sparsifier == "random":
-                p = density if density < 1 else 2.0
-            elif sparsifier == "magnitude":
-                low = _magnitude_lo(self._order_stats(slot)[k], density)
-            else:
-                gamma = float(c.gamma[k]) if c.gamma is not None else 0.01
-                check_fraction(gamma, f"gamma[{k}]", slot.name)
-                low, high = _outlier_bounds(self._order_stats(slot)[k], density, gamma)
-            lo.append(low), hi.append(high), keep_p.append(p)
-        draws = self._draws(slot, densities) if sparsifier == "random" and min(densities) < 1 else None
-        lo_t, hi_t, p_t = (torch.tensor(v, dtype=torch.float32, device=self.device) for v in (lo, hi, keep_p))
-        rows = tuple(slot.task_vectors)
-        if rescale:
-            scale = rescale_factors(self._l1_norms(slot), self._ops.l1(rows, draws, lo_t, hi_t, p_t), RESCALE_EPS)
+        lo = hi = keep_p = draws = None
+        if sparsifier == "random":
+            if min(densities) < 1:
+                keep_p = [d if d < 1 else 2.0 for d in densities]  # draws are < 1: 2 keeps everything
+                draws = self._draws(slot, densities)
+        elif sparsifier == "magnitude":
+            lo = [_magnitude_lo(lookup, d) for lookup, d in zip(self._lookups(slot), densities)]
         else:
-            scale = torch.ones(k_experts, dtype=torch.float32, device=self.device)
-        total = sum(c.weight)
-        plain_divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0, dtype=torch.float32, device=self.device)
-        weight = torch.tensor(c.weight, dtype=torch.float32, device=self.device)
+            gammas = [float(g) for g in (c.gamma or (0.01,) * k_experts)]
+            for k, gamma in enumerate(gammas):
+                check_fraction(gamma, f"gamma[{k}]", slot.name)
+            lo, hi = zip(*(_outlier_bounds(lookup, d, g)
+                           for lookup, d, g in zip(self._lookups(slot), densities, gammas)))
+        as_tensor = self._small_tensor
+        plan = MaskedMerge(
+            weight=as_tensor(c.weight),
+            lo=as_tensor(lo) if lo is not None and max(lo) > -math.inf else None,
+            hi=as_tensor(hi) if hi is not None and min(hi) < math.inf else None,
+            keep_p=as_tensor(keep_p) if keep_p is not None else None,
+            lam=float(lambda_),
+            plain_divisor=weight_sum_divisor(c.weight),
+            consensus=consensus is not None,
+            normalize=normalize,
+        )
+        if rescale and plan.masks:
+            scale = rescale_factors(self._l1_norms(slot), self._ops.l1(plan, slot.task_vectors, draws), RESCALE_EPS)
+            dense = as_tensor([d >= 1 for d in densities]).bool()  # the kernel leaves these unscaled
+            plan = plan.replace_scale(torch.where(dense, torch.ones_like(scale), scale))
         out = self._output_buffer(slot)
-        self._ops.masked(slot.base, rows, draws, weight, scale, lo_t, hi_t, p_t,
-                         torch.tensor(float(lambda_), dtype=torch.float32, device=self.device), plain_divisor,
-                         consensus is not None, normalize, out)
+        self._ops.masked(plan, slot.base, slot.task_vectors, draws, out)
         self._commit(slot, out)
+
+    def _small_tensor(self, values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=self.device)
 
     def _kernel(self, slot: _Slot, method: str, c: TensorCoefficients, normalize: bool, rescale: bool,
                 lambda_: float, t: float | None, order_stats: list | None) -> None:
@@ -299,23 +330,53 @@ class Materializer:
         slot.param.copy_(merged.view(shape))
 
     # ------------------------------------------------------------- buffers
-    def _draws(self, slot: _Slot, densities: Sequence[float]) -> tuple[torch.Tensor, ...]:
-        """The uniform draws behind the kernel's bernoulli masks: same generator, same order."""
+    def _draws(self, slot: _Slot, densities: Sequence[float]) -> torch.Tensor:
+        """(K, N) uniform draws behind the kernel's bernoulli masks: same generator, same order.
+
+        Cached when `cache_random_draws` allows: all slots and all K experts at the first random
+        candidate (later candidates, whatever their densities, only compare). Otherwise redrawn
+        into a shared buffer. Each stream is drawn single-threaded, streams side by side on the pool.
+        """
         numel = slot.base.numel()
+        if self._cache_draws():
+            if slot.draws is None:
+                pending = [s for s in self.slots if s.draws is None]
+                for s in pending:
+                    s.draws = torch.empty_like(s.task_vectors)
+                tasks = sorted(((s, k) for s in pending for k in range(self.num_experts)),
+                               key=lambda task: -task[0].base.numel())
+                self._ops.map_each(lambda task: self._draw_into(task[0], task[1], task[0].draws[task[1]]), tasks)
+            return slot.draws
         buf = self._scratch.get("draws")
         if buf is None:
             buf = torch.empty((self.num_experts, max(s.base.numel() for s in self.slots)), dtype=torch.float32,
                               device=self.device)
             self._scratch["draws"] = buf
-        rows = []
+        draws = buf[:, :numel]
         for k, density in enumerate(densities):
-            row = buf[k, :numel]
-            if density < 1:  # the kernel draws nothing for an expert kept whole
-                torch.rand(numel, generator=mask_generator(self.seed, slot.name, k, self.device), out=row)
+            if density >= 1:  # the kernel draws nothing for an expert kept whole
+                draws[k].zero_()
+        drawn = [k for k, density in enumerate(densities) if density < 1]
+        self._ops.map_each(lambda k: self._draw_into(slot, k, draws[k]), drawn)
+        return draws
+
+    def _draw_into(self, slot: _Slot, k: int, out: torch.Tensor) -> None:
+        torch.rand(out.numel(), generator=mask_generator(self.seed, slot.name, k, self.device), out=out)
+
+    def _cache_draws(self) -> bool:
+        if self._draws_cached is None:
+            if self.cache_random_draws == "auto":
+                need = 4 * sum(s.task_vectors.numel() for s in self.slots)
+                budget = min(self.random_draws_budget_bytes, _free_memory(self.device) // 2)
+                self._draws_cached = need <= budget
             else:
-                row.zero_()
-            rows.append(row)
-        return tuple(rows)
+                self._draws_cached = bool(self.cache_random_draws)
+        return self._draws_cached
+
+    @property
+    def random_draws_bytes(self) -> int:
+        """Memory the cached random draws take now (0 until a random merge has run with caching on)."""
+        return sum(s.draws.numel() * 4 for s in self.slots if s.draws is not None)
 
     def _l1_norms(self, slot: _Slot) -> torch.Tensor:
         if slot.l1_norms is None:
@@ -324,11 +385,30 @@ class Materializer:
 
     def _order_stats(self, slot: _Slot) -> list[MagnitudeOrderStats]:
         if slot.magnitude_stats is None:
-            shape = slot.param.shape
-            slot.magnitude_stats = [
-                MagnitudeOrderStats.from_delta(tv.view(shape), grid=self.order_stats_grid) for tv in slot.task_vectors
-            ]
+            self._build_order_stats()
         return slot.magnitude_stats
+
+    def _build_order_stats(self) -> None:
+        """Sort every slot's |task vectors| once, on the worker pool (one sort per task, single-threaded).
+
+        Done for all slots at the first magnitude-pruned candidate: the sorts dominate its cost, and
+        many single-threaded sorts side by side keep a shared CPU busy where OpenMP's do not.
+        """
+        tasks = [(slot, k) for slot in self.slots if slot.magnitude_stats is None for k in range(self.num_experts)]
+        tasks.sort(key=lambda task: -task[0].base.numel())  # big sorts first: the pool ends evenly
+
+        def build(task: tuple[_Slot, int]) -> MagnitudeOrderStats:
+            slot, k = task
+            return order_stats_from_delta(slot.task_vectors[k].view(slot.param.shape), self.order_stats_grid)
+
+        built = dict(zip([(id(slot), k) for slot, k in tasks], self._ops.map_each(build, tasks)))
+        for slot in {id(slot): slot for slot, _ in tasks}.values():
+            slot.magnitude_stats = [built[id(slot), k] for k in range(self.num_experts)]
+
+    def _lookups(self, slot: _Slot) -> list["_RankLookup"]:
+        if slot.lookups is None:
+            slot.lookups = [_RankLookup.of(stats) for stats in self._order_stats(slot)]
+        return slot.lookups
 
     def _exact_stats(self, slot: _Slot) -> bool:
         return self.order_stats_grid is None or slot.base.numel() <= self.order_stats_grid
@@ -352,7 +432,67 @@ class Materializer:
         return {slot.name: slot.param.detach().to("cpu").clone() for slot in self.slots}
 
 
-def _magnitude_lo(stats: MagnitudeOrderStats, density: float) -> float:
+def order_stats_from_delta(delta: torch.Tensor, grid: int | None = 65536) -> MagnitudeOrderStats:
+    """`MagnitudeOrderStats.from_delta`, equal to it, but sorting float32 magnitudes as int32 bit patterns.
+
+    Non-negative floats order like their bit patterns (NaN after inf, as torch sorts floats),
+    and torch sorts int32 with a radix sort: about 4x faster than the float sort on CPU, which
+    made building the stats the bulk of the first magnitude-pruned candidate.
+    """
+    if delta.dtype != torch.float32:
+        return MagnitudeOrderStats.from_delta(delta, grid=grid)
+    magnitudes = delta.detach().abs().reshape(-1)
+    n = magnitudes.numel()
+    sorted_magnitudes = torch.sort(magnitudes.view(torch.int32)).values.view(torch.float32)
+    if grid is None or n <= grid:
+        return MagnitudeOrderStats(numel=n, values=sorted_magnitudes)
+    if grid < 2:
+        raise ValueError(f"grid must be >= 2 (or None for full stats); got {grid}")
+    ranks = torch.linspace(0, n - 1, grid, dtype=torch.float64).round().long()
+    return MagnitudeOrderStats(numel=n, values=sorted_magnitudes[ranks.to(delta.device)].clone(), ranks=ranks)
+
+
+@dataclass(frozen=True)
+class _RankLookup:
+    """`MagnitudeOrderStats.value_at_rank` on numpy arrays: hundreds of lookups per candidate, no torch calls."""
+
+    numel: int
+    values: np.ndarray
+    ranks: np.ndarray | None
+
+    @classmethod
+    def of(cls, stats: MagnitudeOrderStats) -> "_RankLookup":
+        ranks = None if stats.ranks is None else stats.ranks.cpu().numpy()
+        return cls(stats.numel, stats.values.detach().cpu().numpy(), ranks)
+
+    def value_at_rank(self, rank: int, round: str = "down") -> float:
+        if not 0 <= rank < self.numel:
+            raise ValueError(f"rank must be in [0, {self.numel}); got {rank}")
+        if self.ranks is None:
+            return float(self.values[rank])
+        side = "right" if round == "down" else "left"
+        index = int(np.searchsorted(self.ranks, rank, side=side)) - (1 if round == "down" else 0)
+        return float(self.values[index])
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free on the device now (CPU: MemAvailable; unknown: 0, which turns caching off)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _magnitude_lo(stats: "MagnitudeOrderStats | _RankLookup", density: float) -> float:
     """Grid-stats threshold of `sparsify.magnitude_mask`: keep |t| >= lo."""
     k = magnitude_keep_count(stats.numel, density)
     if k == 0:
@@ -362,7 +502,7 @@ def _magnitude_lo(stats: MagnitudeOrderStats, density: float) -> float:
     return stats.value_at_rank(stats.numel - k, "down")
 
 
-def _outlier_bounds(stats: MagnitudeOrderStats, density: float, gamma: float) -> tuple[float, float]:
+def _outlier_bounds(stats: "MagnitudeOrderStats | _RankLookup", density: float, gamma: float) -> tuple[float, float]:
     """Grid-stats window of `sparsify.magnitude_outliers_mask` (default options): keep lo <= |t| <= hi."""
     n = stats.numel
     if density >= 1:

@@ -29,6 +29,9 @@ mask-and-rescale step, so masks can be tested and reused alone. Where we differ 
   or ValueError).
 * `MagnitudeOrderStats` + `magnitude_threshold`: a lookup path for the search loop, where the
   same delta is sparsified at many densities.
+* `magnitude_rank_bounds` + `rank_window`: the same top-k / Breadcrumbs windows (ties included)
+  found from a sampled bracket, one counting pass and a selection over the bracket only, for the
+  big tensors of `evomerge merge`.
 """
 from __future__ import annotations
 
@@ -303,6 +306,180 @@ def magnitude_outliers(
         return tensor
     mask = magnitude_outliers_mask(tensor, density, gamma, keep_at_least_one=keep_at_least_one, stats=stats)
     return apply_mask(tensor, mask, rescale)
+
+
+# ----------------------------------------------------------------------------- exact rank windows (no full selection)
+
+@dataclass(frozen=True)
+class RankBound:
+    """The entry at one ascending rank of |x| (rank order: magnitude, then flat index).
+
+    `value` is its magnitude; `below` and `equal` count the entries whose magnitude is smaller than,
+    or equal to, `value` (so the tie run at `value` holds ranks below .. below + equal - 1).
+    """
+
+    rank: int
+    value: float
+    below: int
+    equal: int
+
+
+def _sort_magnitudes(magnitudes: torch.Tensor) -> torch.Tensor:
+    """Ascending sort of non-negative values; float32 ones as int32 bit patterns (same order, radix sort)."""
+    if magnitudes.dtype == torch.float32:
+        return torch.sort(magnitudes.view(torch.int32)).values.view(torch.float32)
+    return torch.sort(magnitudes).values
+
+
+def _exact_rank_bound(magnitudes: torch.Tensor, rank: int) -> RankBound:
+    value = torch.kthvalue(magnitudes, rank + 1).values
+    below = int((magnitudes < value).sum())
+    equal = int((magnitudes == value).sum())
+    return RankBound(rank, float(value), below, equal)
+
+
+def magnitude_rank_bounds(
+    tensor: torch.Tensor,
+    ranks: list[int] | tuple[int, ...],
+    *,
+    sample_size: int = 1 << 16,
+    chunk_size: int = 1 << 18,
+    z: float = 5.0,
+) -> list[RankBound]:
+    """Exact `RankBound`s of |tensor| at the given ascending ranks, with no selection over the whole tensor.
+
+    A sorted random sample (fixed seed) brackets each rank's value between two sample quantiles
+    z standard errors apart; one chunked pass counts the entries below each bracket and collects
+    those inside it (about 2 * z / sqrt(sample_size) of the tensor), and `torch.kthvalue` on that
+    small subset gives the exact value. A bracket that misses (probability ~1e-6 at z = 5, or NaNs)
+    falls back to `torch.kthvalue` over the whole tensor, so the answer is always exact.
+    The sample only decides how fast, never what is returned.
+    """
+    flat = tensor.detach().reshape(-1)
+    dtype = work_dtype(tensor)
+    n = flat.numel()
+    for rank in ranks:
+        if not 0 <= rank < n:
+            raise ValueError(f"rank must be in [0, {n}); got {rank}")
+    if not ranks:
+        return []
+    if n <= 4 * sample_size:
+        magnitudes = flat.abs().to(dtype)
+        return [_exact_rank_bound(magnitudes, rank) for rank in ranks]
+
+    # About n / 64 sample entries (at least 1024, at most sample_size): the sort stays cheap next to the pass.
+    samples = min(sample_size, max(1024, n // 64))
+    generator = torch.Generator(device=flat.device)
+    generator.manual_seed(0)
+    positions = torch.randint(n, (samples,), generator=generator, device=flat.device)
+    sample = _sort_magnitudes(flat[positions].abs().to(dtype))  # (S,)
+    brackets = []
+    for rank in ranks:
+        q = (rank + 0.5) / n
+        half_width = z * math.sqrt(samples * q * (1 - q)) + 2
+        low = math.floor(q * samples - half_width)
+        high = math.ceil(q * samples + half_width)
+        a = float(sample[low]) if low >= 0 else -math.inf
+        b = float(sample[high]) if high < samples else math.inf
+        brackets.append((a, b))
+
+    below = [0] * len(ranks)
+    inside: list[list[torch.Tensor]] = [[] for _ in ranks]
+    # Comparisons into float outputs (torch vectorizes those, not comparisons into bool), and the
+    # in-bracket entries gathered as whole blocks of 16 that hold one: a boolean gather over every
+    # entry costs more than the rest of the pass.
+    block = 16
+    size = min(chunk_size, n)
+    magnitude_buf = torch.empty(size, dtype=dtype, device=flat.device)
+    lower_buf = torch.empty(size, dtype=dtype, device=flat.device)
+    inside_buf = torch.empty(size, dtype=dtype, device=flat.device)
+    for start in range(0, n, chunk_size):
+        chunk = flat[start:start + chunk_size]
+        c = chunk.numel()
+        magnitudes = torch.abs(chunk.to(dtype), out=magnitude_buf[:c])
+        whole = c - c % block
+        for j, (a, b) in enumerate(brackets):
+            lower = torch.lt(magnitudes, a, out=lower_buf[:c])  # 1 below the bracket
+            below[j] += int(lower.sum())
+            in_bracket = torch.le(magnitudes, b, out=inside_buf[:c]).sub_(lower)  # 1 inside [a, b]
+            hit = in_bracket[:whole].view(-1, block).sum(1) > 0
+            candidates = [magnitudes[:whole].view(-1, block)[hit].reshape(-1), magnitudes[whole:]]
+            for values in candidates:
+                inside[j].append(values[(values >= a) & (values <= b)])
+    bounds = []
+    for j, rank in enumerate(ranks):
+        subset = torch.cat(inside[j])
+        inside[j] = []
+        if below[j] <= rank < below[j] + subset.numel():
+            value = torch.kthvalue(subset, rank - below[j] + 1).values
+            bounds.append(RankBound(rank, float(value), below[j] + int((subset < value).sum()),
+                                    int((subset == value).sum())))
+        else:  # the sample missed (or NaNs): select over everything
+            bounds.append(_exact_rank_bound(flat.abs().to(dtype), rank))
+    return bounds
+
+
+@dataclass(frozen=True)
+class RankWindow:
+    """The entries of ascending rank in [start, stop): keep lo <= |x| <= hi, except the flat indices `drop`.
+
+    `drop` (ascending int64) lists the entries tied with `lo` or `hi` whose rank falls outside the
+    window; it is empty unless a threshold value is shared by entries on both sides of the window.
+    """
+
+    lo: float
+    hi: float
+    drop: torch.Tensor
+
+    def mask(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Bool mask of the window, in tensor's shape (equal to `_rank_window_mask` of the same window)."""
+        magnitudes = _magnitudes(tensor)
+        keep = (magnitudes >= self.lo) & (magnitudes <= self.hi)
+        keep[self.drop] = False
+        return keep.reshape(tensor.shape)
+
+
+def rank_window(
+    tensor: torch.Tensor,
+    start: int,
+    stop: int,
+    *,
+    bounds: tuple[RankBound | None, RankBound | None] | None = None,
+    **bound_options,
+) -> RankWindow:
+    """Thresholds and tie exceptions of the ascending-rank window [start, stop) of |tensor|.
+
+    Same entries as the selection path (`magnitude_mask`: start = numel - k, stop = numel;
+    `magnitude_outliers_mask`: `outlier_window`), ties broken by flat index, but found with
+    `magnitude_rank_bounds` (or the given bounds at ranks start and stop - 1): a compare plus,
+    only when a threshold ties, one scan for the tied entries.
+    """
+    n = tensor.numel()
+    empty = torch.zeros(0, dtype=torch.long, device=tensor.device)
+    if start >= stop:
+        return RankWindow(math.inf, -math.inf, empty)
+    ranks = ([start] if start > 0 else []) + ([stop - 1] if stop < n else [])
+    if bounds is None:
+        found = iter(magnitude_rank_bounds(tensor, ranks, **bound_options))
+        low_bound = next(found) if start > 0 else None
+        high_bound = next(found) if stop < n else None
+    else:
+        low_bound, high_bound = bounds
+    lo, hi, drops = -math.inf, math.inf, []
+    if start > 0:
+        lo = low_bound.value
+        n_ties_below_window = start - low_bound.below
+        if n_ties_below_window > 0:
+            ties = torch.nonzero(_magnitudes(tensor) == lo).squeeze(1)  # ascending flat index
+            drops.append(ties[:n_ties_below_window])
+    if stop < n:
+        hi = high_bound.value
+        n_ties_in_window = stop - high_bound.below
+        if n_ties_in_window < high_bound.equal:
+            ties = torch.nonzero(_magnitudes(tensor) == hi).squeeze(1)
+            drops.append(ties[n_ties_in_window:])
+    drop = torch.unique(torch.cat(drops)) if drops else empty
+    return RankWindow(lo, hi, drop)
 
 
 # ----------------------------------------------------------------------------- random (DARE)

@@ -49,14 +49,18 @@ class InProcessBackend:
     def tasks(self) -> list[str]:
         return list(self.fitness.task_names)
 
-    def evaluate(self, candidates: Sequence[Candidate]) -> list[Evaluation]:
+    def evaluate(self, candidates: Sequence[Candidate], on_result=None) -> list[Evaluation]:
+        """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes."""
         out = []
         for cid, genome in sorted(candidates, key=lambda c: c[0]):
             try:
-                out.append(self.problem.evaluate(cid, genome))
+                result = self.problem.evaluate(cid, genome)
             except Exception as exc:  # a candidate that breaks scoring must not end the run
                 log.error("candidate %d failed: %s", cid, exc)
-                out.append(failed_evaluation(cid, self.tasks, f"{type(exc).__name__}: {exc}", "inprocess"))
+                result = failed_evaluation(cid, self.tasks, f"{type(exc).__name__}: {exc}", "inprocess")
+            if on_result is not None:
+                on_result(result)
+            out.append(result)
         return out
 
     def close(self) -> None:
@@ -131,7 +135,8 @@ class RayBackend:
         ray.get([a.ready.remote() for a in self.actors])
         del torch
 
-    def evaluate(self, candidates: Sequence[Candidate]) -> list[Evaluation]:
+    def evaluate(self, candidates: Sequence[Candidate], on_result=None) -> list[Evaluation]:
+        """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
@@ -168,9 +173,13 @@ class RayBackend:
                 else:
                     results[cid] = failed_evaluation(cid, self.tasks, f"worker crashed {attempts[cid]} times",
                                                      f"ray-{actor}")
+                    if on_result is not None:
+                        on_result(results[cid])
                 continue
             if kind == "eval":
                 results[cid] = Evaluation(**value)
+                if on_result is not None:
+                    on_result(results[cid])
             idle.append(actor)
         for ref, (kind, _, actor) in running.items():  # restarts still pending: they rejoin next batch
             try:

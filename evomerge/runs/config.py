@@ -38,7 +38,7 @@ class ModelsConfig(Strict):
 class FitnessConfig(Strict):
     name: str | None = None  # a compressed fitness by name or path
     calibrate: str | None = None  # a calibration config to run first (then `name` is where it is saved)
-    estimator: str = "gmp-IRT"
+    estimator: str | None = None  # None: the estimator the compressed fitness was calibrated to recommend
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -50,7 +50,9 @@ class FitnessConfig(Strict):
 class OptimizerConfig(Strict):
     name: str
     settings: dict[str, Any] = Field(default_factory=dict)  # passed to the optimizer (pop_size, batch_size, ...)
-    prescreen: float | None = Field(default=None, ge=1.0)  # propose this many times more, evaluate the surrogate's best
+    # Surrogate pre-screening: propose this many times more candidates and evaluate the surrogate's
+    # best. null = the measured default for the optimizer (search.prescreen.PRESCREEN_DEFAULTS); 1 = off.
+    prescreen: float | None = Field(default=None, ge=1.0)
 
 
 class BudgetConfig(Strict):

@@ -33,7 +33,7 @@ from evomerge._atomic import write_json_atomic
 from evomerge.runs.config import ConfigError, RunConfig, load_run_config
 from evomerge.runs.problem import Evaluation, bind_space
 from evomerge.runs.store import RunStore, RunStoreError
-from evomerge.search.optimizers import Optimizer, make_optimizer, state_from_dict, state_to_dict
+from evomerge.search.optimizers import Optimizer, state_from_dict, state_to_dict
 from evomerge.search.pareto import ParetoArchive, crowding_distance
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,11 @@ def _new_state(config: RunConfig, dim: int, bounds: np.ndarray, n_objectives: in
     settings = dict(config.optimizer.settings)
     if config.optimizer.name == "m2n2":
         settings.setdefault("gene_layer_index", gene_slots.tolist())
+    from evomerge.search.prescreen import make_prescreened
+
     try:
-        optimizer = make_optimizer(config.optimizer.name, dim, bounds, n_objectives, seed=config.seed, **settings)
+        optimizer = make_prescreened(config.optimizer.name, dim, bounds, n_objectives, seed=config.seed,
+                                     factor=config.optimizer.prescreen, **settings)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"field `optimizer`: {exc}") from None
     return optimizer, ParetoArchive(n_objectives), {"generation": 0, "next_id": 0, "evaluations": 0,
@@ -198,17 +201,23 @@ def _run(store: RunStore, config: RunConfig, fitness_path: str, *, progress: boo
                     reused[cid] = old
                 else:
                     todo.append((cid, genome))
-            fresh = {e.candidate_id: e for e in backend.evaluate(todo)} if todo else {}
-            records = []
-            for cid, genome in zip(ids, genomes):
-                if cid in reused:
-                    record = reused[cid]
-                else:
-                    recipe = space.recipe(genome, config.models.base, config.models.experts, dtype=config.dtype,
-                                          seed=config.seed).model_dump(exclude_none=True)
-                    record = _record(fresh[cid], genome, counters["generation"], recipe)
-                store.append(record)
-                records.append(record)
+            genome_of = dict(zip(ids, genomes))
+            written: dict[int, dict] = {}
+
+            def log_result(evaluation: Evaluation) -> None:
+                # Each evaluation is logged the moment it finishes: an interruption loses only those in flight.
+                cid = evaluation.candidate_id
+                genome = genome_of[cid]
+                recipe = space.recipe(genome, config.models.base, config.models.experts, dtype=config.dtype,
+                                      seed=config.seed).model_dump(exclude_none=True)
+                written[cid] = _record(evaluation, genome, counters["generation"], recipe)
+                store.append(written[cid])
+
+            for cid in sorted(reused):
+                store.append(reused[cid])
+            if todo:
+                backend.evaluate(todo, on_result=log_result)
+            records = [reused[cid] if cid in reused else written[cid] for cid in ids]
             objectives = np.array([[r["objectives"].get(t, np.nan) if r["status"] == "ok" else np.nan for t in tasks]
                                    for r in records], dtype=np.float64)
             responses = _response_matrix(records, tasks, fitness)

@@ -38,7 +38,9 @@ from .pareto import non_dominated_mask
 __all__ = [
     "MAPOptimizer",
     "MAPSettings",
+    "QUADRATIC_TERMS",
     "QuadraticSurrogate",
+    "TieredQuadratic",
     "cross_validated_r2",
     "n_quadratic_terms",
     "quadratic_features",
@@ -48,24 +50,47 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- surrogate
-def n_quadratic_terms(d: int) -> int:
-    return 1 + d + d * (d + 1) // 2
+QUADRATIC_TERMS = ("full", "diagonal", "linear")
 
 
-def quadratic_term_names(d: int) -> list[str]:
+def n_quadratic_terms(d: int, terms: str = "full") -> int:
+    """Number of features of :func:`quadratic_features` for ``d`` inputs."""
+    return {"full": 1 + d + d * (d + 1) // 2, "diagonal": 1 + 2 * d, "linear": 1 + d}[_check_terms(terms)]
+
+
+def quadratic_term_names(d: int, terms: str = "full") -> list[str]:
     names = ["1"] + [f"x{i}" for i in range(d)]
-    names += [f"x{i}*x{j}" for i in range(d) for j in range(i, d)]
+    if _check_terms(terms) == "full":
+        names += [f"x{i}*x{j}" for i in range(d) for j in range(i, d)]
+    elif terms == "diagonal":
+        names += [f"x{i}*x{i}" for i in range(d)]
     return names
 
 
-def quadratic_features(X: np.ndarray) -> np.ndarray:
-    """``[1, x_1..x_d, x_i x_j (i <= j, row-major)]``, shape (n, 1 + d + d(d+1)/2)."""
+def quadratic_features(X: np.ndarray, terms: str = "full") -> np.ndarray:
+    """``[1, x_1..x_d, x_i x_j (i <= j, row-major)]``, shape (n, 1 + d + d(d+1)/2).
+
+    terms="diagonal" keeps only the squares ``x_i x_i`` (1 + 2d features: curvature per gene, no
+    interactions); terms="linear" drops every product (1 + d). They need far fewer samples than the
+    full quadratic, which is what a surrogate fitted early in a search has.
+    """
     X = np.asarray(X, dtype=float)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (n, d); got {X.shape}")
     n, d = X.shape
+    terms = _check_terms(terms)
+    if terms == "linear":
+        return np.hstack([np.ones((n, 1)), X])
+    if terms == "diagonal":
+        return np.hstack([np.ones((n, 1)), X, X * X])
     iu, ju = np.triu_indices(d)
     return np.hstack([np.ones((n, 1)), X, X[:, iu] * X[:, ju]])
+
+
+def _check_terms(terms: str) -> str:
+    if terms not in QUADRATIC_TERMS:
+        raise ValueError(f"terms must be one of {list(QUADRATIC_TERMS)}, got {terms!r}")
+    return terms
 
 
 def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
@@ -83,16 +108,17 @@ class QuadraticSurrogate:
 
     link="logit": outputs are accuracies in [0, 1], clipped to [eps, 1 - eps] before the logit and
     mapped back with a sigmoid by :meth:`predict`. link="identity": plain quadratic regression.
+    terms: "full" (MAP's model), "diagonal" or "linear" (see :func:`quadratic_features`).
     """
 
-    def __init__(self, ridge: float = 1e-8, link: str = "logit", eps: float = 1e-4):
+    def __init__(self, ridge: float = 1e-8, link: str = "logit", eps: float = 1e-4, terms: str = "full"):
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
         if link not in ("logit", "identity"):
             raise ValueError(f"link must be 'logit' or 'identity', got {link!r}")
         if not 0 < eps < 0.5:
             raise ValueError(f"eps must be in (0, 0.5), got {eps}")
-        self.ridge, self.link, self.eps = float(ridge), link, float(eps)
+        self.ridge, self.link, self.eps, self.terms = float(ridge), link, float(eps), _check_terms(terms)
         self.coef_: np.ndarray | None = None  # (n_terms, M) in the raw x parametrisation
         self._X: np.ndarray | None = None
         self._Z: np.ndarray | None = None  # (n, M) link-scale targets
@@ -119,7 +145,7 @@ class QuadraticSurrogate:
             raise ValueError("X and Y must be finite (drop failed evaluations before fitting)")
         if self.link == "logit" and (Y.min() < 0 or Y.max() > 1):
             raise ValueError(f"link='logit' needs targets in [0, 1]; got [{Y.min()}, {Y.max()}]")
-        Phi = quadratic_features(X)  # (n, T)
+        Phi = quadratic_features(X, self.terms)  # (n, T)
         Z = self.to_link(Y)  # (n, M)
         scale = np.sqrt((Phi**2).mean(axis=0))
         scale[scale == 0] = 1.0
@@ -140,7 +166,7 @@ class QuadraticSurrogate:
 
     def predict_link(self, X: np.ndarray) -> np.ndarray:
         self._check_fitted()
-        Z = quadratic_features(X) @ self.coef_  # (n, M)
+        Z = quadratic_features(X, self.terms) @ self.coef_  # (n, M)
         return Z[:, 0] if self._vector_output else Z
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -157,24 +183,94 @@ class QuadraticSurrogate:
         Closed form for ridge: ``e_i / (1 - h_ii)`` with ``H = Phi (Phi'Phi + P)^-1 Phi'``.
         """
         self._check_fitted()
-        Phis = quadratic_features(self._X) / self._scale
+        Phis = quadratic_features(self._X, self.terms) / self._scale
         G = Phis.T @ Phis + np.diag(self._penalty**2)
         h = np.einsum("ij,ji->i", Phis, np.linalg.pinv(G) @ Phis.T)  # (n,) leverages
-        resid = self._Z - quadratic_features(self._X) @ self.coef_
+        resid = self._Z - quadratic_features(self._X, self.terms) @ self.coef_
         return resid / np.maximum(1.0 - h, 1e-12)[:, None]
 
     def to_dict(self) -> dict[str, Any]:
         self._check_fitted()
-        return {"ridge": self.ridge, "link": self.link, "eps": self.eps, "coef": self.coef_.tolist(),
-                "vector_output": self._vector_output}
+        return {"ridge": self.ridge, "link": self.link, "eps": self.eps, "terms": self.terms,
+                "coef": self.coef_.tolist(), "vector_output": self._vector_output}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuadraticSurrogate":
         """A predict-only surrogate (no training data, so no loo_residuals)."""
-        s = cls(data["ridge"], data["link"], data["eps"])
+        s = cls(data["ridge"], data["link"], data["eps"], data.get("terms", "full"))
         s.coef_ = np.asarray(data["coef"], dtype=float)
         s._vector_output = bool(data["vector_output"])
         return s
+
+
+class TieredQuadratic:
+    """Per output column, the linear, diagonal or full quadratic with the smallest leave-one-out error.
+
+    Every term set with at least ``terms + 2`` samples is fitted (one :class:`QuadraticSurrogate`
+    per term set, all columns at once); column ``j`` then uses the term set whose closed-form LOO
+    mean squared error (link scale) is smallest, the simpler one on ties. Early in a search, or in
+    many dimensions, that is the linear or diagonal model; the full quadratic takes over once the
+    data supports it. ``r2_loo_`` is ``1 - LOO MSE / variance`` per column (link scale).
+    Same interface as :class:`QuadraticSurrogate` for prediction (``predict``, ``predict_link``,
+    ``from_link``, ``loo_residuals``, ``r2``).
+    """
+
+    def __init__(self, ridge: float = 1e-8, link: str = "logit", eps: float = 1e-4,
+                 terms: tuple[str, ...] = QUADRATIC_TERMS):
+        QuadraticSurrogate(ridge, link, eps)  # validates
+        self.ridge, self.link, self.eps = float(ridge), link, float(eps)
+        self.tiers = tuple(_check_terms(t) for t in terms)
+        self.terms_: list[str] | None = None
+        self.r2_loo_: np.ndarray | None = None
+
+    def to_link(self, y: np.ndarray) -> np.ndarray:
+        return QuadraticSurrogate(self.ridge, self.link, self.eps).to_link(y)
+
+    def from_link(self, z: np.ndarray) -> np.ndarray:
+        return QuadraticSurrogate(self.ridge, self.link, self.eps).from_link(z)
+
+    def fit(self, X: np.ndarray, Y: np.ndarray) -> "TieredQuadratic":
+        X = np.asarray(X, dtype=float)
+        Y = np.asarray(Y, dtype=float)
+        self._vector_output = Y.ndim == 1
+        Y = Y.reshape(len(Y), -1)  # (n, M)
+        n, d = X.shape
+        fits = {}
+        for terms in QUADRATIC_TERMS:
+            if terms in self.tiers and n >= n_quadratic_terms(d, terms) + 2:
+                model = QuadraticSurrogate(self.ridge, self.link, self.eps, terms).fit(X, Y)
+                loo = model.loo_residuals()  # (n, M)
+                fits[terms] = (model, loo, (loo**2).mean(axis=0))
+        if not fits:
+            need = min(n_quadratic_terms(d, t) for t in self.tiers) + 2
+            raise ValueError(f"TieredQuadratic needs at least {need} samples for d={d}; got {n}")
+        spread = self.to_link(Y).var(axis=0)  # (M,)
+        self.terms_, self._coef, self._loo, r2 = [], [], [], []
+        for j in range(Y.shape[1]):
+            terms = min(fits, key=lambda t: (fits[t][2][j], QUADRATIC_TERMS[::-1].index(t)))
+            model, loo, mse = fits[terms]
+            self.terms_.append(terms)
+            self._coef.append(model.coef_[:, j])
+            self._loo.append(loo[:, j])
+            r2.append(1.0 - mse[j] / spread[j] if spread[j] > 0 else np.nan)
+        self.r2_loo_ = np.asarray(r2)
+        return self
+
+    def predict_link(self, X: np.ndarray) -> np.ndarray:
+        if self.terms_ is None:
+            raise RuntimeError("TieredQuadratic is not fitted; call fit(X, Y) first")
+        Z = np.column_stack([quadratic_features(X, t) @ c for t, c in zip(self.terms_, self._coef)])  # (N, M)
+        return Z[:, 0] if self._vector_output else Z
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.from_link(self.predict_link(X))
+
+    def loo_residuals(self) -> np.ndarray:
+        """Leave-one-out residuals (link scale) of each column's chosen model, (n, M)."""
+        return np.column_stack(self._loo)
+
+    def r2(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        return r2_score(Y, self.predict(X))
 
 
 def cross_validated_r2(
@@ -206,7 +302,8 @@ def cross_validated_r2(
 class MAPSettings(BaseSettings):
     batch_size: int = 8
     design: str = "sobol"              # "sobol" or "lhs"
-    design_size: int | None = None     # None: 2 x n_terms (rounded up to a power of 2 for Sobol)
+    design_size: int | None = None     # None: 2 x n_terms (rounded up to a power of 2 for Sobol);
+    #                                    terms="auto": 1 + 2 dim + 2
     ridge: float = 1e-8
     link: str = "logit"                # "logit" for accuracies, "identity" otherwise
     eps: float = 1e-4
@@ -215,27 +312,51 @@ class MAPSettings(BaseSettings):
     front_pop_size: int = 48           # NSGA on the surrogates
     front_generations: int = 40
     cv_folds: int = 5
+    terms: str = "full"                # "full" (the paper), "diagonal", or "auto": see MAPOptimizer
 
 
 class MAPOptimizer(Optimizer):
+    """MAP behind the ask/tell protocol.
+
+    terms="full" is the paper's surrogate; its design needs ``2 (1 + d + d(d+1)/2)`` evaluations,
+    which per-layer genomes (d = 12..36: 182..1410) cannot afford within a few hundred. "diagonal"
+    drops the cross products (design ``2 (1 + 2d)``); "auto" sizes the design for the diagonal
+    model (``1 + 2d + 2`` points, not rounded to a power of two) and then fits, per task, whichever
+    of the linear, diagonal and full quadratic has the smallest leave-one-out error on the data so
+    far (:class:`TieredQuadratic`).
+    """
+
     name = "map"
     Settings = MAPSettings
 
     def _setup(self) -> None:
         s = self.settings
-        self.n_terms = n_quadratic_terms(self.dim)
-        minimum = 2 * self.n_terms
+        if s.terms not in ("full", "diagonal", "auto"):
+            raise ValueError(f"map: terms must be 'full', 'diagonal' or 'auto', got {s.terms!r}")
+        self.n_terms = n_quadratic_terms(self.dim, "full" if s.terms == "full" else "diagonal")
         if s.design not in ("sobol", "lhs"):
             raise ValueError(f"map: design must be 'sobol' or 'lhs', got {s.design!r}")
-        if s.design_size is None:
-            n = minimum if s.design == "lhs" else 2 ** math.ceil(math.log2(minimum))
+        if s.terms == "auto":
+            # Enough for the diagonal model plus two degrees of freedom for its leave-one-out check;
+            # a prefix of the Sobol sequence (no power-of-two rounding), so the budget is not spent here.
+            minimum = self.n_terms + 2
+            n = minimum if s.design_size is None else int(s.design_size)
+            if n < minimum:
+                raise ValueError(
+                    f"map: design_size={n} is below the {minimum} samples terms='auto' needs for dim={self.dim} "
+                    f"(1 + 2 x {self.dim} diagonal-quadratic terms + 2)"
+                )
         else:
-            n = int(s.design_size)
-        if n < minimum:
-            raise ValueError(
-                f"map: design_size={n} is below twice the number of quadratic terms "
-                f"(2 x {self.n_terms} = {minimum} for dim={self.dim})"
-            )
+            minimum = 2 * self.n_terms
+            if s.design_size is None:
+                n = minimum if s.design == "lhs" else 2 ** math.ceil(math.log2(minimum))
+            else:
+                n = int(s.design_size)
+            if n < minimum:
+                raise ValueError(
+                    f"map: design_size={n} is below twice the number of quadratic terms "
+                    f"(2 x {self.n_terms} = {minimum} for dim={self.dim})"
+                )
         if s.batch_size < 1 or not 0 <= s.explore_fraction <= 1 or s.explore_radius <= 0:
             raise ValueError("map: need batch_size >= 1, 0 <= explore_fraction <= 1, explore_radius > 0")
         if s.cv_folds < 2:
@@ -261,13 +382,18 @@ class MAPOptimizer(Optimizer):
         ok = ~self._failed
         return self._X[ok], self._F[ok]
 
-    def surrogate(self) -> QuadraticSurrogate:
+    def surrogate(self) -> QuadraticSurrogate | TieredQuadratic:
         """The surrogates fitted to every successful evaluation so far."""
         X, F = self._data()
         if len(X) == 0:
             raise RuntimeError("map: no successful evaluations to fit yet")
+        return self._new_surrogate().fit(X, F)
+
+    def _new_surrogate(self) -> QuadraticSurrogate | TieredQuadratic:
         s = self.settings
-        return QuadraticSurrogate(s.ridge, s.link, s.eps).fit(X, F)
+        if s.terms == "auto":
+            return TieredQuadratic(s.ridge, s.link, s.eps)
+        return QuadraticSurrogate(s.ridge, s.link, s.eps, s.terms)
 
     def surrogate_report(self) -> dict[str, Any]:
         """R² per objective: k-fold hold-out (original and link scale) and in-sample."""
@@ -276,10 +402,16 @@ class MAPOptimizer(Optimizer):
         report: dict[str, Any] = {"n_samples": int(len(X)), "n_terms": self.n_terms, "folds": s.cv_folds}
         if len(X) < max(s.cv_folds, 2):
             return report
-        cv = cross_validated_r2(X, F, s.cv_folds, self.seed, ridge=s.ridge, link=s.link, eps=s.eps)
-        report["r2_holdout"] = cv["r2"].tolist()
-        report["r2_holdout_link"] = cv["r2_link"].tolist()
-        report["r2_train"] = self.surrogate().r2(X, F).tolist()
+        surrogate = self.surrogate()
+        if s.terms == "auto":
+            report["terms"] = list(surrogate.terms_)
+            report["r2_loo_link"] = surrogate.r2_loo_.tolist()
+        else:
+            cv = cross_validated_r2(X, F, s.cv_folds, self.seed, ridge=s.ridge, link=s.link, eps=s.eps,
+                                    terms=s.terms)
+            report["r2_holdout"] = cv["r2"].tolist()
+            report["r2_holdout_link"] = cv["r2_link"].tolist()
+        report["r2_train"] = surrogate.r2(X, F).tolist()
         return report
 
     def evaluated_front(self) -> tuple[np.ndarray, np.ndarray]:
@@ -305,9 +437,9 @@ class MAPOptimizer(Optimizer):
         width = self.upper - self.lower
         X, F = self._data()
         self._round += 1
-        if len(X) < self.n_terms:  # too many failures to fit: keep filling the space
+        if len(X) < max(self.n_terms, self.dim + 3 if s.terms == "auto" else 0):  # too many failures: keep filling
             return self.lower + self._rng.random((s.batch_size, self.dim)) * width
-        surrogate = QuadraticSurrogate(s.ridge, s.link, s.eps).fit(X, F)
+        surrogate = self._new_surrogate().fit(X, F)
         front_X, front_Z = self._predicted_front(surrogate)
         self.predicted_front_genomes = front_X
         self.predicted_front_objectives = surrogate.from_link(front_Z)
@@ -323,7 +455,7 @@ class MAPOptimizer(Optimizer):
         explore = np.clip(X[worst] + steps, self.lower, self.upper)
         return np.vstack([front_X[picked], explore])
 
-    def _predicted_front(self, surrogate: QuadraticSurrogate) -> tuple[np.ndarray, np.ndarray]:
+    def _predicted_front(self, surrogate: QuadraticSurrogate | TieredQuadratic) -> tuple[np.ndarray, np.ndarray]:
         """Pareto set of the surrogates inside the box: ((P, dim), (P, M) link-scale predictions)."""
         from pymoo.algorithms.moo.nsga2 import NSGA2
         from pymoo.algorithms.moo.nsga3 import NSGA3

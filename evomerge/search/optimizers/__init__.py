@@ -5,7 +5,9 @@
     opt.tell(genomes, objectives, responses=None)     # (n, 2) to maximise; NaN = failed
     save_state(opt.state(), "opt.json"); opt = Optimizer.from_state(load_state("opt.json"))
 
-Registered names: random, nsga2, nsga3, ga, de, cma, twopointsde, ngopt, m2n2, map.
+Registered names: random, nsga2, nsga3, ga, de, cma, twopointsde, ngopt, m2n2, map. Any of them can
+be wrapped in surrogate pre-screening (``evomerge.search.prescreen.make_prescreened``, or the
+``prescreen`` wrapper by name: ``make_optimizer("prescreen", ..., inner="nsga2", factor=4)``).
 """
 from ._checkpoint import load_state, save_state, state_from_dict, state_to_dict
 from ._registry import OPTIMIZERS, make_optimizer, register_optimizer, restore_optimizer

@@ -58,6 +58,7 @@ def _metamodel_numpy24_shim() -> Iterator[None]:
 
 class _NevergradOptimizer(ReplayOptimizer):
     Settings = NevergradSettings
+    single_objective = True
     ng_name = ""
 
     def _setup_engine(self) -> None:

@@ -3,6 +3,10 @@
 Entries are ``"module:Class"`` paths imported on first use, so importing evomerge.search does not
 import pymoo or nevergrad, and M2N2 / MAP (which live beside this package and import its base) do
 not create an import cycle.
+
+Wrappers (``prescreen``: surrogate pre-screening around another optimizer) resolve by name, so
+``make_optimizer("prescreen", ..., inner="nsga2", factor=4)`` and ``Optimizer.from_state`` work,
+but they are not listed among the optimizers: a wrapper is not a search strategy by itself.
 """
 from __future__ import annotations
 
@@ -26,45 +30,54 @@ _BUILTIN: dict[str, str] = {
     "m2n2": "evomerge.search.m2n2:M2N2Optimizer",
     "map": "evomerge.search.map_surrogate:MAPOptimizer",
 }
+_WRAPPERS: dict[str, str] = {
+    "prescreen": "evomerge.search.prescreen:Prescreened",
+}
 
 
 class _Registry(Mapping):
     """name -> Optimizer subclass; unknown names raise a ValueError listing the valid ones."""
 
-    def __init__(self, entries: dict[str, str]):
+    def __init__(self, entries: dict[str, str], wrappers: dict[str, str]):
         self._paths = dict(entries)
+        self._wrappers = dict(wrappers)  # resolvable by name, not listed
         self._loaded: dict[str, type[Optimizer]] = {}
 
     def __getitem__(self, name: str) -> type[Optimizer]:
-        if name not in self._paths and name not in self._loaded:
+        if name not in self._paths and name not in self._loaded and name not in self._wrappers:
             raise ValueError(f"unknown optimizer {name!r}; valid names are {sorted(self)}")
         if name not in self._loaded:
-            module, attr = self._paths[name].split(":")
+            module, attr = {**self._wrappers, **self._paths}[name].split(":")
             cls = getattr(importlib.import_module(module), attr)
             if cls.name != name:
                 raise RuntimeError(f"registry entry {name!r} points at {cls.__name__} named {cls.name!r}")
             self._loaded[name] = cls
         return self._loaded[name]
 
+    def _listed(self) -> set[str]:
+        return (set(self._paths) | set(self._loaded)) - set(self._wrappers)
+
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(set(self._paths) | set(self._loaded)))
+        return iter(sorted(self._listed()))
 
     def __len__(self) -> int:
-        return len(set(self._paths) | set(self._loaded))
+        return len(self._listed())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._paths or name in self._loaded
+        return name in self._listed()
 
     def register(self, cls: type[Optimizer]) -> type[Optimizer]:
         if not cls.name:
             raise ValueError(f"{cls.__name__} has no name")
+        if cls.name in self._wrappers:
+            raise ValueError(f"{cls.name!r} is the name of a built-in wrapper")
         if cls.name in self and self[cls.name] is not cls:
             raise ValueError(f"an optimizer named {cls.name!r} is already registered")
         self._loaded[cls.name] = cls
         return cls
 
 
-OPTIMIZERS = _Registry(_BUILTIN)
+OPTIMIZERS = _Registry(_BUILTIN, _WRAPPERS)
 
 
 def register_optimizer(cls: type[Optimizer]) -> type[Optimizer]:

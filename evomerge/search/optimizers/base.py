@@ -138,6 +138,7 @@ class Optimizer(abc.ABC):
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type[BaseSettings]] = BaseSettings
+    single_objective: ClassVar[bool] = False  # True: optimises only the scalarisation (GA, DE, CMA, ...)
 
     def __init__(self, dim: int, bounds: Any, n_objectives: int, seed: int = 0, **settings: Any):
         if not isinstance(dim, (int, np.integer)) or dim < 1:

@@ -1,0 +1,423 @@
+"""Compressed fitness on the small zoo: how well each estimator predicts a merge's full-split accuracy.
+
+Usage: .venv/bin/python benchmarks/fitness_estimation.py [--zoo zoo/small] [--held-out 64]
+           [--seeds 3] [--mergenetic-python /tmp/mgvenv/bin/python] [--girth | --girth-only]
+
+The calibration population is what `evomerge fitness calibrate` scores (`endpoint_coefficients`
+and `random_task_level_coefficients`, seed 0, through the materializer and `score_population`);
+`--held-out` further random task-level merges (seed 1, never seen by the calibration) are
+scored on the whole fitness split of each task once and cached in benchmarks/.cache/. For each
+subset size n per task, subset method and subset seed, the calibration is fitted
+with `fit_task_calibration` and every estimator predicts each held-out merge's full-split accuracy
+from its answers on the n subset items. Printed:
+
+(a) MAE (mean over tasks and held-out merges) and Spearman rank correlation (per task, then
+    averaged; and of the task-mean fitness the search ranks on), mean over subset seeds, for
+    every estimator, n in {10, 20, 50, 100}, random vs anchors vs informative (see subsets.py).
+(b) Item evaluations per candidate: the full splits (sum over tasks) over (subset items + the
+    calibration's full-split evaluations amortised over a 500-candidate search).
+(c) What the calibration defaults cost in accuracy: calibration size, ability prior, IRT model
+    (joint MAP, 1 or 2 dimensions; girth's marginal likelihood with --girth, ~13 min more), lam
+    method and folds, at n = 20.
+(d) With --mergenetic-python: Mergenetic's estimators (MERGE^3: `estimate_fitness`, and
+    tinyBenchmarks' `evaluate` for p-IRT / gp-IRT, which only supports n = 20) on the same
+    response matrices, subsets and item parameters, side by side with ours.
+Targets (issue 4), at n = 20 per task: best estimator MAE <= 0.03, Spearman >= 0.9, and >= 20x
+fewer item evaluations per candidate. (With 300-item splits, 20 items per task can save at most
+15x even before the calibration is counted.) Also printed: whether the zoo presets reproduce the
+test accuracies recorded in zoo.json. Mergenetic runs in its own venv (see issue 4), e.g.
+`python3 -m venv /tmp/mgvenv` then its pinned requirements and `pip install --no-deps mergenetic`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache"
+SEARCH_CANDIDATES = 500
+SIZES = (10, 20, 50, 100)
+SUBSET_METHODS = ("random", "anchors", "informative")
+DETERMINISTIC = ("informative",)  # the seed does not change the subset: one run
+WEIGHT_BOUNDS, DENSITY_BOUNDS = (0.0, 1.5), (0.2, 1.0)
+MAX_CALIBRATION_MERGES = 64  # scored once; smaller calibrations use the first R of these (same seed)
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def zoo_tasks(zoo: Path):
+    from evomerge.fitness.tasks import load_task
+    from evomerge.zoo import Manifest
+
+    manifest = Manifest.load(zoo)
+    tasks = [load_task(f"zoo_{t}", {"dataset": {"path": str(manifest.task_path(t))}}) for t in manifest.tasks]
+    return manifest, tasks
+
+
+def scored_population(manifest, tasks, label: str, population: list[dict], method: str = "task_arithmetic"):
+    """task -> (models, items) full-split answers, cached by zoo content, tasks and coefficients."""
+    from evomerge.fitness.calibrate import population_scorers, score_population
+    from evomerge.fitness.tasks import dataset_hash
+
+    key_parts = [manifest.content_hash, method, [t.to_dict() for t in tasks],
+                 [dataset_hash(t.load_split("fitness")) for t in tasks],
+                 [{k: np.asarray(v).round(12).tolist() for k, v in c.items()} for c in population]]
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = CACHE / f"fitness_{label}_{key}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return {t.name: data[t.name] for t in tasks}, float(data["seconds"])
+    materializer, scorers, splits = population_scorers(tasks, str(manifest.base_path),
+                                                       [str(p) for p in manifest.expert_paths])
+    started = time.perf_counter()
+    responses = score_population(materializer, method, population, scorers,
+                                 echo=lambda m: print(f"[{label}]{m}", file=sys.stderr))
+    seconds = time.perf_counter() - started
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, seconds=seconds, **responses)
+    return responses, seconds
+
+
+def manifest_accuracy_gaps(manifest, tasks) -> list[str]:
+    """Score the zoo's models on the test splits through the presets; list any mismatch with zoo.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(manifest.tokenizer_path))
+    scorers = {t.name: t.make_scorer(tokenizer, t.load_split("test")) for t in tasks}
+    gaps = []
+    for name in ["base", *manifest.experts]:
+        model = AutoModelForCausalLM.from_pretrained(str(manifest.model_path(name))).eval()
+        for task in manifest.tasks:
+            ours, theirs = float(np.mean(scorers[f"zoo_{task}"](model))), manifest.accuracy[name][task]
+            if ours != theirs:
+                gaps.append(f"{name}/{task}: {ours} != {theirs}")
+    return gaps
+
+
+# ------------------------------------------------------------------------------- fitting
+
+
+class TaskFits:
+    """Per task: the IRT fit and the lam cross-validation folds; neither depends on the subset."""
+
+    def __init__(self, y_cal: dict, ends, lam_rows, irt_model: str, lambda_method: str, n_folds: int, dims: int = 1,
+                 empirical_prior: bool = True):
+        from evomerge.fitness.estimators import cross_validation_folds
+        from evomerge.fitness.irt import fit_irt
+
+        self.irt_model, self.lambda_method, self.n_folds, self.dims = irt_model, lambda_method, n_folds, dims
+        self.empirical_prior = empirical_prior
+        self.ends, self.lam_rows = list(ends), list(lam_rows)
+        prior_rows = self.lam_rows if empirical_prior else None
+        self.params, self.folds = {}, {}
+        started = time.perf_counter()
+        for task, y in y_cal.items():
+            self.params[task] = fit_irt(y.astype(np.float64), irt_model, dims=dims, seed=0, prior_rows=prior_rows)
+            self.folds[task] = (cross_validation_folds(y, self.lam_rows, n_folds, model=irt_model, dims=dims, seed=0,
+                                                       empirical_prior=empirical_prior)
+                                if lambda_method == "cv" else None)
+        self.seconds = time.perf_counter() - started
+
+
+def estimate_held_out(fits: TaskFits, y_cal: dict, y_held: dict, n: int, method: str, seed: int):
+    """{task: {estimator: (H,) estimates}}, {task: fitted CompressedEstimator}; None if n cannot be drawn."""
+    from evomerge.fitness.calibrate import fit_task_calibration
+
+    values, fitted_all = {}, {}
+    for task, y in y_cal.items():
+        try:
+            fitted = fit_task_calibration(
+                y, fits.ends, fits.lam_rows, n=n, subset_method=method, subset_seed=seed,
+                irt_model=fits.irt_model, irt_dims=fits.dims, empirical_prior=fits.empirical_prior,
+                lambda_method=fits.lambda_method, n_folds=fits.n_folds,
+                item_params=fits.params[task], folds=fits.folds[task])
+        except ValueError as exc:  # e.g. fewer distinct item embeddings than anchors
+            print(f"  skipped {task} n={n} {method}: {exc}", file=sys.stderr)
+            return None, None
+        rows = [fitted.estimate_all(r[fitted.subset.items]) for r in y_held[task]]
+        values[task] = {name: np.array([r[name].value for r in rows]) for name in rows[0]}
+        fitted_all[task] = fitted
+    return values, fitted_all
+
+
+def metrics(values: dict, truth: dict) -> dict[str, tuple[float, float, float]]:
+    """estimator -> (MAE over tasks and merges, mean per-task Spearman, Spearman of the task mean)."""
+    from scipy.stats import spearmanr
+
+    tasks = list(truth)
+    out = {}
+    for name in values[tasks[0]]:
+        errors = np.concatenate([values[t][name] - truth[t] for t in tasks])
+        rho = np.mean([spearmanr(values[t][name], truth[t])[0] for t in tasks])
+        mean_est = np.mean([values[t][name] for t in tasks], axis=0)
+        mean_true = np.mean([truth[t] for t in tasks], axis=0)
+        out[name] = (float(np.abs(errors).mean()), float(rho), float(spearmanr(mean_est, mean_true)[0]))
+    return out
+
+
+def averaged(runs: list[dict]) -> dict[str, tuple[float, ...]]:
+    return {name: tuple(float(np.mean([r[name][i] for r in runs])) for i in range(3)) for name in runs[0]}
+
+
+# ------------------------------------------------------------------------------- Mergenetic
+
+
+MERGENETIC_WORKER = "--mergenetic-worker"
+
+
+def mergenetic_worker(inp: str, out: str) -> None:
+    """Runs under Mergenetic's venv: its estimators on our exported subsets and item parameters.
+
+    Each task is presented to Mergenetic as a one-scenario tinyBenchmarks dictionary ("gsm8k",
+    one subscenario, so its balance weights are 1): A = a, B = a b (its logit is sum(A theta - B)),
+    endpoint abilities read by `estimate_theta_anchors` from their answers on every item, as
+    Mergenetic's pipeline does, then `estimate_fitness` (mp-IRT / gmp-IRT with delta = 0.5) and,
+    for n = 20, tinyBenchmarks' `evaluate` (p-IRT, gp-IRT with our fitted lam).
+    """
+    import io
+    import contextlib
+
+    with contextlib.redirect_stdout(io.StringIO()):  # "PROJECT_ROOT IS HARCODED ..."
+        from mergenetic.estimator.utils import estimate_fitness, estimate_theta_anchors, evaluate
+    data = np.load(inp)
+    cases = sorted({k.split("/")[0] for k in data.files})
+    results = {}
+    for case in cases:
+        a, b = data[f"{case}/a"], data[f"{case}/b"]
+        n_items = a.shape[0]
+        items, weights = data[f"{case}/items"].tolist(), data[f"{case}/weights"]
+        tb = {"lb": {
+            "irt_parameters": {"A": a.reshape(1, 1, -1), "B": (a * b).reshape(1, 1, -1)},
+            "scenarios_position": {"gsm8k": list(range(n_items))},
+            "subscenarios_position": {"gsm8k": {"all": list(range(n_items))}},
+            "seen_examples": items,
+            "examples_weights": {"gsm8k": weights},
+            "optimal_lambdas": {"gsm8k": float(data[f"{case}/lam_gp"])},
+        }}
+        thetas = [estimate_theta_anchors(row.astype(float), "gsm8k", list(range(n_items)), tb)
+                  for row in data[f"{case}/endpoints"]]
+        held = data[f"{case}/held"]  # (H, n) subset answers
+        mp, gmp, pirt, gpirt = [], [], [], []
+        for y in held.astype(float):
+            est = estimate_fitness(y, thetas, "gsm8k", items, weights, tb)
+            mp.append(est["mpirt"])
+            gmp.append(est["gmpirt"])
+            if len(items) == 20:
+                ev = evaluate(y, "gsm8k", tb)["gsm8k"]
+                pirt.append(ev["pirt"])
+                gpirt.append(ev["gpirt"])
+        results[f"{case}/mp-IRT"] = np.array(mp)
+        results[f"{case}/gmp-IRT"] = np.array(gmp)
+        if pirt:
+            results[f"{case}/p-IRT"] = np.array(pirt)
+            results[f"{case}/gp-IRT"] = np.array(gpirt)
+    np.savez(out, **results)
+
+
+def run_mergenetic(python: str, cases: dict) -> dict | None:
+    """cases: case -> {task: (fitted, y_cal, y_held_subset)}; returns case -> task -> {name: (H,)}."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    inp, out = CACHE / "mergenetic_in.npz", CACHE / "mergenetic_out.npz"
+    arrays = {}
+    for case, per_task in cases.items():
+        for task, (fitted, endpoints, held) in per_task.items():
+            key = f"{case}|{task}"
+            arrays[f"{key}/a"] = fitted.item_params.discrimination
+            arrays[f"{key}/b"] = fitted.item_params.difficulty
+            arrays[f"{key}/items"] = fitted.subset.items
+            arrays[f"{key}/weights"] = fitted.subset.weights
+            arrays[f"{key}/lam_gp"] = np.array(fitted.lambdas["gp-IRT"])
+            arrays[f"{key}/endpoints"] = endpoints
+            arrays[f"{key}/held"] = held
+    np.savez(inp, **arrays)
+    started = time.perf_counter()
+    proc = subprocess.run([python, str(Path(__file__).resolve()), MERGENETIC_WORKER, str(inp), str(out)],
+                          capture_output=True, text=True, cwd=CACHE, env={**os.environ, "PYTHONPATH": ""})
+    if proc.returncode != 0:
+        print(f"Mergenetic run failed ({python}):\n{proc.stderr[-2000:]}")
+        return None
+    print(f"(Mergenetic estimators ran in {time.perf_counter() - started:.0f}s under {python})")
+    results: dict = {}
+    with np.load(out) as data:
+        for key in data.files:
+            case_task, name = key.rsplit("/", 1)
+            case, task = case_task.split("|")
+            results.setdefault(case, {}).setdefault(task, {})[name] = data[key]
+    return results
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def calibration_choices(args, calibration, default_fits, y_held, truth, ends, seeds, r0, n_endpoints,
+                        seconds_per_model) -> None:
+    """(c): accuracy at n = 20 and cost of each calibration choice (size, IRT model, lam method, folds)."""
+    from evomerge.fitness.calibrate import DEFAULT_FOLDS, DEFAULT_IRT_MODEL
+
+    print(f"\n(c) calibration choices at n=20 (MAE / Spearman / Spearman of the mean; mean over {len(seeds)} seeds); "
+          f"cost = scoring ({seconds_per_model:.2f}s per model) + fitting")
+    # (R, irt model, dims, prior, lam method, folds)
+    default = (r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", DEFAULT_FOLDS)
+    variants = [(r, DEFAULT_IRT_MODEL, 1, "empirical", "cv", DEFAULT_FOLDS) for r in (12, 24, 36, 48, 64)]
+    variants += [(r0, DEFAULT_IRT_MODEL, 1, "standard", "cv", DEFAULT_FOLDS),
+                 (r0, DEFAULT_IRT_MODEL, 2, "empirical", "cv", DEFAULT_FOLDS),
+                 (r0, DEFAULT_IRT_MODEL, 1, "empirical", "bias-variance", 0),
+                 (r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", 3), (r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", 10)]
+    girth = [(r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", 3), (r0, "2pl", 1, "empirical", "cv", 3)]  # 4 fits/task
+    variants = girth if args.girth_only else variants + (girth[1:] if args.girth else [])
+    print(f"{'R':>3} {'irt':11} {'prior':9} {'lam':14} {'cost(s)':>16} {'subset':11} {'gp-IRT':>19} {'gmp-IRT':>19} "
+          f"{'best':>19}")
+    for variant in variants:
+        r, irt_model, dims, prior, lam, folds = variant
+        y_c, rows = calibration(r)
+        fits = default_fits if variant == default else \
+            TaskFits(y_c, ends, rows, irt_model, lam, folds, dims, prior == "empirical")
+        scoring = (n_endpoints + r) * seconds_per_model
+        for method in SUBSET_METHODS:
+            runs = [metrics(v, truth) for v in (estimate_held_out(fits, y_c, y_held, 20, method, s)[0]
+                                                for s in (seeds[:1] if method in DETERMINISTIC else seeds))
+                    if v is not None]
+            row = averaged(runs)
+            best = min(row, key=lambda name: row[name][0])
+            label = f"{lam}" + (f"/{folds}" if lam == "cv" else "")
+            irt_label = irt_model + (f" D={dims}" if dims > 1 else "")
+            print(f"{r:>3} {irt_label:11} {prior:9} {label:14} {scoring:6.0f}+{fits.seconds:6.1f}={scoring + fits.seconds:4.0f} "
+                  f"{method:11} {fmt(row['gp-IRT']):>19} {fmt(row['gmp-IRT']):>19} {fmt(row[best]):>19} {best}")
+
+
+def fmt(m: tuple[float, float, float]) -> str:
+    return f"{m[0]:.4f} {m[1]:5.3f} {m[2]:5.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--zoo", default="zoo/small", type=Path)
+    parser.add_argument("--held-out", type=int, default=64)
+    parser.add_argument("--seeds", type=int, default=3, help="subset seeds averaged per configuration")
+    parser.add_argument("--mergenetic-python", default=None)
+    parser.add_argument("--girth", action="store_true", help="also time girth's 2PL (minutes per fit)")
+    parser.add_argument("--girth-only", action="store_true", help="only the girth rows of (c)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for scoring (1: on a shared 2-core box, 2 threads ran 5-10x slower)")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from evomerge.fitness.calibrate import (
+        DEFAULT_FOLDS,
+        DEFAULT_IRT_MODEL,
+        DEFAULT_RANDOM_MERGES,
+        endpoint_coefficients,
+        random_task_level_coefficients,
+    )
+
+    manifest, tasks = zoo_tasks(args.zoo)
+    k = len(manifest.experts)
+    endpoints = endpoint_coefficients(k)
+    calibration_pool = random_task_level_coefficients(k, MAX_CALIBRATION_MERGES, WEIGHT_BOUNDS, DENSITY_BOUNDS, 0)
+    held_out = random_task_level_coefficients(k, args.held_out, WEIGHT_BOUNDS, DENSITY_BOUNDS, 1)
+    y_pool, pool_seconds = scored_population(manifest, tasks, "calibration", endpoints + calibration_pool)
+    y_held, held_seconds = scored_population(manifest, tasks, "held_out", held_out)
+    seconds_per_model = (pool_seconds + held_seconds) / (len(endpoints) + len(calibration_pool) + len(held_out))
+    truth = {t: y.mean(axis=1) for t, y in y_held.items()}
+    n_total = {t: y.shape[1] for t, y in y_held.items()}
+    ends = list(range(len(endpoints)))
+    seeds = list(range(args.seeds))
+
+    def calibration(r: int) -> tuple[dict, list[int]]:
+        return {t: y[: len(endpoints) + r] for t, y in y_pool.items()}, list(range(len(endpoints), len(endpoints) + r))
+
+    print(f"zoo {args.zoo} ({manifest.size}, content {manifest.content_hash[:12]}): tasks "
+          + ", ".join(f"{t} {n_total[t]} items" for t in n_total)
+          + f"; scoring one model on all of them takes {seconds_per_model:.2f}s")
+    gaps = manifest_accuracy_gaps(manifest, tasks)
+    print("zoo presets vs zoo.json test accuracies of the base and experts: "
+          + ("identical" if not gaps else "DIFFERENT: " + "; ".join(gaps)))
+    print("held-out merges: " + ", ".join(f"{t} accuracy {truth[t].min():.2f}..{truth[t].max():.2f} "
+                                          f"(mean {truth[t].mean():.2f})" for t in truth)
+          + f"; {args.held_out} merges, seed 1")
+
+    # (a) the default calibration, every n, method and estimator
+    r0 = DEFAULT_RANDOM_MERGES
+    y_cal, lam_rows = calibration(r0)
+    default_fits = TaskFits(y_cal, ends, lam_rows, DEFAULT_IRT_MODEL, "cv", DEFAULT_FOLDS)
+    if args.girth_only:
+        return calibration_choices(args, calibration, default_fits, y_held, truth, ends, seeds, r0,
+                                   len(endpoints), seconds_per_model)
+    print(f"\n(a) default calibration: {len(endpoints)} endpoints + {r0} random merges, irt {DEFAULT_IRT_MODEL}, "
+          f"lam cv {DEFAULT_FOLDS}-fold on the random merges (IRT + folds fitted in {default_fits.seconds:.1f}s); "
+          f"mean over {len(seeds)} subset seeds (informative subsets are deterministic: one)")
+    print("    MAE / Spearman per task (mean) / Spearman of the task mean")
+    table: dict = {}
+    export: dict = {}
+    for n in SIZES:
+        for method in SUBSET_METHODS:
+            runs = []
+            for seed in seeds[:1] if method in DETERMINISTIC else seeds:
+                values, fitted = estimate_held_out(default_fits, y_cal, y_held, n, method, seed)
+                if values is None:
+                    continue
+                runs.append(metrics(values, truth))
+                if seed == 0:
+                    export[f"n{n}-{method}"] = {t: (fitted[t], y_cal[t][ends], y_held[t][:, fitted[t].subset.items])
+                                                for t in fitted}
+                    table[(n, method, "values")] = values
+            if runs:
+                table[(n, method)] = averaged(runs)
+    names = list(next(v for k_, v in table.items() if len(k_) == 2))
+    print(f"{'n':>4} {'subset':11} " + " ".join(f"{name:>19}" for name in names))
+    for n in SIZES:
+        for method in SUBSET_METHODS:
+            if (n, method) not in table:
+                print(f"{n:>4} {method:11} (cannot draw this subset)")
+                continue
+            row = table[(n, method)]
+            best = min(row, key=lambda name: row[name][0])
+            print(f"{n:>4} {method:11} " + " ".join(f"{fmt(row[name]):>19}" for name in names) + f"   best {best}")
+
+    # (b) item evaluations
+    calibration_models = len(endpoints) + r0
+    full = sum(n_total.values())
+    amortised = calibration_models * full / SEARCH_CANDIDATES
+    print(f"\n(b) item evaluations per candidate (full splits: {full}; calibration {calibration_models} models x "
+          f"{full} items / {SEARCH_CANDIDATES} candidates = {amortised:.1f})")
+    for n in SIZES:
+        subset = n * len(n_total)
+        print(f"  n={n:>3}/task: {subset:>3} subset + {amortised:.1f} calibration = {subset + amortised:6.1f} "
+              f"-> {full / (subset + amortised):5.1f}x fewer ({full / subset:5.1f}x without calibration)")
+
+    # (c) calibration choices at n = 20
+    calibration_choices(args, calibration, default_fits, y_held, truth, ends, seeds, r0, len(endpoints),
+                        seconds_per_model)
+
+    # (d) Mergenetic side by side
+    if args.mergenetic_python:
+        theirs = run_mergenetic(args.mergenetic_python, export)
+        if theirs is not None:
+            print("\n(d) Mergenetic (MERGE^3) estimators on the same responses, subsets and item parameters "
+                  "(subset seed 0; MAE / Spearman / Spearman of the mean)")
+            print(f"{'n':>4} {'subset':11} {'estimator':9} {'ours':>19} {'Mergenetic':>19}")
+            for case in export:
+                n, method = int(case.split("-")[0][1:]), case.split("-", 1)[1]
+                ours = metrics(table[(n, method, "values")], truth)
+                for name in ("p-IRT", "gp-IRT", "mp-IRT", "gmp-IRT"):
+                    if name not in theirs[case][next(iter(theirs[case]))]:
+                        continue
+                    mg = metrics({t: {name: theirs[case][t][name]} for t in truth}, truth)[name]
+                    print(f"{n:>4} {method:11} {name:9} {fmt(ours[name]):>19} {fmt(mg):>19}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == MERGENETIC_WORKER:
+        mergenetic_worker(sys.argv[2], sys.argv[3])
+    else:
+        main()

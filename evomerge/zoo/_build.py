@@ -1,0 +1,393 @@
+"""`build_zoo`: build (or reuse) the zoo's tokenizer, tasks, base, experts and reference merges.
+
+The zoo is a folder::
+
+    zoo.json               the manifest (see `Manifest`)
+    tokenizer/             Hugging Face tokenizer files
+    tasks/<task>/          a `datasets.DatasetDict` (train / validation / test), `save_to_disk`
+    models/base/           `LlamaForCausalLM` folders: config, safetensors, tokenizer, generation config
+    models/<task>/         one expert per task, fine-tuned from the base
+
+Each component records a *key* (a hash of the settings and of the upstream components it was
+built from) and the sha256 of every file it wrote. A later build reuses a component when its key
+is unchanged and its files still hash to the recorded values, and rebuilds it otherwise (a
+deleted or corrupted file, a different seed or size); downstream components follow through their
+keys. Every folder is written atomically and the manifest is rewritten after each component, so
+an interrupted build resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from evomerge._atomic import atomic_directory, write_json_atomic
+from evomerge._device import default_device
+from evomerge.zoo._sizes import ZooSize, get_size
+from evomerge.zoo._tasks import TASKS
+
+MANIFEST_NAME = "zoo.json"
+FORMAT = "evomerge-zoo/1"
+BASE = "base"
+
+# The quality bars of the issue, in accuracy points (0-100) on the test splits.
+BAR_EXPERT_OWN_TASK = 90.0
+BAR_BASE_GAP = 20.0
+BAR_MERGE_OVER_BASE = 10.0
+BAR_MERGE_OVER_BEST_EXPERT = 5.0
+BAR_HEADROOM = 5.0
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A built zoo: its folder and the parsed `zoo.json` (`data`, a plain JSON dictionary).
+
+    Schema of `data` (all accuracies are fractions in [0, 1] on the *test* splits)::
+
+        format, size, seed, content_hash, built_with {python, torch, transformers, datasets}
+        settings                  ZooSize as a dictionary (shapes, split sizes, training budgets)
+        tokenizer                 component entry {path, key, hash, files, seconds, vocab}
+        tasks[task]               component entry + {splits: {split: n_items}, columns}
+        models[name]              component entry + {role: base|expert, task, parent, n_parameters,
+                                  config, training: {steps, lr, ..., seed, final_loss}}
+        evaluation                {key, seconds, accuracy[model][task], reference_merges,
+                                   quality_bars}
+        reference_merges[name]    {method, weights, validation: {task: acc, mean}, test: {...}}
+                                  for best_grid (chosen on validation), uniform_task_arithmetic
+                                  and averaging; best_grid also has grid {values, refine_step,
+                                  n_evaluated}
+        quality_bars              list of {bar, value, threshold, passed} in points
+        build                     {seconds, load_average [before, after], threads (of the last
+                                   build from scratch), last_run: {seconds, built, reused}}
+    """
+
+    root: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "Manifest":
+        root = Path(root)
+        path = root / MANIFEST_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found; build the zoo first with evomerge.zoo.build_zoo({str(root)!r})")
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+        return cls(root, data)
+
+    @property
+    def size(self) -> str:
+        return self.data["size"]
+
+    @property
+    def seed(self) -> int:
+        return self.data["seed"]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.data["tasks"])
+
+    @property
+    def experts(self) -> list[str]:
+        """Expert model names, in task order (the order of task vectors in every merge)."""
+        return [name for name, m in self.data["models"].items() if m["role"] == "expert"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / self.data["tokenizer"]["path"]
+
+    def task_path(self, task: str) -> Path:
+        return self.root / self._entry("tasks", task)["path"]
+
+    def model_path(self, name: str) -> Path:
+        return self.root / self._entry("models", name)["path"]
+
+    @property
+    def base_path(self) -> Path:
+        return self.model_path(BASE)
+
+    @property
+    def expert_paths(self) -> list[Path]:
+        return [self.model_path(name) for name in self.experts]
+
+    @property
+    def accuracy(self) -> dict[str, dict[str, float]]:
+        return self.data["evaluation"]["accuracy"]
+
+    @property
+    def reference_merges(self) -> dict[str, dict]:
+        return self.data["evaluation"]["reference_merges"]
+
+    @property
+    def quality_bars(self) -> list[dict]:
+        return self.data["evaluation"]["quality_bars"]
+
+    @property
+    def content_hash(self) -> str:
+        return self.data["content_hash"]
+
+    @property
+    def built(self) -> list[str]:
+        """Components (re)built by the run that wrote this manifest."""
+        return self.data["build"]["last_run"]["built"]
+
+    @property
+    def reused(self) -> list[str]:
+        return self.data["build"]["last_run"]["reused"]
+
+    def _entry(self, kind: str, name: str) -> dict:
+        entries = self.data[kind]
+        if name not in entries:
+            raise KeyError(f"{self.root / MANIFEST_NAME}: no {kind[:-1]} {name!r}; it has {', '.join(entries)}")
+        return entries[name]
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative POSIX path (empty if it is missing).
+
+    `datasets` writes `cache-*.arrow` files beside a dataset loaded from disk whenever someone
+    maps or filters it; they are not part of the zoo, so they are left out.
+    """
+    if not folder.is_dir():
+        return {}
+    return {
+        p.relative_to(folder).as_posix(): _sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not (p.name.startswith("cache-") and p.suffix == ".arrow")
+    }
+
+
+def _hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def derive_seed(seed: int, *names: str) -> int:
+    """A 63-bit seed for one use (e.g. the addition expert's batches) from the zoo seed."""
+    return int.from_bytes(hashlib.sha256(json.dumps([seed, *names]).encode()).digest()[:8], "little") >> 1
+
+
+# --------------------------------------------------------------------------- the build
+
+
+class _Builder:
+    """Walks the components in dependency order, reusing each one whose key and files still match."""
+
+    def __init__(self, root: Path, spec: ZooSize, seed: int, progress: bool) -> None:
+        self.root = root
+        self.spec = spec
+        self.seed = seed
+        self.progress = progress
+        self.start = time.perf_counter()
+        self.previous = _read_previous(root)
+        self.data: dict[str, Any] = {
+            "format": FORMAT,
+            "size": spec.name,
+            "seed": seed,
+            "content_hash": None,
+            "built_with": _versions(),
+            "settings": spec.to_json(),
+            "tokenizer": None,
+            "tasks": {},
+            "models": {},
+            "evaluation": None,
+        }
+        self.built: list[str] = []
+        self.reused: list[str] = []
+        self.device = default_device()
+
+    def log(self, message: str) -> None:
+        if self.progress:
+            print(f"[zoo {time.perf_counter() - self.start:6.1f}s] {message}", flush=True)
+
+    def previous_entry(self, kind: str, name: str | None = None) -> dict | None:
+        entry = self.previous.get(kind)
+        if name is not None:
+            entry = (entry or {}).get(name)
+        return entry
+
+    def ensure(self, label: str, folder: Path, key: str, previous: dict | None, build: Callable[[Path], dict]) -> dict:
+        """Reuse `folder` if `previous` has this key and the files are intact; else build it."""
+        if previous is not None and previous.get("key") == key and folder_files(folder) == previous.get("files"):
+            self.reused.append(label)
+            self.log(f"{label}: reused ({folder.relative_to(self.root)})")
+            return previous
+        reason = "missing" if previous is None or not folder.exists() else (
+            "settings changed" if previous.get("key") != key else "files changed or missing")
+        self.log(f"{label}: building ({reason})")
+        began = time.perf_counter()
+        with atomic_directory(folder, overwrite=True) as tmp:
+            info = build(tmp)
+        files = folder_files(folder)
+        entry = {
+            "path": folder.relative_to(self.root).as_posix(),
+            "key": key,
+            "hash": _hash_json(files),
+            "files": files,
+            "seconds": round(time.perf_counter() - began, 2),
+            **info,
+        }
+        self.built.append(label)
+        return entry
+
+    def save(self) -> None:
+        write_json_atomic(self.root / MANIFEST_NAME, self.data)
+
+
+def _read_previous(root: Path) -> dict:
+    path = root / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return data if data.get("format") == FORMAT else {}
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+def build_zoo(
+    out_dir: str | os.PathLike, size: str = "small", seed: int = 0, progress: bool = True
+) -> Manifest:
+    """Build the zoo into `out_dir/size` (or reuse what is already there) and return its manifest.
+
+    `out_dir/small` and `out_dir/tiny` can live side by side; the manifest is `out_dir/size/zoo.json`.
+    Deterministic for a given (size, seed) on one machine, torch version and thread count.
+    """
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    spec = get_size(size)
+    root = Path(out_dir) / spec.name
+    root.mkdir(parents=True, exist_ok=True)
+    # per-file loading and saving bars would drown the build's own progress lines
+    hf_bars, ds_bars = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        return _build(root, spec, int(seed), progress)
+    finally:
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+        if ds_bars:
+            datasets.enable_progress_bars()
+
+
+def _build(root: Path, spec: ZooSize, seed: int, progress: bool) -> Manifest:
+    from evomerge.zoo import _stages
+
+    builder = _Builder(root, spec, seed, progress)
+    builder.log(f"zoo size={spec.name} seed={seed} -> {root} (device {builder.device}, {torch.get_num_threads()} threads)")
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    _stages.build_tokenizer_stage(builder)
+    _stages.build_task_stages(builder)
+    _stages.build_base_stage(builder)
+    _stages.build_expert_stages(builder)
+    _stages.evaluate_stage(builder)
+
+    data = builder.data
+    components = [data["tokenizer"]] + list(data["tasks"].values()) + list(data["models"].values())
+    data["content_hash"] = _hash_json(sorted(c["hash"] for c in components))
+    run_seconds = round(time.perf_counter() - builder.start, 2)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    previous_build = builder.previous.get("build", {})
+    from_scratch = not builder.reused
+    components_seconds = sum(c["seconds"] for c in components) + data["evaluation"]["seconds"]
+    data["build"] = {
+        # wall-clock time of the last build from scratch (imports included), with the machine's
+        # 1-minute load average before and after it; a partial rebuild keeps those figures
+        "seconds": run_seconds if from_scratch else previous_build.get("seconds", round(components_seconds, 2)),
+        "load_average": [load_before, load_after] if from_scratch else previous_build.get("load_average"),
+        "threads": torch.get_num_threads() if from_scratch else previous_build.get("threads"),
+        "last_run": {"seconds": run_seconds, "built": builder.built, "reused": builder.reused},
+    }
+    _set_build_bar(data)
+    builder.save()
+    builder.log(f"done in {run_seconds:.1f}s: built {len(builder.built)}, reused {len(builder.reused)}")
+    return Manifest.load(root)  # exactly what a later reader sees (tuples become lists)
+
+
+def _set_build_bar(data: dict) -> None:
+    bars = [b for b in data["evaluation"]["quality_bars"] if b["bar"] != "build_seconds"]
+    seconds = data["build"]["seconds"]
+    limit = data["settings"]["max_build_seconds"]
+    bars.append({"bar": "build_seconds", "value": seconds, "threshold": limit, "passed": seconds <= limit,
+                 "detail": f"wall-clock build from scratch; 1-min load average before/after {data['build']['load_average']}"})
+    data["evaluation"]["quality_bars"] = bars
+
+
+# --------------------------------------------------------------------------- reference merges
+
+
+def grid_search(
+    score: Callable[[tuple[float, ...]], float], n_experts: int, values: tuple[float, ...], refine_step: float,
+    max_rounds: int = 3,
+) -> tuple[tuple[float, ...], float, int]:
+    """Best weights by a coarse grid, then hill-climbing on the 3^K neighbourhood at `refine_step`.
+
+    Returns (weights, score, number of evaluations). Ties keep the earlier point, so the result
+    depends only on the scores. Weights are rounded to 4 decimals and never negative.
+    """
+    seen: dict[tuple[float, ...], float] = {}
+
+    def evaluate(w: tuple[float, ...]) -> float:
+        w = tuple(round(max(0.0, x), 4) for x in w)
+        if w not in seen:
+            seen[w] = score(w)
+        return seen[w]
+
+    best = max(itertools.product(values, repeat=n_experts), key=evaluate)  # first of equals wins
+    best = tuple(round(x, 4) for x in best)
+    best_score = seen[best]
+    for _ in range(max_rounds):
+        improved = False
+        for offsets in itertools.product((-refine_step, 0.0, refine_step), repeat=n_experts):
+            w = tuple(round(max(0.0, b + o), 4) for b, o in zip(best, offsets))
+            s = evaluate(w)
+            if s > best_score:
+                best, best_score, improved = w, s, True
+        if not improved:
+            break
+    return best, best_score, len(seen)
+
+
+def score_tasks(model, scorers: dict[str, Callable]) -> dict[str, float]:
+    """Accuracy of `model` on each task and their mean."""
+    scores = {task: float(np.mean(scorer(model))) for task, scorer in scorers.items()}
+    scores["mean"] = float(np.mean([scores[t] for t in scorers]))
+    return scores
+
+
+__all__ = ["BASE", "MANIFEST_NAME", "Manifest", "TASKS", "build_zoo", "derive_seed", "folder_files", "grid_search"]

@@ -1,0 +1,103 @@
+"""The zoo's two sizes as data: model shape, split sizes, training budgets and the merge grid.
+
+``small`` is the demo default and must meet the quality bars (docs/zoo.md); ``tiny`` is the test
+fixture, built in seconds, with the same structure and no quality promise.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ZooSize:
+    name: str
+    # model shape (LlamaForCausalLM)
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    # task splits: reversal/sorting draw `train_items` training prompts; addition has at most 10,000
+    train_items: int
+    validation_items: int
+    test_items: int
+    # base pretraining on a mixture of the tasks; `base_mix` gives the rows per batch of each task
+    base_steps: int
+    base_lr: float
+    base_warmup: int
+    base_mix: dict[str, int]
+    # the base sees only the training items whose difficulty column is at most the limit, per task
+    # (task -> (column, limit)); the experts see everything, so the harder items are what they add
+    base_limits: dict[str, tuple[str, int]]
+    # experts: gentle full fine-tuning with replay of the other tasks labelled by the base
+    expert_steps: dict[str, int]
+    expert_lr: float
+    expert_warmup: int
+    expert_batch: int
+    replay_rows: int  # rows per batch replaying the other tasks (split evenly between them)
+    replay_pool: int  # prompts per other task labelled by the base's greedy output
+    # reference merges: coarse grid over per-expert task-arithmetic weights, then a local refinement
+    grid: tuple[float, ...]
+    refine_step: float
+    max_build_seconds: float  # the build-time bar on two unloaded CPU cores
+    eval_batch: int = 256
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+SIZES: dict[str, ZooSize] = {
+    "small": ZooSize(
+        name="small",
+        hidden=128,
+        layers=4,
+        heads=4,
+        intermediate=512,
+        train_items=20_000,
+        validation_items=300,
+        test_items=300,
+        base_steps=400,
+        base_lr=2e-3,
+        base_warmup=20,
+        base_mix={"addition": 80, "reversal": 24, "sorting": 24},
+        base_limits={"addition": ("answer_len", 2), "reversal": ("n_digits", 6), "sorting": ("n_digits", 6)},
+        expert_steps={"addition": 450, "reversal": 200, "sorting": 100},
+        expert_lr=3e-4,
+        expert_warmup=10,
+        expert_batch=128,
+        replay_rows=26,
+        replay_pool=1024,
+        grid=(0.3, 0.6, 0.9, 1.2),
+        refine_step=0.15,
+        max_build_seconds=300.0,
+    ),
+    "tiny": ZooSize(
+        name="tiny",
+        hidden=32,
+        layers=2,
+        heads=2,
+        intermediate=64,
+        train_items=2_000,
+        validation_items=60,
+        test_items=60,
+        base_steps=40,
+        base_lr=3e-3,
+        base_warmup=5,
+        base_mix={"addition": 16, "reversal": 8, "sorting": 8},
+        base_limits={"addition": ("answer_len", 2), "reversal": ("n_digits", 6), "sorting": ("n_digits", 6)},
+        expert_steps={"addition": 15, "reversal": 10, "sorting": 10},
+        expert_lr=1e-3,
+        expert_warmup=2,
+        expert_batch=32,
+        replay_rows=8,
+        replay_pool=64,
+        grid=(0.5, 1.0),
+        refine_step=0.25,
+        max_build_seconds=30.0,
+    ),
+}
+
+
+def get_size(name: str) -> ZooSize:
+    if name not in SIZES:
+        raise ValueError(f"unknown zoo size {name!r}; choose one of {', '.join(SIZES)}")
+    return SIZES[name]

@@ -1,0 +1,332 @@
+"""The stages of `build_zoo`, in dependency order: tokenizer, tasks, base, experts, evaluation.
+
+Each stage computes its component's key from its settings and its inputs' hashes, then asks the
+builder to reuse or build the folder. Models are always read back from their saved folders
+before they are used downstream, so a reused component and a freshly built one behave alike.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evomerge.fitness.scoring import ExactMatchScorer
+from evomerge.zoo._build import (
+    BAR_BASE_GAP,
+    BAR_EXPERT_OWN_TASK,
+    BAR_HEADROOM,
+    BAR_MERGE_OVER_BASE,
+    BAR_MERGE_OVER_BEST_EXPERT,
+    BASE,
+    _Builder,
+    _hash_json,
+    derive_seed,
+    grid_search,
+    score_tasks,
+)
+from evomerge.zoo._tasks import TASKS, TaskSplitSizes, make_task_splits
+from evomerge.zoo._tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, build_tokenizer, save_tokenizer
+from evomerge.zoo._train import BatchPart, encode_examples, init_model, make_sampler, model_config, train
+
+MAX_ANSWER_TOKENS = 12  # longest zoo answer is 8 digits; generation_config's default budget
+
+
+# --------------------------------------------------------------------------- tokenizer and tasks
+
+
+def build_tokenizer_stage(b: _Builder) -> None:
+    key = _hash_json({"stage": "tokenizer/1", "vocab": VOCAB})
+
+    def build(folder: Path) -> dict:
+        save_tokenizer(build_tokenizer(), folder)
+        return {"vocab": list(VOCAB)}
+
+    b.data["tokenizer"] = b.ensure("tokenizer", b.root / "tokenizer", key, b.previous_entry("tokenizer"), build)
+    b.save()
+
+
+def build_task_stages(b: _Builder) -> None:
+    import datasets
+
+    sizes = TaskSplitSizes(b.spec.train_items, b.spec.validation_items, b.spec.test_items)
+    for task in TASKS:
+        key = _hash_json({"stage": "task/1", "task": task, "sizes": sizes.__dict__, "seed": b.seed})
+
+        def build(folder: Path, task: str = task, key: str = key) -> dict:
+            columns = make_task_splits(task, sizes, b.seed)
+            splits = {}
+            for split, cols in columns.items():
+                table = datasets.Dataset.from_dict(cols)
+                # a fingerprint derived from the key (not a random one) keeps the saved bytes reproducible
+                splits[split] = datasets.Dataset(table.data, info=table.info, fingerprint=f"{key[:16]}-{split}")
+            datasets.DatasetDict(splits).save_to_disk(str(folder))
+            return {
+                "description": _TASK_DESCRIPTIONS[task],
+                "splits": {split: len(cols["id"]) for split, cols in columns.items()},
+                "columns": list(columns["test"]),
+            }
+
+        b.data["tasks"][task] = b.ensure(f"task {task}", b.root / "tasks" / task, key, b.previous_entry("tasks", task), build)
+        b.save()
+
+
+_TASK_DESCRIPTIONS = {
+    "addition": "a+b= -> the sum, operands 0-99",
+    "reversal": "R<4-8 digits>= -> the digits reversed",
+    "sorting": "S<4-8 digits>= -> the digits sorted ascending",
+}
+
+
+def _load_split(b: _Builder, task: str, split: str):
+    import datasets
+
+    return datasets.load_from_disk(str(b.root / b.data["tasks"][task]["path"]))[split]
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _model_shape(b: _Builder) -> dict:
+    s = b.spec
+    return {"hidden": s.hidden, "layers": s.layers, "heads": s.heads, "intermediate": s.intermediate}
+
+
+def _save_model(model, folder: Path) -> None:
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False, max_new_tokens=MAX_ANSWER_TOKENS
+    )
+    model.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(build_tokenizer(), folder)
+
+
+def _load_model(path: Path, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def _upstream_hashes(b: _Builder) -> dict:
+    return {"tokenizer": b.data["tokenizer"]["hash"], "tasks": {t: b.data["tasks"][t]["hash"] for t in TASKS}}
+
+
+def build_base_stage(b: _Builder) -> None:
+    s = b.spec
+    training = {
+        "objective": "mixture of all task formats, answer tokens only",
+        "steps": s.base_steps,
+        "lr": s.base_lr,
+        "warmup": s.base_warmup,
+        "schedule": "linear warm-up, cosine decay to 0",
+        "optimizer": "AdamW(betas=(0.9, 0.95), weight_decay=0), grad-norm clip 1.0",
+        "batch_mix": s.base_mix,
+        "limits": {t: f"{col} <= {lim}" for t, (col, lim) in s.base_limits.items()},
+        "init_seed": derive_seed(b.seed, BASE, "init"),
+        "batch_seed": derive_seed(b.seed, BASE, "batches"),
+    }
+    key = _hash_json({"stage": "base/1", "shape": _model_shape(b), "training": training, **_upstream_hashes(b)})
+
+    def build(folder: Path) -> dict:
+        config = model_config(**_model_shape(b))
+        model = init_model(config, training["init_seed"]).to(b.device)
+        parts = []
+        for task, count in s.base_mix.items():
+            train_split = _load_split(b, task, "train")
+            column, limit = s.base_limits.get(task, ("n_digits", float("inf")))
+            rows = [(p, a) for p, a, n in zip(train_split["prompt"], train_split["answer"], train_split[column])
+                    if n <= limit]
+            parts.append(BatchPart(encode_examples(*zip(*rows)), count))
+        generator = torch.Generator().manual_seed(training["batch_seed"])
+        losses = train(model, make_sampler(parts, generator), steps=s.base_steps, lr=s.base_lr,
+                       warmup=s.base_warmup, stage="base", log=b.log, log_every=max(1, s.base_steps // 5))
+        _save_model(model.cpu(), folder)
+        return _model_info(model, "base", None, None, {**training, "final_loss": round(float(np.mean(losses[-10:])), 4)})
+
+    b.data["models"][BASE] = b.ensure("model base", b.root / "models" / BASE, key, b.previous_entry("models", BASE), build)
+    b.save()
+
+
+def _model_info(model, role: str, task: str | None, parent: str | None, training: dict) -> dict:
+    return {
+        "role": role,
+        "task": task,
+        "parent": parent,
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+        "config": {k: getattr(model.config, k) for k in (
+            "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "max_position_embeddings")},
+        "training": training,
+    }
+
+
+def _replay_pools(b: _Builder, base_model, tokenizer) -> dict:
+    """Per task: `replay_pool` training prompts labelled with the base's own greedy answers."""
+    pools = {}
+    for task in TASKS:
+        prompts = _load_split(b, task, "train")["prompt"][: b.spec.replay_pool]
+        scorer = ExactMatchScorer(tokenizer, prompts, batch_size=b.spec.eval_batch,
+                                  max_new_tokens=MAX_ANSWER_TOKENS, device=b.device)
+        pools[task] = encode_examples(prompts, scorer.decode(base_model))
+    return pools
+
+
+def build_expert_stages(b: _Builder) -> None:
+    from transformers import AutoTokenizer
+
+    s = b.spec
+    base_path = b.root / b.data["models"][BASE]["path"]
+    cache: dict = {}  # the base model and replay pools, loaded only if some expert needs building
+
+    def base_and_pools():
+        if not cache:
+            tokenizer = AutoTokenizer.from_pretrained(b.root / b.data["tokenizer"]["path"])
+            base_model = _load_model(base_path, b.device)
+            b.log("experts: labelling replay prompts with the base's greedy answers")
+            cache["base"], cache["pools"] = base_model, _replay_pools(b, base_model, tokenizer)
+        return cache["base"], cache["pools"]
+
+    for task in TASKS:
+        others = [t for t in TASKS if t != task]
+        training = {
+            "objective": f"{task}, plus replay of {', '.join(others)} labelled by the base's greedy answers",
+            "steps": s.expert_steps[task],
+            "lr": s.expert_lr,
+            "warmup": s.expert_warmup,
+            "schedule": "linear warm-up, cosine decay to 0",
+            "optimizer": "AdamW(betas=(0.9, 0.95), weight_decay=0), grad-norm clip 1.0",
+            "batch": s.expert_batch,
+            "replay_rows": s.replay_rows,
+            "replay_pool": s.replay_pool,
+            "batch_seed": derive_seed(b.seed, task, "batches"),
+        }
+        key = _hash_json({"stage": "expert/1", "task": task, "training": training,
+                          "base": b.data["models"][BASE]["hash"], **_upstream_hashes(b)})
+
+        def build(folder: Path, task: str = task, others: list = others, training: dict = training) -> dict:
+            base_model, pools = base_and_pools()
+            model = _load_model(base_path, b.device)
+            train_split = _load_split(b, task, "train")
+            per_other = s.replay_rows // len(others)
+            parts = [BatchPart(encode_examples(train_split["prompt"], train_split["answer"]),
+                               s.expert_batch - per_other * len(others))]
+            parts += [BatchPart(pools[o], per_other) for o in others if per_other > 0]
+            generator = torch.Generator().manual_seed(training["batch_seed"])
+            losses = train(model, make_sampler(parts, generator), steps=training["steps"], lr=s.expert_lr,
+                           warmup=s.expert_warmup, stage=f"expert {task}", log=b.log,
+                           log_every=max(1, training["steps"] // 3))
+            _save_model(model.cpu(), folder)
+            return _model_info(model, "expert", task, BASE,
+                               {**training, "final_loss": round(float(np.mean(losses[-10:])), 4)})
+
+        b.data["models"][task] = b.ensure(f"model {task}", b.root / "models" / task, key,
+                                          b.previous_entry("models", task), build)
+        b.save()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_stage(b: _Builder) -> None:
+    s = b.spec
+    key = _hash_json({
+        "stage": "evaluation/2",
+        "models": {name: m["hash"] for name, m in b.data["models"].items()},
+        "tasks": {t: b.data["tasks"][t]["hash"] for t in TASKS},
+        "grid": list(s.grid), "refine_step": s.refine_step, "eval_batch": s.eval_batch,
+    })
+    previous = b.previous_entry("evaluation")
+    if previous is not None and previous.get("key") == key:
+        b.reused.append("evaluation")
+        b.log("evaluation: reused")
+        b.data["evaluation"] = previous
+        return
+    b.log("evaluation: scoring every model on every test split")
+    began = time.perf_counter()
+    evaluation = _evaluate(b)
+    evaluation = {"key": key, "seconds": round(time.perf_counter() - began, 2), **evaluation}
+    b.data["evaluation"] = evaluation
+    b.built.append("evaluation")
+
+
+def _scorers(b: _Builder, tokenizer, split: str) -> dict[str, ExactMatchScorer]:
+    out = {}
+    for task in TASKS:
+        data = _load_split(b, task, split)
+        out[task] = ExactMatchScorer(tokenizer, data["prompt"], data["answer"], batch_size=b.spec.eval_batch,
+                                     device=b.device)
+    return out
+
+
+def _evaluate(b: _Builder) -> dict:
+    from transformers import AutoTokenizer
+
+    from evomerge.merge.materializer import Materializer
+
+    tokenizer = AutoTokenizer.from_pretrained(b.root / b.data["tokenizer"]["path"])
+    test = _scorers(b, tokenizer, "test")
+    validation = _scorers(b, tokenizer, "validation")
+    accuracy = {}
+    for name, entry in b.data["models"].items():
+        accuracy[name] = {t: v for t, v in score_tasks(_load_model(b.root / entry["path"], b.device), test).items()
+                          if t != "mean"}
+    b.log("evaluation: " + "; ".join(
+        f"{name} " + " ".join(f"{100 * acc[t]:.0f}" for t in TASKS) for name, acc in accuracy.items()))
+
+    materializer = Materializer.from_folders(
+        b.root / b.data["models"][BASE]["path"], [b.root / b.data["models"][t]["path"] for t in TASKS], device=b.device
+    )
+    n_evaluated = 0
+
+    def validation_mean(weights: tuple[float, ...]) -> float:
+        nonlocal n_evaluated
+        n_evaluated += 1
+        return score_tasks(materializer.apply("task_arithmetic", weight=list(weights)), validation)["mean"]
+
+    b.log(f"evaluation: grid over task-arithmetic weights {list(b.spec.grid)}^{len(TASKS)}, then refinement")
+    best, _, n_points = grid_search(validation_mean, len(TASKS), b.spec.grid, b.spec.refine_step)
+    merges = {}
+    for name, method, weights in (
+        ("best_grid", "task_arithmetic", list(best)),
+        ("uniform_task_arithmetic", "task_arithmetic", [1.0] * len(TASKS)),
+        ("averaging", "linear", [1.0] * len(TASKS)),
+    ):
+        model = materializer.apply(method, weight=weights)
+        merges[name] = {"method": method, "weights": weights,
+                        "validation": score_tasks(model, validation), "test": score_tasks(model, test)}
+    merges["averaging"]["note"] = "mean of the experts' weights (linear, normalized)"
+    merges["best_grid"]["grid"] = {"values": list(b.spec.grid), "refine_step": b.spec.refine_step,
+                                   "n_evaluated": n_points, "chosen_on": "validation mean over tasks"}
+    b.log("evaluation: " + "; ".join(
+        f"{name} {merges[name]['weights'] if name == 'best_grid' else ''} test mean {100 * m['test']['mean']:.1f}"
+        for name, m in merges.items()))
+    return {"accuracy": accuracy, "reference_merges": merges, "quality_bars": _quality_bars(accuracy, merges)}
+
+
+def _quality_bars(accuracy: dict, merges: dict) -> list[dict]:
+    """The issue's bars, in points on the test splits (build time is added by `build_zoo`)."""
+    def mean(name: str) -> float:
+        return 100 * float(np.mean([accuracy[name][t] for t in TASKS]))
+
+    own = {t: 100 * accuracy[t][t] for t in TASKS}
+    best_merge = 100 * merges["best_grid"]["test"]["mean"]
+    best_expert = max(TASKS, key=mean)
+    rows = [
+        ("expert_own_task_min", min(own.values()), BAR_EXPERT_OWN_TASK,
+         "lowest expert score on its own task: " + ", ".join(f"{t} {v:.1f}" for t, v in own.items())),
+        ("experts_own_mean_minus_base_mean", float(np.mean(list(own.values()))) - mean(BASE), BAR_BASE_GAP,
+         f"experts' own-task mean {np.mean(list(own.values())):.1f}, base mean {mean(BASE):.1f}"),
+        ("best_merge_minus_base_mean", best_merge - mean(BASE), BAR_MERGE_OVER_BASE,
+         f"best merge {best_merge:.1f}, base {mean(BASE):.1f}"),
+        ("best_merge_minus_best_expert_mean", best_merge - mean(best_expert), BAR_MERGE_OVER_BEST_EXPERT,
+         f"best merge {best_merge:.1f}, best single expert ({best_expert}) {mean(best_expert):.1f}"),
+        ("best_merge_minus_uniform_task_arithmetic", best_merge - 100 * merges["uniform_task_arithmetic"]["test"]["mean"],
+         BAR_HEADROOM, f"uniform task arithmetic {100 * merges['uniform_task_arithmetic']['test']['mean']:.1f}"),
+        ("best_merge_minus_averaging", best_merge - 100 * merges["averaging"]["test"]["mean"], BAR_HEADROOM,
+         f"averaging {100 * merges['averaging']['test']['mean']:.1f}"),
+    ]
+    return [{"bar": bar, "value": round(value, 2), "threshold": threshold, "passed": bool(value >= threshold),
+             "detail": detail} for bar, value, threshold, detail in rows]
