@@ -16,6 +16,16 @@ from evomerge.zoo._tasks import TaskSplitSizes, addition_item, reversal_item, so
 from evomerge.zoo._train import BatchPart, encode_examples, init_model, make_sampler, model_config, train
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """One thread, like the fixture's build: byte comparisons stay valid, and on a busy two-core
+    machine a second OpenMP thread spinning at barriers makes these tiny models several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _one_thread(fn, *args, **kwargs):
     """Run with the thread count the `tiny_zoo` fixture builds with, so bytes can be compared."""
     threads = torch.get_num_threads()
