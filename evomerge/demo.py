@@ -51,10 +51,12 @@ def comparison_table(run, member: int) -> str:
     model = problem.materialize(run.genome(member))
     results.append((f"evomerge member {member}", [float(np.mean(scorers[t](model))) for t in tasks]))
     width = max(len(label) for label, _ in results) + 2
-    header = "model".ljust(width) + "".join(f"{t:>11}" for t in tasks) + f"{'mean':>9}"
+    cols = [max(len(t), 6) + 2 for t in tasks]
+    header = "model".ljust(width) + "".join(t.rjust(c) for t, c in zip(tasks, cols)) + "mean".rjust(8)
     lines = [header, "-" * len(header)]
     for label, scores in results:
-        lines.append(label.ljust(width) + "".join(f"{s:11.3f}" for s in scores) + f"{np.mean(scores):9.3f}")
+        lines.append(label.ljust(width) + "".join(f"{s:.3f}".rjust(c) for s, c in zip(scores, cols))
+                     + f"{np.mean(scores):.3f}".rjust(8))
     return "\n".join(lines)
 
 
