@@ -64,7 +64,7 @@ def _multiple_choice_copy(manifest: Manifest, task: str, folder: Path) -> Path:
         gold = i % 2  # alternate the gold position so that a bias towards one slot scores 0.5
         return {"choices": pair if gold == 0 else pair[::-1], "gold": gold}
 
-    splits = datasets.DatasetDict({name: split.map(add_choices, with_indices=True) for name, split in splits.items()})
+    splits = datasets.DatasetDict({name: split.map(add_choices, with_indices=True, keep_in_memory=True) for name, split in splits.items()})
     splits.save_to_disk(str(folder))
     return folder
 

@@ -341,8 +341,8 @@ class _FusedMerger:
         n = self.eligible[name]
         base = self._base[:n]
         experts = self._tvs[: self.k * n].view(self.k, n)
-        for k, reader in enumerate(self.readers):
-            self._read(reader, name, base if k == 0 else experts[k - 1], dtype)
+        for reader, target in zip(self.readers, [base, *experts]):
+            self._read(reader, name, target, dtype)
         out = torch.empty(n, dtype=torch.float32)
         merge_fused(self.ops, self.recipe.sparsifier, self.recipe.consensus is not None, base, experts, params,
                     self.spec.seed, name, out)

@@ -76,15 +76,20 @@ def fused_masked(
     consensus: bool,
     normalize: bool,
     out: torch.Tensor,
+    use_hi: bool = True,  # False: hi is all +inf, skip its compare (a separate, leaner graph)
+    use_scale: bool = True,  # False: scale is all 1, skip its multiply
 ) -> None:
     """Sparsify, weight, elect signs, sum, normalize and add to base in one pass (see kernels.py)."""
     values = []
     for k, row in enumerate(rows):
         magnitude = row.abs()
-        keep = (magnitude >= lo[k]) & (magnitude <= hi[k])
+        keep = magnitude >= lo[k]
+        if use_hi:
+            keep = keep & (magnitude <= hi[k])
         if draws is not None:
             keep = keep & (draws[k] < keep_p[k])
-        values.append(row * scale[k] * keep * weight[k])  # (N,) weighted sparsified delta
+        kept = row * scale[k] * keep if use_scale else row * keep
+        values.append(kept * weight[k])  # (N,) weighted sparsified delta
     total = values[0]
     for v in values[1:]:
         total = total + v
@@ -104,12 +109,14 @@ def fused_masked(
 
 
 def masked_l1(rows: tuple[torch.Tensor, ...], draws: tuple[torch.Tensor, ...] | None, lo: torch.Tensor,
-              hi: torch.Tensor, keep_p: torch.Tensor) -> torch.Tensor:
+              hi: torch.Tensor, keep_p: torch.Tensor, use_hi: bool = True) -> torch.Tensor:
     """(K,) L1 norms of each row after masking: the denominator of the L1 rescale."""
     norms = []
     for k, row in enumerate(rows):
         magnitude = row.abs()
-        keep = (magnitude >= lo[k]) & (magnitude <= hi[k])
+        keep = magnitude >= lo[k]
+        if use_hi:
+            keep = keep & (magnitude <= hi[k])
         if draws is not None:
             keep = keep & (draws[k] < keep_p[k])
         norms.append((magnitude * keep).sum())
@@ -332,12 +339,14 @@ class FusedOps:
             torch.addmv(base, tvs.T, coef, out=out)
 
     def masked(self, plan: MaskedMerge, base: torch.Tensor, tvs: torch.Tensor, draws: torch.Tensor | None,
-               out: torch.Tensor) -> None:
+               out: torch.Tensor, *, eager: bool = False) -> None:
         """out (N,) = the masked merge of base (N,) and task vectors (K, N) (see `masked_block`)."""
-        rows_draws = tuple(draws) if draws is not None and plan.keep_p is not None else None
-        done, _ = self._try_compiled(fused_masked, base, tuple(tvs), rows_draws, *plan.row_args(), out)
-        if done:
-            return
+        if not eager:
+            rows_draws = tuple(draws) if draws is not None and plan.keep_p is not None else None
+            done, _ = self._try_compiled(fused_masked, base, tuple(tvs), rows_draws, *plan.row_args(), out,
+                                         plan.hi is not None, plan.scale is not None)
+            if done:
+                return
 
         def block(start: int, stop: int, scratch: _Scratch) -> None:
             masked_block(plan, base[start:stop], tvs[:, start:stop],
@@ -345,13 +354,15 @@ class FusedOps:
 
         self.map_chunks(block, base.numel())
 
-    def l1(self, plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+    def l1(self, plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None, *,
+           eager: bool = False) -> torch.Tensor:
         """(K,) L1 norms of the masked task vectors (float32; the eager form sums chunks in float64)."""
-        rows_draws = tuple(draws) if draws is not None and plan.keep_p is not None else None
-        _, lo, hi, keep_p = plan.row_args()[1:5]
-        done, norms = self._try_compiled(masked_l1, tuple(tvs), rows_draws, lo, hi, keep_p)
-        if done:
-            return norms
+        if not eager:
+            rows_draws = tuple(draws) if draws is not None and plan.keep_p is not None else None
+            _, lo, hi, keep_p = plan.row_args()[1:5]
+            done, norms = self._try_compiled(masked_l1, tuple(tvs), rows_draws, lo, hi, keep_p, plan.hi is not None)
+            if done:
+                return norms
 
         def block(start: int, stop: int, scratch: _Scratch) -> torch.Tensor:
             return masked_l1_block(plan, tvs[:, start:stop], None if draws is None else draws[:, start:stop],

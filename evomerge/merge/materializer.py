@@ -16,8 +16,9 @@ Paths, each tested equal to the pure kernels in `evomerge.merge.kernels`:
   by (seed, tensor, expert): the same for every candidate (common random numbers, which makes
   candidates comparable), so they are drawn once and kept when memory allows
   (`cache_random_draws`); later candidates only compare them with their densities.
-- anything else (DELLA's per-row ranks, slerp, tensors small enough for exact order stats):
-  the pure kernel itself.
+  Tensors small enough for exact order statistics (or all, with `order_stats_grid=None`) take
+  the kernel's own masks (`sparsify.magnitude_mask`, ties by flat index) through the same pass.
+- anything else (DELLA's per-row ranks, slerp): the pure kernel itself.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ from evomerge.merge.sparsify import (
     MagnitudeOrderStats,
     check_fraction,
     magnitude_keep_count,
+    magnitude_mask,
+    magnitude_outliers_mask,
     outlier_window,
 )
 
@@ -261,7 +264,7 @@ class Materializer:
                 raise ValueError(f"linear: weights {list(c.weight)} sum to 0 and cannot be normalized (tensor {slot.name!r})")
             # sum_k w_k (base + tv_k) / W = base + sum_k (w_k / W) tv_k
             self._fused_sum(slot, [w / total for w in c.weight])
-        elif method in FUSED_MASKED and (FUSED_MASKED[method][0] == "random" or not self._exact_stats(slot)):
+        elif method in FUSED_MASKED:
             self._fused_masked(slot, method, c, normalize, rescale, lambda_)
         else:
             stats = self._order_stats(slot) if method in ("ties", "breadcrumbs", "breadcrumbs_ties") else None
@@ -280,17 +283,21 @@ class Materializer:
         densities = [float(d) for d in (c.density or (1.0,) * k_experts)]
         for k, density in enumerate(densities):
             check_fraction(density, f"density[{k}]", slot.name)
+        gammas = [float(g) for g in (c.gamma or (0.01,) * k_experts)]
+        for k, gamma in enumerate(gammas):
+            check_fraction(gamma, f"gamma[{k}]", slot.name)
         lo = hi = keep_p = draws = None
+        exact = sparsifier != "random" and self._exact_stats(slot)
         if sparsifier == "random":
             if min(densities) < 1:
                 keep_p = [d if d < 1 else 2.0 for d in densities]  # draws are < 1: 2 keeps everything
                 draws = self._draws(slot, densities)
+        elif exact:  # exact stats: the kernel's own masks (ties by flat index), passed as drop draws
+            draws = self._exact_drops(slot, sparsifier, densities, gammas)
+            keep_p = [0.5] * k_experts
         elif sparsifier == "magnitude":
             lo = [_magnitude_lo(lookup, d) for lookup, d in zip(self._lookups(slot), densities)]
         else:
-            gammas = [float(g) for g in (c.gamma or (0.01,) * k_experts)]
-            for k, gamma in enumerate(gammas):
-                check_fraction(gamma, f"gamma[{k}]", slot.name)
             lo, hi = zip(*(_outlier_bounds(lookup, d, g)
                            for lookup, d, g in zip(self._lookups(slot), densities, gammas)))
         as_tensor = self._small_tensor
@@ -305,12 +312,27 @@ class Materializer:
             normalize=normalize,
         )
         if rescale and plan.masks:
-            scale = rescale_factors(self._l1_norms(slot), self._ops.l1(plan, slot.task_vectors, draws), RESCALE_EPS)
+            after = self._ops.l1(plan, slot.task_vectors, draws, eager=exact)
+            scale = rescale_factors(self._l1_norms(slot), after, RESCALE_EPS)
             dense = as_tensor([d >= 1 for d in densities]).bool()  # the kernel leaves these unscaled
             plan = plan.replace_scale(torch.where(dense, torch.ones_like(scale), scale))
         out = self._output_buffer(slot)
-        self._ops.masked(plan, slot.base, slot.task_vectors, draws, out)
+        # Exact-stats slots are small (below the grid): eager blocks beat a compiled call's overhead.
+        self._ops.masked(plan, slot.base, slot.task_vectors, draws, out, eager=exact)
         self._commit(slot, out)
+
+    def _exact_drops(self, slot: _Slot, sparsifier: str, densities: Sequence[float],
+                     gammas: Sequence[float]) -> torch.Tensor:
+        """(K, N) float: 1 where the pure kernel's mask (from exact order stats) drops the entry."""
+        stats = self._order_stats(slot)
+        shape = slot.param.shape
+        keep = []
+        for k, tv in enumerate(slot.task_vectors):
+            if sparsifier == "magnitude":
+                keep.append(magnitude_mask(tv.view(shape), densities[k], stats=stats[k]))
+            else:
+                keep.append(magnitude_outliers_mask(tv.view(shape), densities[k], gammas[k], stats=stats[k]))
+        return (~torch.stack(keep).reshape(self.num_experts, -1)).float()
 
     def _small_tensor(self, values: Sequence[float]) -> torch.Tensor:
         return torch.tensor([float(v) for v in values], dtype=torch.float32, device=self.device)
