@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "CUDA found: installing torch==$(TORCH_VERSION) (CUDA build)"; \
 		$(PIP) install -q torch==$(TORCH_VERSION); \
+	elif $(PIP) install -q --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null; then \
+		echo "no CUDA: installed the CPU torch==$(TORCH_VERSION) wheel found locally; adding its dependencies"; \
+		$(PIP) install -q torch==$(TORCH_VERSION); \
 	else \
-		echo "no CUDA: installing CPU torch==$(TORCH_VERSION)"; \
-		$(PIP) install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null \
-			|| $(PIP) install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu \
-			  --extra-index-url https://pypi.org/simple; \
+		echo "no CUDA: installing CPU torch==$(TORCH_VERSION) from the PyTorch CPU index"; \
+		$(PIP) install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu \
+		  --extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
