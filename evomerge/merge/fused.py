@@ -62,6 +62,17 @@ def fused_sum(base: torch.Tensor, rows: tuple[torch.Tensor, ...], coef: torch.Te
     out.copy_(acc)
 
 
+def _keep(magnitude: torch.Tensor, k: int, draws, lo: torch.Tensor, hi: torch.Tensor, keep_p: torch.Tensor,
+          use_hi: bool) -> torch.Tensor:
+    """Expert k's keep mask: magnitude window [lo, hi] and, for random sparsifiers, draws below keep_p."""
+    keep = magnitude >= lo[k]
+    if use_hi:
+        keep = keep & (magnitude <= hi[k])
+    if draws is not None:
+        keep = keep & (draws[k] < keep_p[k])
+    return keep
+
+
 def fused_masked(
     base: torch.Tensor,
     rows: tuple[torch.Tensor, ...],
@@ -82,12 +93,7 @@ def fused_masked(
     """Sparsify, weight, elect signs, sum, normalize and add to base in one pass (see kernels.py)."""
     values = []
     for k, row in enumerate(rows):
-        magnitude = row.abs()
-        keep = magnitude >= lo[k]
-        if use_hi:
-            keep = keep & (magnitude <= hi[k])
-        if draws is not None:
-            keep = keep & (draws[k] < keep_p[k])
+        keep = _keep(row.abs(), k, draws, lo, hi, keep_p, use_hi)
         kept = row * scale[k] * keep if use_scale else row * keep
         values.append(kept * weight[k])  # (N,) weighted sparsified delta
     total = values[0]
@@ -114,12 +120,7 @@ def masked_l1(rows: tuple[torch.Tensor, ...], draws: tuple[torch.Tensor, ...] | 
     norms = []
     for k, row in enumerate(rows):
         magnitude = row.abs()
-        keep = magnitude >= lo[k]
-        if use_hi:
-            keep = keep & (magnitude <= hi[k])
-        if draws is not None:
-            keep = keep & (draws[k] < keep_p[k])
-        norms.append((magnitude * keep).sum())
+        norms.append((magnitude * _keep(magnitude, k, draws, lo, hi, keep_p, use_hi)).sum())
     return torch.stack(norms)
 
 
