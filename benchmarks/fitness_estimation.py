@@ -267,7 +267,7 @@ def calibration_choices(args, calibration, default_fits, y_held, truth, ends, se
           f"cost = scoring ({seconds_per_model:.2f}s per model) + fitting")
     # (R, irt model, dims, prior, lam method, folds)
     default = (r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", DEFAULT_FOLDS)
-    variants = [(r, DEFAULT_IRT_MODEL, 1, "empirical", "cv", DEFAULT_FOLDS) for r in (12, 24, 36, 48, 64)]
+    variants = [(r, DEFAULT_IRT_MODEL, 1, "empirical", "cv", DEFAULT_FOLDS) for r in (6, 8, 11, 16, 24, 36, 64)]
     variants += [(r0, DEFAULT_IRT_MODEL, 1, "standard", "cv", DEFAULT_FOLDS),
                  (r0, DEFAULT_IRT_MODEL, 2, "empirical", "cv", DEFAULT_FOLDS),
                  (r0, DEFAULT_IRT_MODEL, 1, "empirical", "bias-variance", 0),

@@ -13,7 +13,7 @@ from evomerge.fitness.scoring import ExactMatchScorer, exact_match
 from evomerge.zoo import BASE, MANIFEST_NAME, TASKS, Manifest, build_zoo, make_task_splits
 from evomerge.zoo._build import grid_search
 from evomerge.zoo._tasks import TaskSplitSizes, addition_item, reversal_item, sorting_item
-from evomerge.zoo._train import BatchPart, encode_examples, init_model, make_sampler, model_config, train
+from evomerge.zoo._train import IGNORE, BatchPart, encode_examples, init_model, make_sampler, model_config, train
 
 
 @pytest.fixture(autouse=True)
@@ -207,6 +207,36 @@ def test_base_training_is_deterministic_given_the_seed():
     first, again, other = _one_thread(run, 0), _one_thread(run, 0), _one_thread(run, 1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_distilled_replay_loss_is_the_teachers_kl_and_hard_rows_cross_entropy():
+    """batch_loss: hard rows' token-mean cross-entropy plus weight x KL(teacher || model) on the
+    distilled rows, each weighted by its share of the batch, against a hand computation."""
+    from evomerge.zoo._train import Batch, batch_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, 7, generator=gen)
+    targets = torch.tensor([[1, 2, IGNORE, IGNORE], [3, IGNORE, IGNORE, IGNORE], [IGNORE, 4, 5, IGNORE],
+                            [IGNORE, 6, IGNORE, IGNORE], [0, 1, 2, 3]])
+    teacher = torch.log_softmax(torch.randn(2, 3, 7, generator=gen), -1)  # narrower than the batch
+    batch = Batch(torch.zeros(5, 4, dtype=torch.long), targets, ((2, 4, teacher),))
+
+    hard_rows = [0, 1, 4]
+    nll = [-torch.log_softmax(logits[r, t], -1)[targets[r, t]] for r in hard_rows for t in range(4)
+           if targets[r, t] != IGNORE]
+    kl = [(teacher[r - 2, t].exp() * (teacher[r - 2, t] - torch.log_softmax(logits[r, t], -1))).sum()
+          for r in (2, 3) for t in range(3) if targets[r, t] != IGNORE]
+    expected = 3 / 5 * torch.stack(nll).mean() + 2.5 * 2 / 5 * torch.stack(kl).mean()
+    assert torch.allclose(batch_loss(logits, batch, distill_weight=2.5), expected, atol=1e-6)
+    # a model that already matches its teacher pays nothing on the distilled rows
+    matched = logits.clone()
+    matched[2:4, :3] = teacher
+    only_hard = 3 / 5 * torch.stack(nll).mean()
+    assert torch.allclose(batch_loss(matched, batch, distill_weight=2.5), only_hard, atol=1e-6)
+    # without distilled parts it is the plain token-mean cross-entropy of the whole batch
+    plain = Batch(batch.inputs, targets)
+    assert torch.allclose(batch_loss(logits, plain), torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE))
 
 
 def test_second_build_reuses_everything(tiny_zoo: Manifest, tmp_path):

@@ -37,7 +37,7 @@ name: zoo_small
 models: {base: ../zoo/small/models/base, experts: [../zoo/small/models/addition, ...]}
 tasks:
   - {preset: zoo_addition, dataset: {path: ../zoo/small/tasks/addition}}
-calibration: {random_merges: 36, method: task_arithmetic, weight: [0.0, 1.5], density: [0.2, 1.0], seed: 0}
+calibration: {random_merges: 10, method: task_arithmetic, weight: [0.0, 1.5], density: [0.2, 1.0], seed: 0}
 subset: {n: 20, method: informative, seed: 0}   # or random, or anchors (features: irt | correctness)
 irt: {model: 2pl-jmap, dims: 1, prior: empirical}   # or model: 2pl (girth's MML; minutes per fit)
 mixing: {method: cv, folds: 5}        # or {method: bias-variance} (in-sample, no refits)
@@ -62,7 +62,7 @@ from evomerge.fitness.irt import fit_irt
 from evomerge.fitness.subsets import select_items
 from evomerge.fitness.tasks import TaskError, TaskSpec, dataset_hash, load_task
 
-DEFAULT_RANDOM_MERGES = 36
+DEFAULT_RANDOM_MERGES = 10
 DEFAULT_SUBSET_METHOD = "informative"
 DEFAULT_ESTIMATOR = "gp-IRT"
 DEFAULT_IRT_MODEL = "2pl-jmap"

@@ -354,11 +354,13 @@ def _set_build_bar(data: dict) -> None:
 def grid_search(
     score: Callable[[tuple[float, ...]], float], n_experts: int, values: tuple[float, ...], refine_step: float,
     max_rounds: int = 3,
-) -> tuple[tuple[float, ...], float, int]:
+    return_seen: bool = False,
+):
     """Best weights by a coarse grid, then hill-climbing on the 3^K neighbourhood at `refine_step`.
 
-    Returns (weights, score, number of evaluations). Ties keep the earlier point, so the result
-    depends only on the scores. Weights are rounded to 4 decimals and never negative.
+    Returns (weights, score, number of evaluations), plus every evaluated point's score when
+    `return_seen`. Ties keep the earlier point, so the result depends only on the scores. Weights
+    are rounded to 4 decimals and never negative.
     """
     seen: dict[tuple[float, ...], float] = {}
 
@@ -380,6 +382,8 @@ def grid_search(
                 best, best_score, improved = w, s, True
         if not improved:
             break
+    if return_seen:
+        return best, best_score, len(seen), seen
     return best, best_score, len(seen)
 
 

@@ -28,16 +28,25 @@ class ZooSize:
     # the base sees only the training items whose difficulty column is at most the limit, per task
     # (task -> (column, limit)); the experts see everything, so the harder items are what they add
     base_limits: dict[str, tuple[str, int]]
-    # experts: gentle full fine-tuning with replay of the other tasks labelled by the base
+    # experts: gentle full fine-tuning with replay of the other tasks labelled by the base, for at
+    # most `expert_steps`, stopping once the own-task accuracy on the grid's validation items
+    # reaches `expert_target` (checked every `expert_check_every` steps; 0 = never stop early)
     expert_steps: dict[str, int]
+    expert_target: float
+    expert_check_every: int
     expert_lr: float
     expert_warmup: int
     expert_batch: int
     replay_rows: int  # rows per batch replaying the other tasks (split evenly between them)
     replay_pool: int  # prompts per other task labelled by the base's greedy output
+    # > 0: replay rows are trained towards the base's whole next-token distribution (KL, this weight)
+    # rather than its greedy tokens; keeps the other tasks' behaviour, not just their answers
+    replay_distill: float
     # reference merges: coarse grid over per-expert task-arithmetic weights, then a local refinement
     grid: tuple[float, ...]
     refine_step: float
+    grid_items: int  # validation items per task that rank the grid points
+    grid_finalists: int  # best grid points re-scored on the whole validation split, which chooses
     max_build_seconds: float  # the build-time bar on two unloaded CPU cores
     eval_batch: int = 256
 
@@ -53,21 +62,26 @@ SIZES: dict[str, ZooSize] = {
         heads=4,
         intermediate=512,
         train_items=20_000,
-        validation_items=300,
+        validation_items=1000,
         test_items=300,
-        base_steps=400,
+        base_steps=600,
         base_lr=2e-3,
         base_warmup=20,
         base_mix={"addition": 64, "reversal": 32, "sorting": 32},
         base_limits={"addition": ("n_carries", 1), "reversal": ("n_digits", 6), "sorting": ("n_digits", 6)},
-        expert_steps={"addition": 300, "reversal": 300, "sorting": 100},
+        expert_steps={"addition": 400, "reversal": 500, "sorting": 300},
+        expert_target=0.95,
+        expert_check_every=50,
         expert_lr=3e-4,
         expert_warmup=10,
         expert_batch=128,
-        replay_rows=26,
-        replay_pool=1024,
+        replay_rows=64,
+        replay_pool=4096,
+        replay_distill=2.0,
         grid=(0.3, 0.6, 0.9, 1.2),
         refine_step=0.15,
+        grid_items=300,
+        grid_finalists=5,
         max_build_seconds=300.0,
     ),
     "tiny": ZooSize(
@@ -85,13 +99,18 @@ SIZES: dict[str, ZooSize] = {
         base_mix={"addition": 16, "reversal": 8, "sorting": 8},
         base_limits={"addition": ("n_carries", 1), "reversal": ("n_digits", 6), "sorting": ("n_digits", 6)},
         expert_steps={"addition": 15, "reversal": 10, "sorting": 10},
+        expert_target=0.95,
+        expert_check_every=5,
         expert_lr=1e-3,
         expert_warmup=2,
         expert_batch=32,
         replay_rows=8,
         replay_pool=64,
+        replay_distill=2.0,
         grid=(0.5, 1.0),
         refine_step=0.25,
+        grid_items=30,
+        grid_finalists=2,
         max_build_seconds=30.0,
     ),
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,7 +29,9 @@ from evomerge.zoo._build import (
 )
 from evomerge.zoo._tasks import TASKS, TaskSplitSizes, make_task_splits
 from evomerge.zoo._tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, build_tokenizer, save_tokenizer
-from evomerge.zoo._train import BatchPart, encode_examples, init_model, make_sampler, model_config, train
+from evomerge.zoo._train import (
+    BatchPart, encode_examples, init_model, make_sampler, model_config, train, with_teacher,
+)
 
 MAX_ANSWER_TOKENS = 12  # longest zoo answer is 8 digits; generation_config's default budget
 
@@ -163,14 +166,23 @@ def _model_info(model, role: str, task: str | None, parent: str | None, training
     }
 
 
+def tokenizer_for(b: _Builder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(b.root / b.data["tokenizer"]["path"])
+
+
 def _replay_pools(b: _Builder, base_model, tokenizer) -> dict:
-    """Per task: `replay_pool` training prompts labelled with the base's own greedy answers."""
+    """Per task: `replay_pool` training prompts with the base's own greedy answers and, when the
+    replay is distilled, the base's next-token distributions along them."""
     pools = {}
     for task in TASKS:
         prompts = _load_split(b, task, "train")["prompt"][: b.spec.replay_pool]
         scorer = ExactMatchScorer(tokenizer, prompts, batch_size=b.spec.eval_batch,
                                   max_new_tokens=MAX_ANSWER_TOKENS, device=b.device)
         pools[task] = encode_examples(prompts, scorer.decode(base_model))
+        if b.spec.replay_distill > 0:
+            pools[task] = with_teacher(pools[task], base_model)
     return pools
 
 
@@ -192,8 +204,12 @@ def build_expert_stages(b: _Builder) -> None:
     for task in TASKS:
         others = [t for t in TASKS if t != task]
         training = {
-            "objective": f"{task}, plus replay of {', '.join(others)} labelled by the base's greedy answers",
-            "steps": s.expert_steps[task],
+            "objective": f"{task}, plus replay of {', '.join(others)} " + (
+                f"distilled from the base (KL to its next-token distributions, weight {s.replay_distill})"
+                if s.replay_distill > 0 else "labelled by the base's greedy answers"),
+            "max_steps": s.expert_steps[task],
+            "early_stop": (f"own-task exact match >= {s.expert_target} on the first {s.grid_items} validation "
+                           f"items, checked every {s.expert_check_every} steps") if s.expert_target else None,
             "lr": s.expert_lr,
             "warmup": s.expert_warmup,
             "schedule": "linear warm-up, cosine decay to 0",
@@ -201,9 +217,10 @@ def build_expert_stages(b: _Builder) -> None:
             "batch": s.expert_batch,
             "replay_rows": s.replay_rows,
             "replay_pool": s.replay_pool,
+            "replay_distill": s.replay_distill,
             "batch_seed": derive_seed(b.seed, task, "batches"),
         }
-        key = _hash_json({"stage": "expert/1", "task": task, "training": training,
+        key = _hash_json({"stage": "expert/3", "task": task, "training": training,
                           "base": b.data["models"][BASE]["hash"], **_upstream_hashes(b)})
 
         def build(folder: Path, task: str = task, others: list = others, training: dict = training) -> dict:
@@ -215,12 +232,26 @@ def build_expert_stages(b: _Builder) -> None:
                                s.expert_batch - per_other * len(others))]
             parts += [BatchPart(pools[o], per_other) for o in others if per_other > 0]
             generator = torch.Generator().manual_seed(training["batch_seed"])
-            losses = train(model, make_sampler(parts, generator), steps=training["steps"], lr=s.expert_lr,
-                           warmup=s.expert_warmup, stage=f"expert {task}", log=b.log,
-                           log_every=max(1, training["steps"] // 3))
+            checks: list[tuple[int, float]] = []
+            on_step = None
+            if s.expert_target:
+                # Stop as soon as the expert has its skill: a longer run only grows the task vector,
+                # and a bigger task vector interferes more with the others in a merge.
+                own = _scorers(b, tokenizer_for(b), "validation", s.grid_items)[task]
+
+                def on_step(step: int) -> bool:
+                    if step % s.expert_check_every:
+                        return False
+                    checks.append((step, float(np.mean(own(model)))))
+                    return checks[-1][1] >= s.expert_target
+
+            losses = train(model, make_sampler(parts, generator), steps=training["max_steps"], lr=s.expert_lr,
+                           warmup=s.expert_warmup, distill_weight=s.replay_distill, stage=f"expert {task}", log=b.log,
+                           log_every=max(1, training["max_steps"] // 4), on_step=on_step)
             _save_model(model.cpu(), folder)
-            return _model_info(model, "expert", task, BASE,
-                               {**training, "final_loss": round(float(np.mean(losses[-10:])), 4)})
+            return _model_info(model, "expert", task, BASE, {
+                **training, "steps": len(losses), "final_loss": round(float(np.mean(losses[-10:])), 4),
+                "validation_checks": [[step, round(acc, 4)] for step, acc in checks]})
 
         b.data["models"][task] = b.ensure(f"model {task}", b.root / "models" / task, key,
                                           b.previous_entry("models", task), build)
@@ -233,10 +264,11 @@ def build_expert_stages(b: _Builder) -> None:
 def evaluate_stage(b: _Builder) -> None:
     s = b.spec
     key = _hash_json({
-        "stage": "evaluation/2",
+        "stage": "evaluation/3",
         "models": {name: m["hash"] for name, m in b.data["models"].items()},
         "tasks": {t: b.data["tasks"][t]["hash"] for t in TASKS},
         "grid": list(s.grid), "refine_step": s.refine_step, "eval_batch": s.eval_batch,
+        "grid_items": s.grid_items, "grid_finalists": s.grid_finalists,
     })
     previous = b.previous_entry("evaluation")
     if previous is not None and previous.get("key") == key:
@@ -252,10 +284,13 @@ def evaluate_stage(b: _Builder) -> None:
     b.built.append("evaluation")
 
 
-def _scorers(b: _Builder, tokenizer, split: str) -> dict[str, ExactMatchScorer]:
+def _scorers(b: _Builder, tokenizer, split: str, items: int | None = None) -> dict[str, ExactMatchScorer]:
+    """One scorer per task over `split` (its first `items` rows when given)."""
     out = {}
     for task in TASKS:
         data = _load_split(b, task, split)
+        if items is not None and items < len(data):
+            data = data.select(range(items))
         out[task] = ExactMatchScorer(tokenizer, data["prompt"], data["answer"], batch_size=b.spec.eval_batch,
                                      device=b.device)
     return out
@@ -266,9 +301,11 @@ def _evaluate(b: _Builder) -> dict:
 
     from evomerge.merge.materializer import Materializer
 
+    s = b.spec
     tokenizer = AutoTokenizer.from_pretrained(b.root / b.data["tokenizer"]["path"])
     test = _scorers(b, tokenizer, "test")
     validation = _scorers(b, tokenizer, "validation")
+    screening = _scorers(b, tokenizer, "validation", s.grid_items)
     accuracy = {}
     for name, entry in b.data["models"].items():
         accuracy[name] = {t: v for t, v in score_tasks(_load_model(b.root / entry["path"], b.device), test).items()
@@ -279,15 +316,22 @@ def _evaluate(b: _Builder) -> dict:
     materializer = Materializer.from_folders(
         b.root / b.data["models"][BASE]["path"], [b.root / b.data["models"][t]["path"] for t in TASKS], device=b.device
     )
-    n_evaluated = 0
 
-    def validation_mean(weights: tuple[float, ...]) -> float:
-        nonlocal n_evaluated
-        n_evaluated += 1
-        return score_tasks(materializer.apply("task_arithmetic", weight=list(weights)), validation)["mean"]
+    def mean_on(scorers: dict) -> Callable[[tuple[float, ...]], float]:
+        return lambda weights: score_tasks(materializer.apply("task_arithmetic", weight=list(weights)), scorers)["mean"]
 
-    b.log(f"evaluation: grid over task-arithmetic weights {list(b.spec.grid)}^{len(TASKS)}, then refinement")
-    best, _, n_points = grid_search(validation_mean, len(TASKS), b.spec.grid, b.spec.refine_step)
+    # The grid is ranked on the first `grid_items` validation items per task (a big validation split
+    # is the fitness split and would make a full-split grid the slowest part of the build); the
+    # finalists are then re-scored on the whole validation split, which makes the choice.
+    b.log(f"evaluation: grid over task-arithmetic weights {list(s.grid)}^{len(TASKS)} and refinement on "
+          f"{s.grid_items} validation items per task, then the best {s.grid_finalists} on all of them")
+    _, _, n_points, seen = grid_search(mean_on(screening), len(TASKS), s.grid, s.refine_step, return_seen=True)
+    finalists = sorted(seen, key=lambda w: -seen[w])[: s.grid_finalists]  # stable: ties keep grid order
+    full_mean = mean_on(validation)
+    final_scores = {w: full_mean(w) for w in finalists}
+    best = max(finalists, key=lambda w: final_scores[w])
+    n_items = {t: validation[t].n_items for t in TASKS}
+    screened_items = {t: min(s.grid_items, n) for t, n in n_items.items()}
     merges = {}
     for name, method, weights in (
         ("best_grid", "task_arithmetic", list(best)),
@@ -298,8 +342,12 @@ def _evaluate(b: _Builder) -> dict:
         merges[name] = {"method": method, "weights": weights,
                         "validation": score_tasks(model, validation), "test": score_tasks(model, test)}
     merges["averaging"]["note"] = "mean of the experts' weights (linear, normalized)"
-    merges["best_grid"]["grid"] = {"values": list(b.spec.grid), "refine_step": b.spec.refine_step,
-                                   "n_evaluated": n_points, "chosen_on": "validation mean over tasks"}
+    merges["best_grid"]["grid"] = {
+        "values": list(s.grid), "refine_step": s.refine_step, "n_evaluated": n_points,
+        "screened_on": f"first {s.grid_items} validation items per task", "finalists": len(finalists),
+        "chosen_on": "validation mean over tasks (all items), among the finalists",
+        "item_evaluations": n_points * sum(screened_items.values()) + len(finalists) * sum(n_items.values()),
+    }
     b.log("evaluation: " + "; ".join(
         f"{name} {merges[name]['weights'] if name == 'best_grid' else ''} test mean {100 * m['test']['mean']:.1f}"
         for name, m in merges.items()))

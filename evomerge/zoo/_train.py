@@ -33,9 +33,21 @@ class EncodedExamples:
     inputs: torch.Tensor  # (N, T) token ids
     targets: torch.Tensor  # (N, T) next-token ids, IGNORE outside the answer
     lengths: torch.Tensor  # (N,) real (unpadded) length of each input row
+    # (N, T, V) a teacher's next-token log-probabilities; rows that carry them are trained towards
+    # the teacher's whole distribution (KL) instead of the hard targets
+    teacher_logprobs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
+
+
+@torch.inference_mode()
+def with_teacher(examples: EncodedExamples, teacher, batch_size: int = 512) -> EncodedExamples:
+    """`examples` plus `teacher`'s log-probabilities at every position (teacher-forced)."""
+    device = next(teacher.parameters()).device
+    chunks = [torch.log_softmax(teacher(input_ids=examples.inputs[i : i + batch_size].to(device)).logits.float(), -1).cpu()
+              for i in range(0, len(examples), batch_size)]
+    return EncodedExamples(examples.inputs, examples.targets, examples.lengths, torch.cat(chunks))
 
 
 def encode_examples(prompts: Sequence[str], answers: Sequence[str]) -> EncodedExamples:
@@ -94,40 +106,78 @@ class BatchPart:
     count: int
 
 
-def make_sampler(parts: Sequence[BatchPart], generator: torch.Generator) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+@dataclass(frozen=True)
+class Batch:
+    inputs: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T)
+    # rows [start, stop) of the batch that carry teacher log-probs (R, T, V), one entry per such part
+    distilled: tuple[tuple[int, int, torch.Tensor], ...] = ()
+
+
+def make_sampler(parts: Sequence[BatchPart], generator: torch.Generator) -> Callable[[], Batch]:
     """Batches mixing fixed counts from each part, trimmed to the longest row they contain."""
     width = max(p.examples.inputs.shape[1] for p in parts)
 
     def pad(t: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
-    def sample():
-        inputs, targets, lengths = [], [], []
+    def sample() -> Batch:
+        inputs, targets, lengths, teachers = [], [], [], []
+        row = 0
         for part in parts:
             idx = torch.randint(len(part.examples), (part.count,), generator=generator)
             inputs.append(pad(part.examples.inputs[idx], PAD_ID))
             targets.append(pad(part.examples.targets[idx], IGNORE))
             lengths.append(part.examples.lengths[idx])
+            if part.examples.teacher_logprobs is not None:
+                logprobs = part.examples.teacher_logprobs[idx]
+                teachers.append((row, row + part.count, logprobs))
+            row += part.count
         longest = int(torch.cat(lengths).max())
-        return torch.cat(inputs)[:, :longest], torch.cat(targets)[:, :longest]
+        distilled = tuple((a, b, t[:, :longest]) for a, b, t in teachers)  # a teacher may be narrower
+        return Batch(torch.cat(inputs)[:, :longest], torch.cat(targets)[:, :longest], distilled)
 
     return sample
 
 
+def batch_loss(logits: torch.Tensor, batch: Batch, distill_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy on the hard-target rows (token mean) plus `distill_weight` x KL(teacher || model)
+    on each distilled part (token mean), each term weighted by its share of the batch's rows."""
+    rows = batch.inputs.shape[0]
+    hard = torch.ones(rows, dtype=torch.bool)
+    loss = logits.new_zeros(())
+    for start, stop, teacher in batch.distilled:
+        hard[start:stop] = False
+        width = teacher.shape[1]  # the teacher's rows end where their padding starts
+        scored = (batch.targets[start:stop, :width] != IGNORE).to(logits.device)  # (R, W)
+        student = torch.log_softmax(logits[start:stop, :width], -1)
+        teacher = teacher.to(logits.device)
+        kl = (teacher.exp() * (teacher - student)).sum(-1)  # (R, W)
+        loss = loss + distill_weight * (stop - start) / rows * (kl * scored).sum() / scored.sum()
+    if hard.any():
+        hard_logits, hard_targets = (logits, batch.targets) if hard.all() else (logits[hard], batch.targets[hard])
+        ce = torch.nn.functional.cross_entropy(hard_logits.flatten(0, 1), hard_targets.flatten().to(logits.device),
+                                               ignore_index=IGNORE)
+        loss = loss + int(hard.sum()) / rows * ce
+    return loss
+
+
 def train(
     model,
-    sample: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    sample: Callable[[], Batch],
     *,
     steps: int,
     lr: float,
     warmup: int,
     weight_decay: float = 0.0,
+    distill_weight: float = 1.0,
     stage: str = "train",
     log: Callable[[str], None] | None = None,
     log_every: int = 50,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], bool | None] | None = None,
 ) -> list[float]:
-    """AdamW with linear warm-up and cosine decay to zero; returns the loss of every step.
+    """AdamW with linear warm-up and cosine decay to zero over `steps`; returns the loss of every
+    step. `on_step(step)` returning True stops training after that step (early stopping).
 
     Padding sits at the end of each row, so causal attention never lets it reach a scored
     position and no attention mask is needed (which keeps the fast SDPA causal path).
@@ -146,20 +196,21 @@ def train(
     losses = []
     start = time.perf_counter()
     for step in range(steps):
-        inputs, targets = sample()  # (B, T), (B, T)
-        inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(input_ids=inputs).logits  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        batch = sample()
+        logits = model(input_ids=batch.inputs.to(device)).logits  # (B, T, V)
+        loss = batch_loss(logits, batch, distill_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-        if on_step is not None:
-            on_step(step + 1)
-        if log is not None and (step + 1) % log_every == 0 or (log is not None and step + 1 == steps):
+        stop = bool(on_step(step + 1)) if on_step is not None else False
+        if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps or stop):
             recent = losses[-log_every:]
-            log(f"{stage}: step {step + 1}/{steps}  loss {sum(recent) / len(recent):.3f}  ({time.perf_counter() - start:.0f}s)")
+            log(f"{stage}: step {step + 1}/{steps}  loss {sum(recent) / len(recent):.3f}  ({time.perf_counter() - start:.0f}s)"
+                + ("  stopping early" if stop else ""))
+        if stop:
+            break
     model.eval()
     return losses
