@@ -195,8 +195,11 @@ def mergenetic_worker(inp: str, out: str) -> None:
         a, b = data[f"{case}/a"], data[f"{case}/b"]
         n_items = a.shape[0]
         items, weights = data[f"{case}/items"].tolist(), data[f"{case}/weights"]
+        # ours: sigmoid(a . theta - |a| b); tinyBenchmarks: sigmoid(sum_d theta_d A_d - B), A (1, D, n)
+        a2 = a.reshape(n_items, -1)
         tb = {"lb": {
-            "irt_parameters": {"A": a.reshape(1, 1, -1), "B": (a * b).reshape(1, 1, -1)},
+            "irt_parameters": {"A": a2.T.reshape(1, a2.shape[1], n_items),
+                               "B": (np.linalg.norm(a2, axis=1) * b).reshape(1, 1, -1)},
             "scenarios_position": {"gsm8k": list(range(n_items))},
             "subscenarios_position": {"gsm8k": {"all": list(range(n_items))}},
             "seen_examples": items,
@@ -261,17 +264,19 @@ def run_mergenetic(python: str, cases: dict) -> dict | None:
 def calibration_choices(args, calibration, default_fits, y_held, truth, ends, seeds, r0, n_endpoints,
                         seconds_per_model) -> None:
     """(c): accuracy at n = 20 and cost of each calibration choice (size, IRT model, lam method, folds)."""
-    from evomerge.fitness.calibrate import DEFAULT_FOLDS, DEFAULT_IRT_MODEL
+    from evomerge.fitness.calibrate import DEFAULT_FOLDS, DEFAULT_IRT_DIMS, DEFAULT_IRT_MODEL
 
     print(f"\n(c) calibration choices at n=20 (MAE / Spearman / Spearman of the mean; mean over {len(seeds)} seeds); "
           f"cost = scoring ({seconds_per_model:.2f}s per model) + fitting")
     # (R, irt model, dims, prior, lam method, folds)
-    default = (r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", DEFAULT_FOLDS)
-    variants = [(r, DEFAULT_IRT_MODEL, 1, "empirical", "cv", DEFAULT_FOLDS) for r in (6, 8, 11, 16, 24, 36, 64)]
-    variants += [(r0, DEFAULT_IRT_MODEL, 1, "standard", "cv", DEFAULT_FOLDS),
-                 (r0, DEFAULT_IRT_MODEL, 2, "empirical", "cv", DEFAULT_FOLDS),
-                 (r0, DEFAULT_IRT_MODEL, 1, "empirical", "bias-variance", 0),
-                 (r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", 3), (r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", 10)]
+    D = DEFAULT_IRT_DIMS
+    default = (r0, DEFAULT_IRT_MODEL, D, "empirical", "cv", DEFAULT_FOLDS)
+    variants = [(r, DEFAULT_IRT_MODEL, D, "empirical", "cv", DEFAULT_FOLDS) for r in (6, 8, 10, 16, 24, 36, 64)]
+    variants += [(r0, DEFAULT_IRT_MODEL, D, "standard", "cv", DEFAULT_FOLDS),
+                 (r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", DEFAULT_FOLDS),
+                 (r0, DEFAULT_IRT_MODEL, 3, "empirical", "cv", DEFAULT_FOLDS),
+                 (r0, DEFAULT_IRT_MODEL, D, "empirical", "bias-variance", 0),
+                 (r0, DEFAULT_IRT_MODEL, D, "empirical", "cv", 3), (r0, DEFAULT_IRT_MODEL, D, "empirical", "cv", 10)]
     girth = [(r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", 3), (r0, "2pl", 1, "empirical", "cv", 3)]  # 4 fits/task
     variants = girth if args.girth_only else variants + (girth[1:] if args.girth else [])
     print(f"{'R':>3} {'irt':11} {'prior':9} {'lam':14} {'cost(s)':>16} {'subset':11} {'gp-IRT':>19} {'gmp-IRT':>19} "
@@ -314,6 +319,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from evomerge.fitness.calibrate import (
         DEFAULT_FOLDS,
+        DEFAULT_IRT_DIMS,
         DEFAULT_IRT_MODEL,
         DEFAULT_RANDOM_MERGES,
         endpoint_coefficients,
@@ -349,11 +355,12 @@ def main() -> None:
     # (a) the default calibration, every n, method and estimator
     r0 = DEFAULT_RANDOM_MERGES
     y_cal, lam_rows = calibration(r0)
-    default_fits = TaskFits(y_cal, ends, lam_rows, DEFAULT_IRT_MODEL, "cv", DEFAULT_FOLDS)
+    default_fits = TaskFits(y_cal, ends, lam_rows, DEFAULT_IRT_MODEL, "cv", DEFAULT_FOLDS, DEFAULT_IRT_DIMS)
     if args.girth_only:
         return calibration_choices(args, calibration, default_fits, y_held, truth, ends, seeds, r0,
                                    len(endpoints), seconds_per_model)
-    print(f"\n(a) default calibration: {len(endpoints)} endpoints + {r0} random merges, irt {DEFAULT_IRT_MODEL}, "
+    print(f"\n(a) default calibration: {len(endpoints)} endpoints + {r0} random merges, irt {DEFAULT_IRT_MODEL} "
+          f"D={DEFAULT_IRT_DIMS}, "
           f"lam cv {DEFAULT_FOLDS}-fold on the random merges (IRT + folds fitted in {default_fits.seconds:.1f}s); "
           f"mean over {len(seeds)} subset seeds (informative subsets are deterministic: one)")
     print("    MAE / Spearman per task (mean) / Spearman of the task mean")

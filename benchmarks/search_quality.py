@@ -62,7 +62,7 @@ STRATEGY_SETTINGS: dict[str, dict[str, Any]] = {
     "de": {"pop_size": 20},
     "twopointsde": {"batch_size": 10},
     "ngopt": {"batch_size": 10},  # budget filled in from --budget
-    "m2n2": {"archive_size": 20, "batch_size": 4},
+    "m2n2": {"archive_size": 20, "batch_size": 4, "initial_genomes": "corners"},  # the paper starts from the seed models
     "map": {"batch_size": 8, "terms": "auto"},
 }
 
@@ -236,7 +236,10 @@ def ensure_fitness(manifest, work: Path, args: argparse.Namespace) -> Path:
     from evomerge.fitness.compressed import CompressedFitness, FitnessError
 
     random_merges = DEFAULT_RANDOM_MERGES if args.random_merges is None else args.random_merges
-    name = f"zoo_{manifest.size}_{manifest.content_hash[:8]}_bench_r{random_merges}_n{args.subset}"
+    from evomerge.fitness.calibrate import DEFAULT_IRT_DIMS, DEFAULT_SUBSET_METHOD
+
+    name = (f"zoo_{manifest.size}_{manifest.content_hash[:8]}_bench_r{random_merges}_n{args.subset}"
+            f"_{DEFAULT_SUBSET_METHOD}_d{DEFAULT_IRT_DIMS}")
     target = work / "fitness" / name
     if target.exists():
         try:
@@ -260,13 +263,11 @@ def ensure_fitness(manifest, work: Path, args: argparse.Namespace) -> Path:
 
 
 def optimizer_block(strategy: str, factor: float | None, budget: int, gene_slots: list[int]) -> dict[str, Any]:
-    """The run config's `optimizer` entry; pre-screening through the registered `prescreen` wrapper."""
+    """The run config's `optimizer` entry; `prescreen` 1 turns the surrogate pre-screening off."""
     settings = strategy_settings(strategy, budget)
     if strategy == "m2n2":
         settings["gene_layer_index"] = list(gene_slots)  # crossover splits between layers
-    if factor is None or factor == 1:
-        return {"name": strategy, "settings": settings}
-    return {"name": "prescreen", "settings": {"inner": strategy, "factor": float(factor), "inner_settings": settings}}
+    return {"name": strategy, "settings": settings, "prescreen": 1 if factor is None else float(factor)}
 
 
 def prescreen_factor(strategy: str, option: str) -> float | None:

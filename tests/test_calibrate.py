@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from evomerge.fitness.calibrate import (
+    DEFAULT_SUBSET_METHOD,
     calibrate,
     calibrate_from_config,
     fit_task_calibration,
@@ -110,7 +111,7 @@ def test_calibration_saves_the_population_and_fits_lambda_on_the_random_merges(c
         # the saved calibration is the one the pipeline's own function makes from these answers
         refit = fit_task_calibration(y, arrays["endpoint_rows"], arrays["lambda_rows"], n=N_SUBSET, n_folds=FOLDS)
         saved = fitness.task(task.name).estimator
-        assert saved.subset.method == "informative"
+        assert saved.subset.method == DEFAULT_SUBSET_METHOD == "anchors"
         np.testing.assert_array_equal(saved.subset.items, refit.subset.items)
         assert saved.lambdas == refit.lambdas
         assert saved.lambda_method == "cv"

@@ -44,6 +44,27 @@ def test_layout_block_granularity():
     assert bound.gene_names()[bound._gene_index(2, 0, 1, 1)] == "slot2.all.density.expert1"
 
 
+def test_corner_genomes_decode_to_the_obvious_task_level_merges():
+    bound = SearchSpace.load("ties_per_layer").bind(num_layers=3, num_experts=3)
+    corners = bound.corner_genomes()
+    assert corners.shape == (8, bound.dim)
+    weights = [bound.per_layer(g)["weight"][0] for g in corners]  # (K, L) each
+    for w in weights:  # the same per-expert weight in every layer
+        assert np.all(w == w[:, :1])
+    per_expert = [tuple(w[:, 0]) for w in weights]
+    assert per_expert[0] == (0.0, 0.0, 0.0) and per_expert[-1] == (1.0, 1.0, 1.0)
+    assert per_expert[1:4] == [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
+    assert sorted(per_expert) == sorted(set(per_expert))
+    density = bound.per_layer(corners[3])["density"][0]
+    low, high = bound.space.parameters["density"].low, bound.space.parameters["density"].high
+    assert np.allclose(density, (low + high) / 2)  # unsearched-for values sit mid-range
+    capped = bound.corner_genomes(max_count=5)
+    assert [tuple(bound.per_layer(g)["weight"][0][:, 0]) for g in capped][-1] == (1.0, 1.0, 1.0)
+    assert len(capped) == 5
+    with pytest.raises(SearchSpaceError, match="weight needs 3 values"):
+        bound.task_level_genome({"weight": [1.0, 0.0]})
+
+
 @pytest.mark.parametrize("name", ["task_arithmetic_per_layer", "ties_per_layer", "dare_ties_per_block",
                                   "task_arithmetic_attn_mlp_per_block"])
 def test_genome_yaml_evomerge_merge_reproduces_materializer(tmp_path, family, name):

@@ -10,25 +10,28 @@
    (`CompressedEstimator.fit(lambda_rows=...)`).
 4. Save everything as a `CompressedFitness` under `fitness/<name>/`.
 
-Defaults keep `make demo`'s calibration of the small zoo (3 tasks x 300 items) to about two
-minutes on 2 busy cores (2.5 s to score one model on all 900 items with one torch thread), as
-measured by benchmarks/fitness_estimation.py on held-out random merges at n = 20 per task:
+Defaults, as measured by benchmarks/fitness_estimation.py on the small zoo (3 tasks x 1,000
+fitness items; 2.3 s to score one model on all of them) against 64 held-out random merges at
+n = 20 items per task:
 
-* 36 random merges (40 models with the endpoints; ~100 s of scoring). MAE of the best estimator
-  with 12 / 24 / 36 / 48 / 64 merges: 0.033 / 0.025 / 0.022 / 0.018 / 0.019.
-* `informative` subsets (D-optimal for the random merges' abilities; subsets.py): MAE 0.022,
-  Spearman 0.94, against 0.031 / 0.86 for random and 0.035 / 0.79 for anchors.
-* the joint-MAP 2PL (`2pl-jmap`) with the empirical ability prior (`irt.prior: empirical`, see
-  irt.py; the standard N(0, 1) scale gives 0.023): ~0.1 s per fit. Girth's marginal likelihood
-  (`irt.model: 2pl`) gave the same MAE with informative subsets (0.0215 both; better anchors:
-  0.026 against 0.035) but took 65-150 s per 300-item fit: 785 s for 3 tasks with 3-fold lam.
-* lam by 5-fold cross-validation on the random merges (~2 s in all; 3 or 10 folds give the same
-  MAE to 1e-4; the in-sample bias-variance rule gives 0.039 for gp-IRT on informative subsets).
-* estimator gp-IRT (0.022; gmp-IRT 0.024: with a one-dimensional ability the endpoints add no
-  information, and the c >= 0 constraint costs a little). A 2-D ability gave 0.020 with a lower
-  Spearman of the task mean (0.94 against 0.96).
+* 10 random merges (14 models with the endpoints; ~32 s of scoring). That keeps the item
+  evaluations per candidate 20.8x below the full splits once the calibration is amortised over a
+  500-candidate search (14 x 3,000 / 500 + 60 = 144 against 3,000); 12 or more merges fall below
+  20x. MAE / Spearman per task of the best estimator with 6 / 8 / 10 / 16 / 24 / 64 merges:
+  0.052 / 0.032 / 0.028 / 0.025 / 0.022 / 0.022 and 0.91 / 0.93 / 0.94 / 0.93 / 0.93 / 0.91.
+* `anchors` subsets (tinyBenchmarks-style clusters on the IRT parameters, each anchor weighted
+  by its cluster): MAE 0.028 / Spearman 0.94, against 0.040 / 0.86 for random and 0.068 / 0.90
+  for `informative` (D-optimal), which was best on an earlier zoo with 300-item splits.
+* a two-dimensional joint-MAP 2PL (`2pl-jmap`, `dims: 2`) with the empirical ability prior: MAE
+  0.028 against 0.033 with one dimension (0.032 with the standard N(0, 1) prior); ~0.1 s per
+  fit. Girth's marginal likelihood (`irt.model: 2pl`, one dimension) took 65-150 s per 300-item
+  fit on the earlier zoo for the same MAE as the joint MAP.
+* lam by 5-fold cross-validation on the random merges (~1.5 s in all; the in-sample
+  bias-variance rule was worse on every subset method).
+* estimator gp-IRT (p-IRT and gmp-IRT within 0.001 of it).
 
-For the thorough version raise `calibration.random_merges` (48-64) and try `irt.model: 2pl`.
+For the thorough version raise `calibration.random_merges` (16-24: MAE ~0.022-0.025, at 14-17x
+fewer item evaluations) and try `irt.model: 2pl`.
 
 Config (YAML; relative paths resolve against the file's folder; see
 fitness/examples/zoo_small_calibration.yaml):
@@ -38,8 +41,8 @@ models: {base: ../zoo/small/models/base, experts: [../zoo/small/models/addition,
 tasks:
   - {preset: zoo_addition, dataset: {path: ../zoo/small/tasks/addition}}
 calibration: {random_merges: 10, method: task_arithmetic, weight: [0.0, 1.5], density: [0.2, 1.0], seed: 0}
-subset: {n: 20, method: informative, seed: 0}   # or random, or anchors (features: irt | correctness)
-irt: {model: 2pl-jmap, dims: 1, prior: empirical}   # or model: 2pl (girth's MML; minutes per fit)
+subset: {n: 20, method: anchors, seed: 0}   # features: irt | correctness; or random, or informative
+irt: {model: 2pl-jmap, dims: 2, prior: empirical}   # or {model: 2pl, dims: 1} (girth's MML; minutes per fit)
 mixing: {method: cv, folds: 5}        # or {method: bias-variance} (in-sample, no refits)
 estimator: gp-IRT
 ```
@@ -63,10 +66,18 @@ from evomerge.fitness.subsets import select_items
 from evomerge.fitness.tasks import TaskError, TaskSpec, dataset_hash, load_task
 
 DEFAULT_RANDOM_MERGES = 10
-DEFAULT_SUBSET_METHOD = "informative"
+DEFAULT_SUBSET_METHOD = "anchors"
 DEFAULT_ESTIMATOR = "gp-IRT"
 DEFAULT_IRT_MODEL = "2pl-jmap"
+DEFAULT_IRT_DIMS = 2
 DEFAULT_FOLDS = 5
+
+
+def default_dims(irt_model: str, dims: int | None) -> int:
+    """IRT dimensions when none are given: DEFAULT_IRT_DIMS for the joint MAP, 1 for girth's 2PL."""
+    if dims is not None:
+        return dims
+    return DEFAULT_IRT_DIMS if irt_model == "2pl-jmap" else 1
 
 
 class _Models(Strict):
@@ -98,7 +109,7 @@ class _Subset(Strict):
 
 class _IRT(Strict):
     model: Literal["2pl", "2pl-jmap"] = DEFAULT_IRT_MODEL
-    dims: int = Field(default=1, ge=1)
+    dims: int | None = Field(default=None, ge=1)  # None: DEFAULT_IRT_DIMS for 2pl-jmap, 1 for girth's 2pl
     prior: Literal["empirical", "standard"] = "empirical"
 
 
@@ -132,6 +143,7 @@ def load_calibration_config(path: str | os.PathLike) -> tuple[CalibrationConfig,
         raise FitnessError(f"{path}: invalid YAML ({exc})") from exc
     except ValidationError as exc:
         raise FitnessError(f"{path}: {format_validation_error(exc)}") from None
+    config.irt.dims = default_dims(config.irt.model, config.irt.dims)
     if config.irt.dims > 1 and config.irt.model == "2pl":
         raise FitnessError(f"{path}: field `irt.dims`: {config.irt.dims} needs `irt.model: 2pl-jmap` "
                            "(girth's 2pl is unidimensional)")
@@ -251,7 +263,7 @@ def fit_task_calibration(
     features: str = "irt",
     subset_seed: int = 0,
     irt_model: str = DEFAULT_IRT_MODEL,
-    irt_dims: int = 1,
+    irt_dims: int | None = None,
     empirical_prior: bool = True,
     lambda_method: str = "cv",
     n_folds: int = DEFAULT_FOLDS,
@@ -269,7 +281,7 @@ def fit_task_calibration(
     y = np.asarray(responses, dtype=np.float64)
     design_rows = np.asarray(lambda_rows if lambda_rows is not None and len(lambda_rows) else range(y.shape[0]))
     params = item_params if item_params is not None else fit_irt(
-        y, irt_model, dims=irt_dims, seed=subset_seed, prior_rows=design_rows if empirical_prior else None)
+        y, irt_model, dims=default_dims(irt_model, irt_dims), seed=subset_seed, prior_rows=design_rows if empirical_prior else None)
     subset = select_items(n, subset_method, seed=subset_seed, responses=y, item_params=params, features=features,
                           abilities=params.theta[design_rows])
     return CompressedEstimator.fit(y, endpoint_rows, subset, item_params=params, lambda_method=lambda_method,
@@ -294,7 +306,7 @@ def calibrate(
     features: str = "irt",
     subset_seed: int = 0,
     irt_model: str = DEFAULT_IRT_MODEL,
-    irt_dims: int = 1,
+    irt_dims: int | None = None,
     empirical_prior: bool = True,
     lambda_method: str = "cv",
     n_folds: int = DEFAULT_FOLDS,
@@ -368,7 +380,7 @@ def calibrate(
              f"{time.perf_counter() - t0:.1f}s; lambdas {({k: round(v, 3) for k, v in fitted.lambdas.items()})}")
     meta = {"models": {"base": base, "experts": experts}, "calibration_models": len(endpoints) + len(population),
             "method": method,
-            "irt": {"model": irt_model, "dims": irt_dims, "prior": "empirical" if empirical_prior else "standard"},
+            "irt": {"model": irt_model, "dims": default_dims(irt_model, irt_dims), "prior": "empirical" if empirical_prior else "standard"},
             "mixing": {"method": lambda_method, "folds": n_folds, "rows": "random merges"},
             "seconds": {"scoring": scored - started, "fitting": time.perf_counter() - scored,
                         "total": time.perf_counter() - started},

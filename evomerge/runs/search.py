@@ -82,8 +82,7 @@ def start_search(config: str | os.PathLike | RunConfig, *, overwrite: bool = Fal
     from evomerge.fitness.compressed import CompressedFitness
 
     space = bind_space(config)
-    _new_state(config, space.dim, space.bounds, len(CompressedFitness.load(fitness_path, check_data=False).task_names),
-               space.gene_slots)
+    _new_state(config, space, len(CompressedFitness.load(fitness_path, check_data=False).task_names))
     snapshot = config.to_yaml()
     store = RunStore.create(run_dir, snapshot, overwrite=overwrite)
     meta = {"config_sha256": _sha(snapshot), "source": source, "fitness": fitness_path,
@@ -117,10 +116,17 @@ def resume_search(run_dir: str | os.PathLike, *, progress: bool = True, echo=pri
 
 
 # ------------------------------------------------------------------------------- the loop
-def _new_state(config: RunConfig, dim: int, bounds: np.ndarray, n_objectives: int, gene_slots: np.ndarray):
+def _new_state(config: RunConfig, space, n_objectives: int):
+    dim, bounds = space.dim, space.bounds
     settings = dict(config.optimizer.settings)
     if config.optimizer.name == "m2n2":
-        settings.setdefault("gene_layer_index", gene_slots.tolist())
+        settings.setdefault("gene_layer_index", space.gene_slots.tolist())
+        if settings.get("initial_genomes") == "corners":  # the seed models and their obvious merges
+            try:
+                corners = space.corner_genomes(settings.get("archive_size", 20))
+            except ValueError as exc:
+                raise ConfigError(f"field `optimizer.settings.initial_genomes`: {exc}") from None
+            settings["initial_genomes"] = [tuple(g) for g in corners.tolist()]
     from evomerge.search.prescreen import make_prescreened
 
     try:
@@ -174,7 +180,7 @@ def _run(store: RunStore, config: RunConfig, fitness_path: str, *, progress: boo
     config_hash = _sha(store.config_text)
     restored = store.load_latest_checkpoint()
     if restored is None:
-        optimizer, archive, counters = _new_state(config, space.dim, space.bounds, len(tasks), space.gene_slots)
+        optimizer, archive, counters = _new_state(config, space, len(tasks))
     else:
         optimizer, archive, counters = _restore(restored[1])
     # Evaluations logged after the checkpoint belong to the generation that was in flight.

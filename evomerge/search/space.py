@@ -17,6 +17,8 @@ gene's slot.
 """
 from __future__ import annotations
 
+import itertools
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +226,37 @@ class BoundSpace:
             i = int(outside[0])
             raise SearchSpaceError(f"gene {self.gene_names()[i]} = {genome[i]} is outside [{b[i, 0]}, {b[i, 1]}]")
         return genome
+
+    def task_level_genome(self, values: Mapping[str, Sequence[float]]) -> np.ndarray:
+        """The genome giving every slot and group the same per-expert values: {param: (K,)}.
+        Parameters left out take the middle of their bounds; values are clipped to the bounds."""
+        genome = np.empty(self.dim)
+        for p, pname in enumerate(self.param_names):
+            b = self.space.parameters[pname]
+            given = values.get(pname)
+            per_expert = (np.full(self.num_experts, (b.low + b.high) / 2) if given is None
+                          else np.asarray(given, dtype=np.float64))
+            if per_expert.shape != (self.num_experts,):
+                raise SearchSpaceError(f"search space {self.space.name!r}: {pname} needs {self.num_experts} values, "
+                                       f"got shape {per_expert.shape}")
+            for slot in range(self.num_slots):
+                for g in range(len(self.groups)):
+                    for k in range(self.num_experts):
+                        genome[self._gene_index(slot, g, p, k)] = np.clip(per_expert[k], b.low, b.high)
+        return genome
+
+    def corner_genomes(self, max_count: int | None = None) -> np.ndarray:
+        """The merges a person tries first, as genomes: every expert subset at weight 1 (weight 0
+        for the rest) -- the base, each expert alone, each pair, ..., all of them (uniform task
+        arithmetic). Ordered by subset size, so the first ``max_count`` keep the smallest subsets
+        and the all-experts merge is added last when it would be cut. (n, dim)"""
+        if "weight" not in self.param_names:
+            raise SearchSpaceError(f"search space {self.space.name!r} does not search `weight`; no corner genomes")
+        K = self.num_experts
+        subsets = sorted(itertools.product((0.0, 1.0), repeat=K), key=lambda w: (sum(w), [-x for x in w]))
+        if max_count is not None and len(subsets) > max_count:
+            subsets = subsets[: max(1, max_count - 1)] + [(1.0,) * K]
+        return np.stack([self.task_level_genome({"weight": w}) for w in subsets])
 
     def per_layer(self, genome: np.ndarray) -> dict[str, np.ndarray]:
         """{param: array (groups, K, L)}: each gene expanded to the layers of its slot."""
