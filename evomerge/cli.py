@@ -167,17 +167,25 @@ def verify_command(run_dir: Path, members: tuple[int, ...], role: str) -> None:
 
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--member", "member", type=int, default=None, help="Candidate id (default: the best balanced member).")
+@click.option("--member", "member", type=int, default=None,
+              help="Candidate id (default: the best balanced member by the compressed fitness).")
+@click.option("--finalists", type=int, default=None,
+              help="Without --member: score this many best Pareto members on the whole fitness split and "
+                   "export the best of them there (recorded in verify.json).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
 @click.option("--shard-size", default="5GB", show_default=True)
-def export_command(run_dir: Path, member: int | None, out_dir: Path, overwrite: bool, shard_size: str) -> None:
+def export_command(run_dir: Path, member: int | None, finalists: int | None, out_dir: Path, overwrite: bool,
+                   shard_size: str) -> None:
     """Write a Pareto member as a Hugging Face model folder plus recipe.yaml (mergekit format)."""
     from evomerge.runs.run import Run
 
+    if member is not None and finalists is not None:
+        _fail(click.UsageError("give --member or --finalists, not both"))
     try:
         run = Run.load(run_dir)
-        member = run.best_balanced() if member is None else member
+        if member is None:
+            member = run.choose(finalists, echo=click.echo) if finalists else run.best_balanced()
         path = run.export(member, out_dir, overwrite=overwrite, max_shard_bytes=shard_size, progress=True)
     except _run_errors() as exc:
         _fail(exc)

@@ -4,7 +4,9 @@
 2. calibrate the compressed fitness (cached in ./fitness/zoo_small),
 3. search with the local Ray pool (./runs/zoo_small, started afresh),
 4. verify the Pareto set on the full test split,
-5. export the best balanced member (./exports/zoo_small_best: Hugging Face folder + recipe.yaml),
+5. choose a member without the test split (the 5 best Pareto members by compressed fitness,
+   re-scored on the whole fitness split) and export it (./exports/zoo_small_best: Hugging Face
+   folder + recipe.yaml),
 6. compare it with each expert, the base and uniform task arithmetic on the test split.
 """
 from __future__ import annotations
@@ -89,8 +91,8 @@ def main() -> int:
     run.verify()
     print(f"verified in {time.perf_counter() - t:.0f}s")
 
-    t = step("5/6 export the best balanced member")
-    member = run.best_balanced()
+    t = step("5/6 choose (5 finalists on the whole fitness split) and export")
+    member = run.choose(5)
     out = run.export(member, ROOT / "exports" / "zoo_small_best", overwrite=True)
     print(f"member {member} -> {out} (+ {out / 'recipe.yaml'})")
 

@@ -219,11 +219,19 @@ def test_verify_records_full_test_split_scores(workspace, reference_run):
     shutil.copytree(reference_run, run_dir)
     result = CliRunner().invoke(main, ["verify", str(run_dir)])
     assert result.exit_code == 0, result.output
-    verified = json.loads((run_dir / "verify.json").read_text())
+    verified = json.loads((run_dir / "verify.json").read_text())["splits"]
     run = Run.load(run_dir)
-    assert set(verified["members"]) == {str(i) for i in run.pareto.index}
-    assert all(0.0 <= v <= 1.0 for scores in verified["members"].values() for v in scores.values())
+    assert set(verified["test"]) == {str(i) for i in run.pareto.index}
+    assert all(0.0 <= v <= 1.0 for scores in verified["test"].values() for v in scores.values())
     assert "sums_a_test" in run.pareto.columns
+    # choosing on the fitness split keeps the test scores and picks the best full-fitness-split mean
+    chosen = run.choose(finalists=3, echo=lambda *a: None)
+    verified = Run.load(run_dir).verified()
+    assert set(verified["test"]) == {str(i) for i in run.pareto.index}
+    assert len(verified["fitness"]) == min(3, len(run.pareto))
+    means = {int(i): np.mean(list(scores.values())) for i, scores in verified["fitness"].items()}
+    assert means[chosen] == max(means.values())
+    assert "sums_a_fitness" in Run.load(run_dir).pareto.columns
 
 
 BAD_CONFIGS = [

@@ -62,12 +62,13 @@ class Run:
     def pareto(self) -> pd.DataFrame:
         data = self.store.read_pareto()
         rows = []
-        verified = (self.store.read_verify() or {}).get("members", {})
+        verified = self.verified()
         for m in data["members"]:
             row = {"id": m["id"], "generation": m.get("generation"), "mean": m["mean"], "crowding": m.get("crowding")}
             row.update(m["objectives"])
-            for task, value in (verified.get(str(m["id"])) or {}).items():
-                row[f"{task}_test"] = value
+            for role, members in verified.items():
+                for task, value in (members.get(str(m["id"])) or {}).items():
+                    row[f"{task}_{role}"] = value
             rows.append(row)
         return pd.DataFrame(rows).set_index("id") if rows else pd.DataFrame()
 
@@ -90,6 +91,31 @@ class Run:
         from evomerge.runs.problem import bind_space
 
         return bind_space(self.config).per_layer(self.genome(member_id))
+
+    def verified(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{split role: {member id: {task: full-split accuracy}}} from verify.json."""
+        data = self.store.read_verify() or {}
+        if "splits" in data:
+            return data["splits"]
+        # first format: one split's scores under "members"
+        return {data.get("split", "test"): data["members"]} if data.get("members") else {}
+
+    def choose(self, finalists: int = 5, *, device: str | None = None, echo=print) -> int:
+        """The member to take without looking at the test split: the `finalists` Pareto members with
+        the best compressed-fitness mean (the worst task breaking ties) are scored on the whole
+        fitness split, and the best mean there wins (ties: the better compressed fitness).
+
+        Costs finalists x (fitness split items) item evaluations; recorded in verify.json."""
+        frame = self.pareto
+        if frame.empty:
+            raise RunStoreError(f"{self.path}: the Pareto set is empty")
+        if finalists < 1:
+            raise ValueError(f"finalists must be at least 1, got {finalists}")
+        worst = frame[self.tasks].min(axis=1)
+        ranked = [int(i) for i in frame.assign(worst=worst).sort_values(["mean", "worst"], ascending=False).index]
+        shortlist = ranked[:finalists]
+        scores = self.verify(shortlist, role="fitness", device=device, echo=echo)
+        return max(shortlist, key=lambda i: (np.mean(list(scores[str(i)].values())), -shortlist.index(i)))
 
     def best_balanced(self) -> int:
         """The Pareto member with the highest mean over tasks (the worst task breaking ties)."""
@@ -115,7 +141,8 @@ class Run:
 
     def verify(self, member_ids: list[int] | None = None, *, role: str = "test", device: str | None = None,
                echo=print) -> dict[str, dict[str, float]]:
-        """Score Pareto members on the full `role` split of every task and record it in verify.json."""
+        """Score Pareto members on the full `role` split ('test' or 'fitness') of every task and
+        record it in verify.json, beside the other split's scores."""
         from evomerge.fitness.compressed import CompressedFitness
         from evomerge.runs.problem import MergeProblem
 
@@ -129,10 +156,9 @@ class Run:
             model = problem.materialize(self.genome(member_id))
             results[str(member_id)] = {task: float(np.mean(scorer(model))) for task, scorer in scorers.items()}
             echo(f"  member {member_id}: " + " ".join(f"{t}={v:.3f}" for t, v in results[str(member_id)].items()))
-        previous = self.store.read_verify() or {"members": {}}
-        previous["members"].update(results)
-        previous["split"] = role
-        self.store.write_verify(previous)
+        splits = self.verified()
+        splits.setdefault(role, {}).update(results)
+        self.store.write_verify({"splits": splits})
         return results
 
     # ------------------------------------------------------------- plots
