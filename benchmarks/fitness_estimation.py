@@ -23,8 +23,8 @@ from its answers on the n subset items. Printed:
     tinyBenchmarks' `evaluate` for p-IRT / gp-IRT, which only supports n = 20) on the same
     response matrices, subsets and item parameters, side by side with ours.
 Targets (issue 4), at n = 20 per task: best estimator MAE <= 0.03, Spearman >= 0.9, and >= 20x
-fewer item evaluations per candidate. (With 300-item splits, 20 items per task can save at most
-15x even before the calibration is counted.) Also printed: whether the zoo presets reproduce the
+fewer item evaluations per candidate. (With N-item splits and C calibration models, 20 items per task
+save N / (20 + C N / 500) per task: at least 20x needs C < 25 and, e.g., N >= 770 for C = 14.) Also printed: whether the zoo presets reproduce the
 test accuracies recorded in zoo.json. Mergenetic runs in its own venv (see issue 4), e.g.
 `python3 -m venv /tmp/mgvenv` then its pinned requirements and `pip install --no-deps mergenetic`.
 """
