@@ -63,7 +63,7 @@ STRATEGY_SETTINGS: dict[str, dict[str, Any]] = {
     "twopointsde": {"batch_size": 10},
     "ngopt": {"batch_size": 10},  # budget filled in from --budget
     "m2n2": {"archive_size": 20, "batch_size": 4, "initial_genomes": "corners"},  # the paper starts from the seed models
-    "map": {"batch_size": 8, "terms": "auto"},
+    "map": {"batch_size": 8, "terms": "auto", "initial_genomes": "corners"},
 }
 
 

@@ -121,12 +121,15 @@ def _new_state(config: RunConfig, space, n_objectives: int):
     settings = dict(config.optimizer.settings)
     if config.optimizer.name == "m2n2":
         settings.setdefault("gene_layer_index", space.gene_slots.tolist())
-        if settings.get("initial_genomes") == "corners":  # the seed models and their obvious merges
-            try:
-                corners = space.corner_genomes(settings.get("archive_size", 20))
-            except ValueError as exc:
-                raise ConfigError(f"field `optimizer.settings.initial_genomes`: {exc}") from None
-            settings["initial_genomes"] = [tuple(g) for g in corners.tolist()]
+    if settings.get("initial_genomes") == "corners":  # the seed models and their obvious merges
+        if config.optimizer.name not in ("m2n2", "map"):
+            raise ConfigError("field `optimizer.settings.initial_genomes`: `corners` is for m2n2 and map, "
+                              f"not {config.optimizer.name!r}")
+        try:
+            corners = space.corner_genomes(settings.get("archive_size", 20))
+        except ValueError as exc:
+            raise ConfigError(f"field `optimizer.settings.initial_genomes`: {exc}") from None
+        settings["initial_genomes"] = [tuple(g) for g in corners.tolist()]
     from evomerge.search.prescreen import make_prescreened
 
     try:
