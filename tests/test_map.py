@@ -98,6 +98,18 @@ def test_design_is_space_filling_and_large_enough():
     assert len(MAPOptimizer(3, (0.0, 1.0), 2, design="lhs").design) == 20
 
 
+def test_initial_genomes_are_asked_first_then_the_design():
+    seeds = ((0.0, 0.0, 0.0), (1.0, 1.0, 0.0), (2.0, -1.0, 0.5))  # the last one is clipped into the box
+    plain = MAPOptimizer(3, (0.0, 1.0), 2, seed=0, batch_size=8)
+    seeded = MAPOptimizer(3, (0.0, 1.0), 2, seed=0, batch_size=8, initial_genomes=seeds)
+    first = seeded.ask()
+    np.testing.assert_array_equal(first[:3], [[0, 0, 0], [1, 1, 0], [1, 0, 0.5]])
+    np.testing.assert_array_equal(first[3:], plain.design[:5])
+    assert len(seeded.design) == len(plain.design) + 3
+    with pytest.raises(ValueError, match="initial_genomes must be rows of 3 values"):
+        MAPOptimizer(3, (0.0, 1.0), 2, initial_genomes=((0.0, 1.0),))
+
+
 def test_rounds_ask_true_pareto_points_when_the_surrogate_is_exact():
     opt = MAPOptimizer(3, (0.0, 1.0), 2, seed=0, batch_size=8, explore_fraction=0.25)
     while opt.n_evaluations < len(opt.design):

@@ -259,6 +259,9 @@ def test_cli_reports_unknown_optimizer_and_space(workspace):
     path = write_config(workspace, "bad_space", search_space="nope")
     result = CliRunner().invoke(main, ["search", str(path), "--quiet"])
     assert result.exit_code == 2 and "unknown search space 'nope'" in result.output
+    path = write_config(workspace, "bad_corners", optimizer={"name": "nsga2", "settings": {"initial_genomes": "corners"}})
+    result = CliRunner().invoke(main, ["search", str(path), "--quiet"])
+    assert result.exit_code == 2 and "`corners` is for m2n2 and map, not 'nsga2'" in result.output
 
 
 def test_notebook_runs(workspace, reference_run):
