@@ -314,18 +314,16 @@ def run_strategy(strategy: str, seed: int, manifest, fitness_path: Path, work: P
     F = ok[tasks].to_numpy(dtype=float)  # (n, tasks) compressed-fitness estimates
     front = non_dominated_mask(F)
     ids = [int(i) for i in ok.index[front]]
-    # The member a user would take without the test split: the `finalists` Pareto members with the
-    # best compressed-fitness mean (then best worst task) re-scored on the whole fitness split, the
-    # best of them by that mean. Those item evaluations are counted in the search's cost.
+    # The member a user would take without the test split (`Run.choose` among the first `budget`
+    # candidates' Pareto set); the finalists' item evaluations are counted in the search's cost.
     by_fitness = [ids[j] for j in np.lexsort((F[front].min(axis=1), F[front].mean(axis=1)))[::-1]]
     finalists = by_fitness[: args.finalists]
     started = time.perf_counter()
-    validation = run.verify(finalists, role="fitness", echo=lambda *a, **k: None) if finalists else {}
+    chosen = run.choose(args.finalists, among=ids, echo=lambda *a, **k: None) if finalists else by_fitness[0]
+    validation = run.verified().get("fitness", {})
     test = run.verify(ids, role="test", echo=lambda *a, **k: None)
     verify_seconds = time.perf_counter() - started
     T = np.array([[test[str(i)][t] for t in tasks] for i in ids])  # (members, tasks) full test split
-    chosen = (max(finalists, key=lambda i: (np.mean([validation[str(i)][t] for t in tasks]), -finalists.index(i)))
-              if finalists else by_fitness[0])
     finalist_items = len(finalists) * int(fitness_split_items)
     seconds = {c[len("seconds_"):]: float(evaluations[c].mean()) for c in evaluations.columns
                if c.startswith("seconds_")}

@@ -100,13 +100,20 @@ class Run:
         # first format: one split's scores under "members"
         return {data.get("split", "test"): data["members"]} if data.get("members") else {}
 
-    def choose(self, finalists: int = 5, *, device: str | None = None, echo=print) -> int:
+    def choose(self, finalists: int = 5, *, among: list[int] | None = None, device: str | None = None,
+               echo=print) -> int:
         """The member to take without looking at the test split: the `finalists` Pareto members with
         the best compressed-fitness mean (the worst task breaking ties) are scored on the whole
         fitness split, and the best mean there wins (ties: the better compressed fitness).
+        `among`: choose from these candidate ids instead of the Pareto set.
 
         Costs finalists x (fitness split items) item evaluations; recorded in verify.json."""
-        frame = self.pareto
+        if among is None:
+            frame = self.pareto
+        else:
+            evaluations = self.evaluations
+            frame = evaluations.loc[list(among), self.tasks]
+            frame = frame.assign(mean=frame.mean(axis=1))
         if frame.empty:
             raise RunStoreError(f"{self.path}: the Pareto set is empty")
         if finalists < 1:

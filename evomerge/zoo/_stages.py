@@ -187,18 +187,16 @@ def _replay_pools(b: _Builder, base_model, tokenizer) -> dict:
 
 
 def build_expert_stages(b: _Builder) -> None:
-    from transformers import AutoTokenizer
-
     s = b.spec
     base_path = b.root / b.data["models"][BASE]["path"]
     cache: dict = {}  # the base model and replay pools, loaded only if some expert needs building
 
     def base_and_pools():
         if not cache:
-            tokenizer = AutoTokenizer.from_pretrained(b.root / b.data["tokenizer"]["path"])
+            cache["tokenizer"] = tokenizer_for(b)
             base_model = _load_model(base_path, b.device)
             b.log("experts: labelling replay prompts with the base's greedy answers")
-            cache["base"], cache["pools"] = base_model, _replay_pools(b, base_model, tokenizer)
+            cache["base"], cache["pools"] = base_model, _replay_pools(b, base_model, cache["tokenizer"])
         return cache["base"], cache["pools"]
 
     for task in TASKS:
@@ -237,7 +235,7 @@ def build_expert_stages(b: _Builder) -> None:
             if s.expert_target:
                 # Stop as soon as the expert has its skill: a longer run only grows the task vector,
                 # and a bigger task vector interferes more with the others in a merge.
-                own = _scorers(b, tokenizer_for(b), "validation", s.grid_items)[task]
+                own = _scorers(b, cache["tokenizer"], "validation", s.grid_items, tasks=[task])[task]
 
                 def on_step(step: int) -> bool:
                     if step % s.expert_check_every:
@@ -284,10 +282,11 @@ def evaluate_stage(b: _Builder) -> None:
     b.built.append("evaluation")
 
 
-def _scorers(b: _Builder, tokenizer, split: str, items: int | None = None) -> dict[str, ExactMatchScorer]:
+def _scorers(b: _Builder, tokenizer, split: str, items: int | None = None,
+             tasks: list[str] = TASKS) -> dict[str, ExactMatchScorer]:
     """One scorer per task over `split` (its first `items` rows when given)."""
     out = {}
-    for task in TASKS:
+    for task in tasks:
         data = _load_split(b, task, split)
         if items is not None and items < len(data):
             data = data.select(range(items))
@@ -297,12 +296,10 @@ def _scorers(b: _Builder, tokenizer, split: str, items: int | None = None) -> di
 
 
 def _evaluate(b: _Builder) -> dict:
-    from transformers import AutoTokenizer
-
     from evomerge.merge.materializer import Materializer
 
     s = b.spec
-    tokenizer = AutoTokenizer.from_pretrained(b.root / b.data["tokenizer"]["path"])
+    tokenizer = tokenizer_for(b)
     test = _scorers(b, tokenizer, "test")
     validation = _scorers(b, tokenizer, "validation")
     screening = _scorers(b, tokenizer, "validation", s.grid_items)
