@@ -284,6 +284,24 @@ def test_two_builds_from_scratch_are_byte_identical(tiny_zoo: Manifest, tmp_path
     assert second.content_hash == tiny_zoo.content_hash
 
 
+def test_per_expert_settings_reach_training_and_the_manifest(tiny_zoo: Manifest):
+    """`expert_lr` / `expert_target` may differ per expert (the small zoo's sorting expert trains all
+    its steps at a higher rate); what each expert was trained with is what its manifest entry says."""
+    from evomerge.zoo._sizes import get_size
+
+    spec = get_size("tiny")
+    assert isinstance(spec.expert_lr, dict) and len(set(spec.expert_lr.values())) > 1
+    for task in TASKS:
+        training = tiny_zoo.data["models"][task]["training"]
+        assert training["lr"] == spec.expert_lr[task]
+        if spec.expert_target[task]:
+            assert f">= {spec.expert_target[task]}" in training["early_stop"]
+        else:
+            assert training["early_stop"] is None and training["steps"] == spec.expert_steps[task]
+    assert get_size("small").expert_value("lr", "sorting") == get_size("small").expert_lr["sorting"]
+    assert spec.expert_value("check_every", "sorting") == spec.expert_check_every  # a plain value
+
+
 def test_grid_search_finds_the_peak_of_a_known_function():
     peak = (0.45, 0.9, 0.3)
     calls = []

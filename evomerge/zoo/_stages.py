@@ -201,14 +201,15 @@ def build_expert_stages(b: _Builder) -> None:
 
     for task in TASKS:
         others = [t for t in TASKS if t != task]
+        lr, target = s.expert_value("lr", task), s.expert_value("target", task)
         training = {
             "objective": f"{task}, plus replay of {', '.join(others)} " + (
                 f"distilled from the base (KL to its next-token distributions, weight {s.replay_distill})"
                 if s.replay_distill > 0 else "labelled by the base's greedy answers"),
             "max_steps": s.expert_steps[task],
-            "early_stop": (f"own-task exact match >= {s.expert_target} on the first {s.grid_items} validation "
-                           f"items, checked every {s.expert_check_every} steps") if s.expert_target else None,
-            "lr": s.expert_lr,
+            "early_stop": (f"own-task exact match >= {target} on the first {s.grid_items} validation "
+                           f"items, checked every {s.expert_check_every} steps") if target else None,
+            "lr": lr,
             "warmup": s.expert_warmup,
             "schedule": "linear warm-up, cosine decay to 0",
             "optimizer": "AdamW(betas=(0.9, 0.95), weight_decay=0), grad-norm clip 1.0",
@@ -232,7 +233,7 @@ def build_expert_stages(b: _Builder) -> None:
             generator = torch.Generator().manual_seed(training["batch_seed"])
             checks: list[tuple[int, float]] = []
             on_step = None
-            if s.expert_target:
+            if target:
                 # Stop as soon as the expert has its skill: a longer run only grows the task vector,
                 # and a bigger task vector interferes more with the others in a merge.
                 own = _scorers(b, cache["tokenizer"], "validation", s.grid_items, tasks=[task])[task]
@@ -241,9 +242,9 @@ def build_expert_stages(b: _Builder) -> None:
                     if step % s.expert_check_every:
                         return False
                     checks.append((step, float(np.mean(own(model)))))
-                    return checks[-1][1] >= s.expert_target
+                    return checks[-1][1] >= target
 
-            losses = train(model, make_sampler(parts, generator), steps=training["max_steps"], lr=s.expert_lr,
+            losses = train(model, make_sampler(parts, generator), steps=training["max_steps"], lr=lr,
                            warmup=s.expert_warmup, distill_weight=s.replay_distill, stage=f"expert {task}", log=b.log,
                            log_every=max(1, training["max_steps"] // 4), on_step=on_step)
             _save_model(model.cpu(), folder)
