@@ -33,7 +33,7 @@ class ZooSize:
     # reaches `expert_target` (checked every `expert_check_every` steps; 0 = never stop early);
     # target and learning rate are one value for all experts or a mapping task -> value
     expert_steps: dict[str, int]
-    expert_target: float | dict[str, float]  # one value for every expert, or one per task
+    expert_target: float | dict[str, float]
     expert_check_every: int
     expert_lr: float | dict[str, float]
     expert_warmup: int
