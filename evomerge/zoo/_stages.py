@@ -222,7 +222,8 @@ def build_expert_stages(b: _Builder) -> None:
         key = _hash_json({"stage": "expert/3", "task": task, "training": training,
                           "base": b.data["models"][BASE]["hash"], **_upstream_hashes(b)})
 
-        def build(folder: Path, task: str = task, others: list = others, training: dict = training) -> dict:
+        def build(folder: Path, task: str = task, others: list = others, training: dict = training,
+                  lr: float = lr, target: float = target) -> dict:
             base_model, pools = base_and_pools()
             model = _load_model(base_path, b.device)
             train_split = _load_split(b, task, "train")
