@@ -285,7 +285,8 @@ def fit_task_calibration(
     y = np.asarray(responses, dtype=np.float64)
     design_rows = np.asarray(lambda_rows if lambda_rows is not None and len(lambda_rows) else range(y.shape[0]))
     params = item_params if item_params is not None else fit_irt(
-        y, irt_model, dims=default_dims(irt_model, irt_dims), seed=subset_seed, prior_rows=design_rows if empirical_prior else None)
+        y, irt_model, dims=default_dims(irt_model, irt_dims), seed=subset_seed,
+        prior_rows=design_rows if empirical_prior else None)
     subset = select_items(n, subset_method, seed=subset_seed, responses=y, item_params=params, features=features,
                           abilities=params.theta[design_rows])
     return CompressedEstimator.fit(y, endpoint_rows, subset, item_params=params, lambda_method=lambda_method,
@@ -331,6 +332,7 @@ def calibrate(
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to recalibrate")
     if estimator not in ESTIMATORS:
         raise FitnessError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
+    irt_dims = default_dims(irt_model, irt_dims)
     started = time.perf_counter()
     for t in tasks:
         size = len(t.load_split("fitness"))
@@ -384,7 +386,7 @@ def calibrate(
              f"{time.perf_counter() - t0:.1f}s; lambdas {({k: round(v, 3) for k, v in fitted.lambdas.items()})}")
     meta = {"models": {"base": base, "experts": experts}, "calibration_models": len(endpoints) + len(population),
             "method": method,
-            "irt": {"model": irt_model, "dims": default_dims(irt_model, irt_dims), "prior": "empirical" if empirical_prior else "standard"},
+            "irt": {"model": irt_model, "dims": irt_dims, "prior": "empirical" if empirical_prior else "standard"},
             "mixing": {"method": lambda_method, "folds": n_folds, "rows": "random merges"},
             "seconds": {"scoring": scored - started, "fitting": time.perf_counter() - scored,
                         "total": time.perf_counter() - started},

@@ -122,7 +122,8 @@ class Run:
         ranked = [int(i) for i in frame.assign(worst=worst).sort_values(["mean", "worst"], ascending=False).index]
         shortlist = ranked[:finalists]
         scores = self.verify(shortlist, role="fitness", device=device, echo=echo)
-        return max(shortlist, key=lambda i: (np.mean(list(scores[str(i)].values())), -shortlist.index(i)))
+        best = max(range(len(shortlist)), key=lambda r: (np.mean(list(scores[str(shortlist[r])].values())), -r))
+        return shortlist[best]
 
     def best_balanced(self) -> int:
         """The Pareto member with the highest mean over tasks (the worst task breaking ties)."""

@@ -18,7 +18,6 @@ gene's slot.
 from __future__ import annotations
 
 import itertools
-
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

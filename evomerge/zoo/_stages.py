@@ -316,19 +316,20 @@ def _evaluate(b: _Builder) -> dict:
         b.root / b.data["models"][BASE]["path"], [b.root / b.data["models"][t]["path"] for t in TASKS], device=b.device
     )
 
-    def mean_on(scorers: dict) -> Callable[[tuple[float, ...]], float]:
-        return lambda weights: score_tasks(materializer.apply("task_arithmetic", weight=list(weights)), scorers)["mean"]
+    def scores_on(scorers: dict) -> Callable[[tuple[float, ...]], dict[str, float]]:
+        return lambda weights: score_tasks(materializer.apply("task_arithmetic", weight=list(weights)), scorers)
 
     # The grid is ranked on the first `grid_items` validation items per task (a big validation split
     # is the fitness split and would make a full-split grid the slowest part of the build); the
     # finalists are then re-scored on the whole validation split, which makes the choice.
     b.log(f"evaluation: grid over task-arithmetic weights {list(s.grid)}^{len(TASKS)} and refinement on "
           f"{s.grid_items} validation items per task, then the best {s.grid_finalists} on all of them")
-    _, _, n_points, seen = grid_search(mean_on(screening), len(TASKS), s.grid, s.refine_step, return_seen=True)
+    screen = scores_on(screening)
+    _, _, n_points, seen = grid_search(lambda w: screen(w)["mean"], len(TASKS), s.grid, s.refine_step,
+                                       return_seen=True)
     finalists = sorted(seen, key=lambda w: -seen[w])[: s.grid_finalists]  # stable: ties keep grid order
-    full_mean = mean_on(validation)
-    final_scores = {w: full_mean(w) for w in finalists}
-    best = max(finalists, key=lambda w: final_scores[w])
+    final_scores = {w: scores_on(validation)(w) for w in finalists}
+    best = max(finalists, key=lambda w: final_scores[w]["mean"])
     n_items = {t: validation[t].n_items for t in TASKS}
     screened_items = {t: min(s.grid_items, n) for t, n in n_items.items()}
     merges = {}
@@ -338,8 +339,10 @@ def _evaluate(b: _Builder) -> dict:
         ("averaging", "linear", [1.0] * len(TASKS)),
     ):
         model = materializer.apply(method, weight=weights)
+        # the chosen grid point was already scored on the whole validation split as a finalist
+        on_validation = final_scores[best] if name == "best_grid" else score_tasks(model, validation)
         merges[name] = {"method": method, "weights": weights,
-                        "validation": score_tasks(model, validation), "test": score_tasks(model, test)}
+                        "validation": on_validation, "test": score_tasks(model, test)}
     merges["averaging"]["note"] = "mean of the experts' weights (linear, normalized)"
     merges["best_grid"]["grid"] = {
         "values": list(s.grid), "refine_step": s.refine_step, "n_evaluated": n_points,
