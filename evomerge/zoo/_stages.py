@@ -126,6 +126,7 @@ def build_base_stage(b: _Builder) -> None:
         "warmup": s.base_warmup,
         "schedule": "linear warm-up, cosine decay to 0",
         "optimizer": "AdamW(betas=(0.9, 0.95), weight_decay=0), grad-norm clip 1.0",
+        "autocast": s.train_autocast,
         "batch_mix": s.base_mix,
         "limits": {t: f"{col} <= {lim}" for t, (col, lim) in s.base_limits.items()},
         "init_seed": derive_seed(b.seed, BASE, "init"),
@@ -145,7 +146,8 @@ def build_base_stage(b: _Builder) -> None:
             parts.append(BatchPart(encode_examples(*zip(*rows)), count))
         generator = torch.Generator().manual_seed(training["batch_seed"])
         losses = train(model, make_sampler(parts, generator), steps=s.base_steps, lr=s.base_lr,
-                       warmup=s.base_warmup, stage="base", log=b.log, log_every=max(1, s.base_steps // 5))
+                       warmup=s.base_warmup, autocast=s.autocast_dtype(), stage="base", log=b.log,
+                       log_every=max(1, s.base_steps // 5))
         _save_model(model.cpu(), folder)
         return _model_info(model, "base", None, None, {**training, "final_loss": round(float(np.mean(losses[-10:])), 4)})
 
@@ -213,6 +215,7 @@ def build_expert_stages(b: _Builder) -> None:
             "warmup": s.expert_warmup,
             "schedule": "linear warm-up, cosine decay to 0",
             "optimizer": "AdamW(betas=(0.9, 0.95), weight_decay=0), grad-norm clip 1.0",
+            "autocast": s.train_autocast,
             "batch": s.expert_batch,
             "replay_rows": s.replay_rows,
             "replay_pool": s.replay_pool,
@@ -246,7 +249,8 @@ def build_expert_stages(b: _Builder) -> None:
                     return checks[-1][1] >= target
 
             losses = train(model, make_sampler(parts, generator), steps=training["max_steps"], lr=lr,
-                           warmup=s.expert_warmup, distill_weight=s.replay_distill, stage=f"expert {task}", log=b.log,
+                           warmup=s.expert_warmup, distill_weight=s.replay_distill, autocast=s.autocast_dtype(),
+                           stage=f"expert {task}", log=b.log,
                            log_every=max(1, training["max_steps"] // 4), on_step=on_step)
             _save_model(model.cpu(), folder)
             return _model_info(model, "expert", task, BASE, {

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -162,6 +163,18 @@ def batch_loss(logits: torch.Tensor, batch: Batch, distill_weight: float = 1.0) 
     return loss
 
 
+@contextmanager
+def _attention(model, implementation: str | None) -> Iterator[None]:
+    """Train with `implementation` (None: the model's own); the model's setting is restored after."""
+    saved = model.config._attn_implementation
+    if implementation is not None:
+        model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(saved)
+
+
 def train(
     model,
     sample: Callable[[], Batch],
@@ -171,6 +184,8 @@ def train(
     warmup: int,
     weight_decay: float = 0.0,
     distill_weight: float = 1.0,
+    autocast: torch.dtype | None = None,
+    attention: str | None = None,
     stage: str = "train",
     log: Callable[[str], None] | None = None,
     log_every: int = 50,
@@ -179,10 +194,14 @@ def train(
     """AdamW with linear warm-up and cosine decay to zero over `steps`; returns the loss of every
     step. `on_step(step)` returning True stops training after that step (early stopping).
 
+    `autocast` (e.g. `torch.bfloat16`) runs the forward pass in mixed precision; the weights, their
+    gradients, the optimizer state and the loss stay float32. `attention` is the attention
+    implementation to train with; by default "eager" under autocast on CPU (there the bfloat16 SDPA
+    backward is slower than a whole float32 step: benchmarks/zoo_training_step.py), else the model's.
+
     Padding sits at the end of each row, so causal attention never lets it reach a scored
-    position and no attention mask is needed (which keeps the fast SDPA causal path).
+    position and no attention mask is needed.
     """
-    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
     def schedule(step: int) -> float:
@@ -195,22 +214,27 @@ def train(
     device = next(model.parameters()).device
     losses = []
     start = time.perf_counter()
-    for step in range(steps):
-        batch = sample()
-        logits = model(input_ids=batch.inputs.to(device)).logits  # (B, T, V)
-        loss = batch_loss(logits, batch, distill_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        stop = bool(on_step(step + 1)) if on_step is not None else False
-        if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps or stop):
-            recent = losses[-log_every:]
-            log(f"{stage}: step {step + 1}/{steps}  loss {sum(recent) / len(recent):.3f}  ({time.perf_counter() - start:.0f}s)"
-                + ("  stopping early" if stop else ""))
-        if stop:
-            break
+    model.train()
+    if attention is None and autocast is not None and device.type == "cpu":
+        attention = "eager"
+    with _attention(model, attention):
+        for step in range(steps):
+            batch = sample()
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                logits = model(input_ids=batch.inputs.to(device)).logits  # (B, T, V)
+            loss = batch_loss(logits.float(), batch, distill_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            stop = bool(on_step(step + 1)) if on_step is not None else False
+            if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps or stop):
+                recent = losses[-log_every:]
+                log(f"{stage}: step {step + 1}/{steps}  loss {sum(recent) / len(recent):.3f}  "
+                    f"({time.perf_counter() - start:.0f}s)" + ("  stopping early" if stop else ""))
+            if stop:
+                break
     model.eval()
     return losses
