@@ -11,28 +11,30 @@
 4. Save everything as a `CompressedFitness` under `fitness/<name>/`.
 
 Defaults, as measured by benchmarks/fitness_estimation.py on the small zoo (3 tasks x 1,000
-fitness items; 2.3-2.8 s to score one model on all of them) against 64 held-out random merges at
-n = 20 items per task; chosen on the previous zoo build (content 9e59f74b), re-measured on the
-current one (dcbc5c71, whose sorting expert differs), the second number in each pair:
+fitness items; 2-3 s to score one model on all of them) against 64 held-out random merges at
+n = 20 items per task; chosen on an earlier zoo build (content 9e59f74b), re-measured on two later
+ones (dcbc5c71, whose sorting expert differs, and the current 1ed036dd, trained in bfloat16): the
+three numbers in each triple, in that order:
 
-* 10 random merges (14 models with the endpoints; ~32-40 s of scoring). That keeps the item
+* 10 random merges (14 models with the endpoints; ~30-40 s of scoring). That keeps the item
   evaluations per candidate 20.8x below the full splits once the calibration is amortised over a
   500-candidate search (14 x 3,000 / 500 + 60 = 144 against 3,000); 12 or more merges fall below
   20x. MAE of the best estimator with 6 / 8 / 10 / 16 / 24 / 64 merges: 0.052 / 0.032 / 0.028 /
-  0.025 / 0.022 / 0.022, and 0.054 / 0.034 / 0.029 / 0.026 / 0.022 / 0.020; Spearman per task
-  0.91-0.94, and 0.86-0.92.
+  0.025 / 0.022 / 0.022, then 0.054 / 0.034 / 0.029 / 0.026 / 0.022 / 0.020, then 0.051 / 0.043 /
+  0.036 / 0.023 / 0.023 / 0.020: on the current build 10 merges are short of MAE 0.03 and 16 are
+  the better choice when accuracy matters more than the last 3x of savings.
 * `anchors` subsets (tinyBenchmarks-style clusters on the IRT parameters, each anchor weighted
-  by its cluster): MAE 0.028 / 0.030 and Spearman 0.94 / 0.90, against 0.040 / 0.039 and 0.86 /
-  0.86 for random and 0.068 / 0.085 and 0.90 / 0.89 for `informative` (D-optimal), which was best
-  on an earlier zoo with 300-item splits.
+  by its cluster): MAE 0.028 / 0.030 / 0.036 and Spearman 0.94 / 0.90 / 0.92, against 0.040 / 0.039
+  / 0.040 and 0.86 / 0.86 / 0.85 for random and 0.068 / 0.085 / 0.090 and 0.90 / 0.89 / 0.87 for
+  `informative` (D-optimal), which was best on an earlier zoo with 300-item splits.
 * a two-dimensional joint-MAP 2PL (`2pl-jmap`, `dims: 2`) with the empirical ability prior: MAE
-  0.028 / 0.030 against 0.033 / 0.034 with one dimension (0.032 / 0.029 with the standard N(0, 1)
-  prior); ~0.1 s per fit. Girth's marginal likelihood (`irt.model: 2pl`, one dimension) took
-  65-150 s per 300-item fit on the earlier zoo for the same MAE as the joint MAP.
+  0.028 / 0.030 / 0.036 against 0.033 / 0.034 / 0.037 with one dimension (0.032 / 0.029 / 0.038
+  with the standard N(0, 1) prior); ~0.1 s per fit. Girth's marginal likelihood (`irt.model: 2pl`,
+  one dimension) took 65-150 s per 300-item fit on the earlier zoo for the same MAE as the joint MAP.
 * lam by 5-fold cross-validation on the random merges (~1.5 s in all; the in-sample
   bias-variance rule was worse on every subset method).
-* estimator gp-IRT: 0.0283 / 0.0302; gmp-IRT 0.0286 / 0.0292 -- the same within the spread of
-  two zoo builds, so the simpler estimator (no endpoint abilities needed) stays the default.
+* estimator gp-IRT: 0.0283 / 0.0302 / 0.0364; gmp-IRT 0.0286 / 0.0292 / 0.0370 -- the same within
+  the spread of zoo builds, so the simpler estimator (no endpoint abilities needed) stays the default.
 
 For the thorough version raise `calibration.random_merges` (16-24: MAE ~0.022-0.025, at 14-17x
 fewer item evaluations) and try `irt.model: 2pl`.
