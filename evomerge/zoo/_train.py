@@ -197,7 +197,8 @@ def train(
     `autocast` (e.g. `torch.bfloat16`) runs the forward pass in mixed precision; the weights, their
     gradients, the optimizer state and the loss stay float32. `attention` is the attention
     implementation to train with; by default "eager" under autocast on CPU (there the bfloat16 SDPA
-    backward is slower than a whole float32 step: benchmarks/zoo_training_step.py), else the model's.
+    backward is slower than a whole float32 step: benchmarks/zoo_training_step.py), else the model's;
+    `on_step` sees the model with it too (in float32, outside autocast).
 
     Padding sits at the end of each row, so causal attention never lets it reach a scored
     position and no attention mask is needed.
