@@ -6,6 +6,10 @@ fixture, built in seconds, with the same structure and no quality promise.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class ZooSize:
     # None trains in float32. Evaluation and merging are always float32.
     train_autocast: str | None = "bfloat16"
 
-    def autocast_dtype(self):
+    def autocast_dtype(self) -> torch.dtype | None:
         import torch
 
         return getattr(torch, self.train_autocast) if self.train_autocast else None
