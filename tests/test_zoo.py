@@ -340,6 +340,7 @@ def test_grid_search_finds_the_peak_of_a_known_function():
         calls.append(w)
         return -sum((a - b) ** 2 for a, b in zip(w, peak))
 
-    best, value, n = grid_search(score, 3, (0.3, 0.6, 0.9, 1.2), 0.15)
-    assert best == peak and value == pytest.approx(0.0)
-    assert n == len(calls) == len(set(calls))  # no point is scored twice
+    result = grid_search(score, 3, (0.3, 0.6, 0.9, 1.2), 0.15)
+    assert result.weights == peak and result.score == pytest.approx(0.0)
+    assert result.n_evaluated == len(calls) == len(set(calls))  # no point is scored twice
+    assert list(result.seen) == calls and result.seen[peak] == pytest.approx(0.0)

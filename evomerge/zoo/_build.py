@@ -351,16 +351,25 @@ def _set_build_bar(data: dict) -> None:
 # --------------------------------------------------------------------------- reference merges
 
 
+@dataclass(frozen=True)
+class GridResult:
+    weights: tuple[float, ...]  # the best point
+    score: float
+    seen: dict[tuple[float, ...], float]  # every evaluated point's score, in evaluation order
+
+    @property
+    def n_evaluated(self) -> int:
+        return len(self.seen)
+
+
 def grid_search(
     score: Callable[[tuple[float, ...]], float], n_experts: int, values: tuple[float, ...], refine_step: float,
     max_rounds: int = 3,
-    return_seen: bool = False,
-):
+) -> GridResult:
     """Best weights by a coarse grid, then hill-climbing on the 3^K neighbourhood at `refine_step`.
 
-    Returns (weights, score, number of evaluations), plus every evaluated point's score when
-    `return_seen`. Ties keep the earlier point, so the result depends only on the scores. Weights
-    are rounded to 4 decimals and never negative.
+    Ties keep the earlier point, so the result depends only on the scores. Weights are rounded to
+    4 decimals and never negative.
     """
     seen: dict[tuple[float, ...], float] = {}
 
@@ -382,9 +391,7 @@ def grid_search(
                 best, best_score, improved = w, s, True
         if not improved:
             break
-    if return_seen:
-        return best, best_score, len(seen), seen
-    return best, best_score, len(seen)
+    return GridResult(best, best_score, seen)
 
 
 def score_tasks(model, scorers: dict[str, Callable]) -> dict[str, float]:
@@ -394,4 +401,4 @@ def score_tasks(model, scorers: dict[str, Callable]) -> dict[str, float]:
     return scores
 
 
-__all__ = ["BASE", "MANIFEST_NAME", "Manifest", "TASKS", "build_zoo", "derive_seed", "folder_files", "grid_search"]
+__all__ = ["BASE", "MANIFEST_NAME", "Manifest", "TASKS", "build_zoo", "derive_seed", "folder_files", "GridResult", "grid_search"]

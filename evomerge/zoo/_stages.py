@@ -329,8 +329,8 @@ def _evaluate(b: _Builder) -> dict:
     b.log(f"evaluation: grid over task-arithmetic weights {list(s.grid)}^{len(TASKS)} and refinement on "
           f"{s.grid_items} validation items per task, then the best {s.grid_finalists} on all of them")
     screen = scores_on(screening)
-    _, _, n_points, seen = grid_search(lambda w: screen(w)["mean"], len(TASKS), s.grid, s.refine_step,
-                                       return_seen=True)
+    grid = grid_search(lambda w: screen(w)["mean"], len(TASKS), s.grid, s.refine_step)
+    n_points, seen = grid.n_evaluated, grid.seen
     finalists = sorted(seen, key=lambda w: -seen[w])[: s.grid_finalists]  # stable: ties keep grid order
     final_scores = {w: scores_on(validation)(w) for w in finalists}
     best = max(finalists, key=lambda w: final_scores[w]["mean"])
