@@ -328,8 +328,8 @@ def test_per_expert_settings_reach_training_and_the_manifest(tiny_zoo: Manifest)
         else:
             assert training["early_stop"] is None and training["steps"] == spec.expert_steps[task]
     small = get_size("small")
-    assert small.expert_value("target", "reversal") == small.expert_target["reversal"]
-    assert small.expert_value("lr", "sorting") == small.expert_lr  # one value for every expert
+    assert small.expert_target_for("reversal") == small.expert_target["reversal"]
+    assert small.expert_lr_for("sorting") == small.expert_lr  # one value for every expert
 
 
 def test_grid_search_finds_the_peak_of_a_known_function():

@@ -63,13 +63,19 @@ class ZooSize:
 
         return getattr(torch, self.train_autocast) if self.train_autocast else None
 
-    def expert_value(self, name: str, task: str) -> float:
-        """`expert_<name>` for `task`: the per-task entry when the setting is a mapping."""
-        value = getattr(self, f"expert_{name}")
-        return value[task] if isinstance(value, dict) else value
+    def expert_lr_for(self, task: str) -> float:
+        return _for_task(self.expert_lr, task)
+
+    def expert_target_for(self, task: str) -> float:
+        return _for_task(self.expert_target, task)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _for_task(setting: float | dict[str, float], task: str) -> float:
+    """A per-expert setting: one value for every expert, or a mapping task -> value."""
+    return setting[task] if isinstance(setting, dict) else setting
 
 
 SIZES: dict[str, ZooSize] = {

@@ -203,7 +203,7 @@ def build_expert_stages(b: _Builder) -> None:
 
     for task in TASKS:
         others = [t for t in TASKS if t != task]
-        lr, target = s.expert_value("lr", task), s.expert_value("target", task)
+        lr, target = s.expert_lr_for(task), s.expert_target_for(task)
         training = {
             "objective": f"{task}, plus replay of {', '.join(others)} " + (
                 f"distilled from the base (KL to its next-token distributions, weight {s.replay_distill})"
