@@ -64,22 +64,28 @@ def comparison_table(run, member: int) -> str:
 
 def main() -> int:
     from evomerge.fitness.calibrate import calibrate_from_config
-    from evomerge.fitness.compressed import resolve_fitness_path
+    from evomerge.fitness.compressed import CompressedFitness, resolve_fitness_path
     from evomerge.runs.run import Run
     from evomerge.runs.search import start_search
     from evomerge.zoo import build_zoo
 
     started = time.perf_counter()
     t = step("1/6 demo zoo (built once, then reused)")
-    build_zoo(ROOT / "zoo", size="small", seed=0, progress=True)
+    zoo = build_zoo(ROOT / "zoo", size="small", seed=0, progress=True)
     print(f"zoo ready in {time.perf_counter() - t:.0f}s")
 
     t = step("2/6 compressed fitness (calibrated once, then reused)")
     try:
         path = resolve_fitness_path(ROOT / "fitness" / "zoo_small")
-        print(f"reusing {path}")
     except FileNotFoundError:
         path = calibrate_from_config(CALIBRATION)
+    else:
+        stale = CompressedFitness.load(path).model_mismatches(zoo.base_path, zoo.expert_paths, unknown_is_stale=True)
+        if stale:  # the zoo was rebuilt (a new recipe or seed) since this fitness was calibrated
+            print(f"{path} was calibrated on other zoo models ({'; '.join(stale)}); recalibrating")
+            path = calibrate_from_config(CALIBRATION, overwrite=True)
+        else:
+            print(f"reusing {path}")
     print(f"fitness ready in {time.perf_counter() - t:.0f}s")
 
     t = step("3/6 search (local Ray pool)")

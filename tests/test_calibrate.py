@@ -164,6 +164,41 @@ def test_loading_a_fitness_whose_data_changed_names_the_task(calibrated, tmp_pat
     assert CompressedFitness.load(target, check_data=False).task_names == fitness.task_names
 
 
+def test_a_fitness_knows_the_model_weights_it_was_calibrated_on(calibrated, tmp_path):
+    """The calibration records each model's weights fingerprint (for these small files: sha256 of
+    the file name, size and every byte); the same folders match, other weights are named."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    manifest, _, path = calibrated
+    fitness = CompressedFitness.load(path)
+    base, experts = manifest.base_path, manifest.expert_paths
+
+    def whole_file_sha(folder: Path) -> str:
+        data = (folder / "model.safetensors").read_bytes()
+        return hashlib.sha256(f"model.safetensors\0{len(data)}\0".encode() + data).hexdigest()
+
+    assert fitness.meta["model_fingerprints"] == {"base": whole_file_sha(base),
+                                                  "experts": [whole_file_sha(e) for e in experts]}
+    assert fitness.model_mismatches(base, experts) == []
+
+    edited = tmp_path / "expert_1"
+    shutil.copytree(experts[1], edited)
+    tensors = load_file(str(edited / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3  # same shapes, other weights
+    save_file(tensors, str(edited / "model.safetensors"), metadata={"format": "pt"})
+    assert fitness.model_mismatches(base, [experts[0], edited, *experts[2:]]) == [f"expert 1 {edited} has other weights"]
+    swapped = fitness.model_mismatches(base, [experts[1], experts[0], *experts[2:]])
+    assert [m.split()[:2] for m in swapped] == [["expert", "0"], ["expert", "1"]]
+    assert fitness.model_mismatches(base, experts[:1]) == [f"1 experts, calibrated with {len(experts)}"]
+
+    del fitness.meta["model_fingerprints"]  # a fitness saved before fingerprints were recorded
+    assert fitness.model_mismatches(base, [edited]) == []
+    assert "no weights fingerprints" in fitness.model_mismatches(base, experts, unknown_is_stale=True)[0]
+
+
 def test_a_subset_larger_than_the_split_is_an_error(mc_tasks, tmp_path):
     manifest, tasks = mc_tasks
     with pytest.raises(FitnessError, match=r"task 'mc_addition': a subset of n=61 items is larger than its "

@@ -252,6 +252,18 @@ def test_bad_run_configs_name_the_field(workspace, change, error):
     assert str(path) in str(info.value)
 
 
+def test_a_search_refuses_a_fitness_calibrated_on_other_models(workspace):
+    """Swapping the experts (other weights in the same shapes) makes the fitness stale for the run;
+    the search stops before creating its folder and says which models differ."""
+    from evomerge.runs.search import start_search
+
+    path = write_config(workspace, "other_models", models={"base": "fam/base", "experts": ["fam/expert_1", "fam/expert_0"]})
+    with pytest.raises(ConfigError, match=r"field `fitness`: .*fitness/mc was calibrated on other models than this "
+                                          r"run's `models` \(expert 0 .*expert_1 has other weights; expert 1 "):
+        start_search(path, progress=False, echo=lambda *a: None)
+    assert not (workspace / "runs" / "other_models").exists()
+
+
 def test_cli_reports_unknown_optimizer_and_space(workspace):
     path = write_config(workspace, "bad_opt", optimizer={"name": "hillclimb"})
     result = CliRunner().invoke(main, ["search", str(path), "--quiet"])

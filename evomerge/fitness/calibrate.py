@@ -296,6 +296,17 @@ def fit_task_calibration(
                                    empirical_prior=empirical_prior)
 
 
+def _model_fingerprints(base: str, experts: list[str], allow_pickle: bool) -> dict:
+    """The calibration models' weights fingerprints: a search reusing this fitness checks them."""
+    from evomerge.merge.checkpoint import ModelFolder
+
+    def fingerprint(path: str) -> str:
+        with ModelFolder.open(path, allow_pickle=allow_pickle) as folder:
+            return folder.weights_fingerprint()
+
+    return {"base": fingerprint(base), "experts": [fingerprint(e) for e in experts]}
+
+
 def calibrate(
     tasks: list[TaskSpec],
     base: str,
@@ -336,6 +347,7 @@ def calibrate(
         raise FitnessError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
     irt_dims = default_dims(irt_model, irt_dims)
     started = time.perf_counter()
+    fingerprints = _model_fingerprints(base, experts, allow_pickle)
     for t in tasks:
         size = len(t.load_split("fitness"))
         if n > size:
@@ -386,7 +398,8 @@ def calibrate(
                                            dataset_hash(splits[t.name]), len(ids))
         echo(f"  {t.name}: {irt_model} IRT + subset of {n} ({subset_method}) + lambdas ({lambda_method}) in "
              f"{time.perf_counter() - t0:.1f}s; lambdas {({k: round(v, 3) for k, v in fitted.lambdas.items()})}")
-    meta = {"models": {"base": base, "experts": experts}, "calibration_models": len(endpoints) + len(population),
+    meta = {"models": {"base": base, "experts": experts}, "model_fingerprints": fingerprints,
+            "calibration_models": len(endpoints) + len(population),
             "method": method,
             "irt": {"model": irt_model, "dims": irt_dims, "prior": "empirical" if empirical_prior else "standard"},
             "mixing": {"method": lambda_method, "folds": n_folds, "rows": "random merges"},

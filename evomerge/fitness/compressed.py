@@ -77,6 +77,29 @@ class CompressedFitness:
     def items_per_candidate(self) -> int:
         return sum(len(t.item_ids) for t in self.tasks.values())
 
+    def model_mismatches(self, base: str | os.PathLike, experts: list[str | os.PathLike], *,
+                         allow_pickle: bool = False, unknown_is_stale: bool = False) -> list[str]:
+        """How these models differ from the ones this fitness was calibrated on (weights
+        fingerprints, `ModelFolder.weights_fingerprint`); empty when they match. A fitness saved
+        before fingerprints were recorded passes unless `unknown_is_stale`. Its item parameters
+        describe the calibration models' population, so a fitness from other weights would estimate
+        a search's candidates wrongly, without failing."""
+        from evomerge.merge.checkpoint import ModelFolder
+
+        recorded = self.meta.get("model_fingerprints")
+        if not recorded:
+            return ["no weights fingerprints recorded (calibrated by an older evomerge)"] if unknown_is_stale else []
+        if len(experts) != len(recorded["experts"]):
+            return [f"{len(experts)} experts, calibrated with {len(recorded['experts'])}"]
+        pairs = [("base", base, recorded["base"])]
+        pairs += [(f"expert {i}", path, fp) for i, (path, fp) in enumerate(zip(experts, recorded["experts"]))]
+        out = []
+        for role, path, fingerprint in pairs:
+            with ModelFolder.open(path, allow_pickle=allow_pickle) as folder:
+                if folder.weights_fingerprint() != fingerprint:
+                    out.append(f"{role} {path} has other weights")
+        return out
+
     # ------------------------------------------------------------- scoring
     def subset_items(self, task: str):
         """The fitness-split rows of the subset items, in subset order."""

@@ -12,6 +12,7 @@ into a temporary folder that is renamed into place only when complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -135,6 +136,25 @@ class ModelFolder:
         folder = cls(path=path, config=config, weight_map=weight_map, is_pickle=is_pickle)
         folder.aliases = folder._tied_aliases()
         return folder
+
+    def weights_fingerprint(self, samples: int = 64, chunk: int = 1 << 16) -> str:
+        """A cheap content fingerprint of the weight files: each file's name, size and `samples`
+        evenly spaced `chunk`-byte reads (the whole file when smaller), hashed. Fine-tuning changes
+        nearly every byte of a checkpoint, so a different model of the same shapes differs here;
+        reading 4 MiB per file keeps this fast for a 7B model, where a full sha256 would not be."""
+        digest = hashlib.sha256()
+        for file in sorted(set(self.weight_map.values())):
+            path = self.path / file
+            size = path.stat().st_size
+            digest.update(f"{file}\0{size}\0".encode())
+            with path.open("rb") as handle:
+                if size <= samples * chunk:
+                    digest.update(handle.read())
+                    continue
+                for i in range(samples):
+                    handle.seek((size - chunk) * i // (samples - 1))
+                    digest.update(handle.read(chunk))
+        return digest.hexdigest()
 
     def _tied_aliases(self) -> dict[str, str]:
         if not self.config.get("tie_word_embeddings", False):

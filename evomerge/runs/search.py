@@ -49,8 +49,12 @@ def _sha(text: str) -> str:
 
 
 def resolve_fitness(config: RunConfig) -> str:
-    """The compressed fitness to use, calibrating it first when the config asks for that."""
-    from evomerge.fitness.compressed import CompressedFitness, resolve_fitness_path
+    """The compressed fitness to use, calibrating it first when the config asks for that.
+
+    A fitness that exists is checked, before anything runs, against the task data on disk (data
+    hashes) and against the run's models (weights fingerprints): either changing makes it stale.
+    """
+    from evomerge.fitness.compressed import resolve_fitness_path
 
     fit = config.fitness
     if fit.calibrate:
@@ -59,12 +63,25 @@ def resolve_fitness(config: RunConfig) -> str:
         target = fit.name
         if target:
             try:
-                return str(resolve_fitness_path(target))
+                path = resolve_fitness_path(target)
             except FileNotFoundError:
                 pass
+            else:
+                return _checked_fitness(path, config)
         return str(calibrate_from_config(fit.calibrate, name=target))
-    path = resolve_fitness_path(fit.name)
-    CompressedFitness.load(path)  # fail early: a stale source-data hash is an error here
+    return _checked_fitness(resolve_fitness_path(fit.name), config)
+
+
+def _checked_fitness(path: Path, config: RunConfig) -> str:
+    from evomerge.fitness.compressed import CompressedFitness
+
+    fitness = CompressedFitness.load(path)  # a stale source-data hash is an error here
+    models = config.models
+    mismatches = fitness.model_mismatches(models.base, models.experts, allow_pickle=models.allow_pickle)
+    if mismatches:
+        raise ConfigError(f"field `fitness`: {path} was calibrated on other models than this run's `models` "
+                          f"({'; '.join(mismatches)}); recalibrate it for these models "
+                          "(`evomerge fitness calibrate CONFIG --overwrite`) or name a fitness made for them")
     return str(path)
 
 
