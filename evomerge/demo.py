@@ -82,7 +82,7 @@ def main() -> int:
     else:
         stale = CompressedFitness.load(path).model_mismatches(zoo.base_path, zoo.expert_paths, unknown_is_stale=True)
         if stale:  # the zoo was rebuilt (a new recipe or seed) since this fitness was calibrated
-            print(f"{path} was calibrated on other zoo models ({'; '.join(stale)}); recalibrating")
+            print(f"{path} does not match the zoo's models ({'; '.join(stale)}); recalibrating")
             path = calibrate_from_config(CALIBRATION, overwrite=True)
         else:
             print(f"reusing {path}")
