@@ -106,7 +106,7 @@ def test_initial_genomes_are_asked_first_then_the_design():
     np.testing.assert_array_equal(first[:3], [[0, 0, 0], [1, 1, 0], [1, 0, 0.5]])
     np.testing.assert_array_equal(first[3:], plain.design[:5])
     assert len(seeded.design) == len(plain.design) + 3
-    with pytest.raises(ValueError, match="initial_genomes must be rows of 3 values"):
+    with pytest.raises(ValueError, match=r"map: initial_genomes must have shape \(n, 3\); got \(1, 2\)"):
         MAPOptimizer(3, (0.0, 1.0), 2, initial_genomes=((0.0, 1.0),))
 
 

@@ -218,6 +218,29 @@ def test_checkpoint_round_trip_gives_identical_next_asks(name, tmp_path):
     assert resumed_mid_ask.n_evaluations == live.n_evaluations
 
 
+SEEDS = ((0.0,) * DIM, (1.0,) * DIM, tuple(np.linspace(0.1, 0.6, DIM)), (0.3,) * DIM,
+         (0.9, 0.1, 0.9, 0.1, 0.9, 0.1), (0.25,) * DIM, (0.5,) * DIM, (0.75,) * DIM,
+         (0.2, 0.4, 0.6, 0.8, 0.6, 0.4), (0.05,) * DIM, (0.95,) * DIM, (0.6,) * DIM)  # 12 > every batch
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_initial_genomes_are_asked_first_and_survive_a_checkpoint(name, tmp_path):
+    """Every optimizer starts from the given genomes, in order, across as many asks as they take
+    (pymoo's first population, nevergrad's suggestions, M2N2's archive, MAP's design, random
+    search's first rows), and a run resumed from a checkpoint asks what the live one asks."""
+    live = make(name, seed=4, initial_genomes=SEEDS)
+    asked = []
+    while len(asked) < len(SEEDS):
+        asked += list(step(live)[0])
+    np.testing.assert_array_equal(np.array(asked[: len(SEEDS)]), np.array(SEEDS))
+    save_state(live.state(), tmp_path / "state.json")
+    resumed = Optimizer.from_state(load_state(tmp_path / "state.json"))
+    np.testing.assert_array_equal(resumed.ask(), live.ask())
+    with pytest.raises(ValueError, match=rf"{name}: initial_genomes row 0 lies outside the bounds"
+                       if name != "map" else rf"{name}: initial_genomes must have shape"):
+        make(name, initial_genomes=((1.5,) * DIM,) if name != "map" else ((0.5,),))
+
+
 def test_state_for_another_optimizer_is_refused():
     state = make("random").state()
     with pytest.raises(ValueError, match="state is for optimizer 'random', not 'nsga2'"):

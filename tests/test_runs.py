@@ -271,9 +271,34 @@ def test_cli_reports_unknown_optimizer_and_space(workspace):
     path = write_config(workspace, "bad_space", search_space="nope")
     result = CliRunner().invoke(main, ["search", str(path), "--quiet"])
     assert result.exit_code == 2 and "unknown search space 'nope'" in result.output
-    path = write_config(workspace, "bad_corners", optimizer={"name": "nsga2", "settings": {"initial_genomes": "corners"}})
+    path = write_config(workspace, "bad_corners",
+                        optimizer={"name": "nsga2", "settings": {"initial_genomes": [[0.5, 0.5]]}})
     result = CliRunner().invoke(main, ["search", str(path), "--quiet"])
-    assert result.exit_code == 2 and "`corners` is for m2n2 and map, not 'nsga2'" in result.output
+    assert result.exit_code == 2 and "nsga2: initial_genomes must have shape (n, " in result.output
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "nsga2", "settings": {"pop_size": 6}},
+                                       {"name": "cma", "settings": {"batch_size": 3}},
+                                       {"name": "random", "settings": {"batch_size": 5}}])
+def test_every_optimizer_starts_from_the_corner_merges(workspace, optimizer):
+    """`initial_genomes: corners`: the base, each expert, and both experts at weight 1 are the
+    first genomes asked, whatever the optimizer (pymoo's first population, nevergrad's
+    suggestions, random search's first rows)."""
+    from evomerge.runs.problem import bind_space
+    from evomerge.runs.search import _new_state
+
+    settings = {**optimizer["settings"], "initial_genomes": "corners"}
+    config = load_run_config(write_config(workspace, "corners", optimizer={**optimizer, "settings": settings}))
+    space = bind_space(config)
+    opt, _, _ = _new_state(config, space, 2)
+    asked = []
+    while len(asked) < 4:
+        genomes = opt.ask()
+        asked += list(genomes)
+        opt.tell(genomes, np.full((len(genomes), 2), 0.5))
+    corners = space.corner_genomes()
+    assert len(corners) == 4  # two experts: none, either, both
+    np.testing.assert_allclose(np.array(asked[:4]), corners)
 
 
 def test_notebook_runs(workspace, reference_run):

@@ -139,11 +139,9 @@ def _new_state(config: RunConfig, space, n_objectives: int):
     if config.optimizer.name == "m2n2":
         settings.setdefault("gene_layer_index", space.gene_slots.tolist())
     if settings.get("initial_genomes") == "corners":  # the seed models and their obvious merges
-        if config.optimizer.name not in ("m2n2", "map"):
-            raise ConfigError("field `optimizer.settings.initial_genomes`: `corners` is for m2n2 and map, "
-                              f"not {config.optimizer.name!r}")
         try:
-            corners = space.corner_genomes(settings.get("archive_size", 20))
+            # at most one archive (M2N2) or population (pymoo) of them
+            corners = space.corner_genomes(settings.get("archive_size", settings.get("pop_size", 20)))
         except ValueError as exc:
             raise ConfigError(f"field `optimizer.settings.initial_genomes`: {exc}") from None
         settings["initial_genomes"] = [tuple(g) for g in corners.tolist()]

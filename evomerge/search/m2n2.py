@@ -148,7 +148,6 @@ class M2N2Settings(BaseSettings):
     clone_mutation_std: float = 0.05       # used when both parents have the same genome
     use_attraction: bool = True            # False: B ~ fitness too (the paper's ablation)
     gene_layer_index: tuple[int, ...] | None = None  # (dim,) layer of each gene; None = arange(dim)
-    initial_genomes: tuple[tuple[float, ...], ...] | None = None  # seeds for the archive
     n_initial: int | None = None           # size of the first ask (at least len(initial_genomes));
     #                                        None = archive_size
 
@@ -181,13 +180,7 @@ class M2N2Optimizer(Optimizer):
                     f"{self.layer_index.shape}"
                 )
         self.splits = allowed_splits(self.layer_index)
-        init = np.zeros((0, self.dim)) if s.initial_genomes is None else np.asarray(s.initial_genomes, float)
-        if init.ndim != 2 or init.shape[1] != self.dim:
-            raise ValueError(f"m2n2: initial_genomes must have shape (n, {self.dim}); got {init.shape}")
-        outside = np.flatnonzero(np.any((init < self.lower) | (init > self.upper), axis=1))
-        if outside.size:
-            raise ValueError(f"m2n2: initial_genomes row {int(outside[0])} lies outside the bounds")
-        self._initial = init
+        self._initial = self.initial_rows()  # seeds for the archive
         self._n_initial = s.archive_size if s.n_initial is None else int(s.n_initial)
         if self._n_initial < 1:
             raise ValueError("m2n2: n_initial must be >= 1")

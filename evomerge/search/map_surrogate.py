@@ -313,7 +313,6 @@ class MAPSettings(BaseSettings):
     front_generations: int = 40
     cv_folds: int = 5
     terms: str = "full"                # "full" (the paper), "diagonal", or "auto": see MAPOptimizer
-    initial_genomes: tuple[tuple[float, ...], ...] | None = None  # evaluated first, then the design
 
 
 class MAPOptimizer(Optimizer):
@@ -370,13 +369,11 @@ class MAPOptimizer(Optimizer):
             warnings.simplefilter("ignore", UserWarning)  # Sobol balance warning for n != 2**m
             unit = engine.random(n)
         self.design = self.lower + unit * (self.upper - self.lower)  # (n, dim)
-        if s.initial_genomes:
-            # known merges (e.g. the task-level corners) join the design: the surrogate learns
-            # their neighbourhood and the archive holds them
-            seeds = np.asarray(s.initial_genomes, dtype=float)
-            if seeds.ndim != 2 or seeds.shape[1] != self.dim:
-                raise ValueError(f"map: initial_genomes must be rows of {self.dim} values, got shape {seeds.shape}")
-            self.design = np.vstack([np.clip(seeds, self.lower, self.upper), self.design])
+        seeds = self.initial_rows(clip=True)
+        if len(seeds):
+            # known merges (e.g. the task-level corners) are evaluated first and join the design:
+            # the surrogate learns their neighbourhood and the archive holds them
+            self.design = np.vstack([seeds, self.design])
         self._n_design_asked = 0
         self._round = 0
         self._X = np.zeros((0, self.dim))

@@ -71,6 +71,10 @@ class _NevergradOptimizer(ReplayOptimizer):
             self._engine = ng.optimizers.registry[self.ng_name](
                 parametrization=param, budget=s.budget, num_workers=s.batch_size
             )
+            # the first asks return the initial genomes; nevergrad hands suggestions out last-in
+            # first-out, so suggesting them in reverse keeps their order
+            for genome in self.initial_rows()[::-1]:
+                self._engine.suggest(genome)
         self._candidates: list = []
 
     def _engine_ask(self) -> np.ndarray:

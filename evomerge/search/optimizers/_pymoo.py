@@ -61,6 +61,16 @@ class _PymooOptimizer(ReplayOptimizer):
     def _make_algorithm(self):
         raise NotImplementedError
 
+    def _initial_population(self) -> dict:
+        """pymoo's `sampling` for the first generation: the initial genomes, then uniform samples
+        (from their own seeded stream) up to pop_size; {} (pymoo's own sampling) when there are none."""
+        seeds = self.initial_rows()
+        if not len(seeds):
+            return {}
+        fill = max(0, self.settings.pop_size - len(seeds))
+        unit = np.random.default_rng([self.seed, 2]).random((fill, self.dim))
+        return {"sampling": np.vstack([seeds, self.lower + unit * (self.upper - self.lower)])}
+
     def _setup_engine(self) -> None:
         if self.settings.pop_size < 2:
             raise ValueError(f"{self.name}: pop_size must be >= 2, got {self.settings.pop_size}")
@@ -93,7 +103,7 @@ class NSGA2Optimizer(_PymooOptimizer):
     name = "nsga2"
 
     def _make_algorithm(self):
-        return NSGA2(pop_size=self.settings.pop_size)
+        return NSGA2(pop_size=self.settings.pop_size, **self._initial_population())
 
 
 class NSGA3Optimizer(_PymooOptimizer):
@@ -117,7 +127,7 @@ class NSGA3Optimizer(_PymooOptimizer):
                 f"nsga3: {len(ref_dirs)} Das-Dennis directions (n_partitions={p}, {M} objectives) "
                 f"exceed pop_size={pop}; raise pop_size or lower n_partitions"
             )
-        return NSGA3(ref_dirs=ref_dirs, pop_size=pop)
+        return NSGA3(ref_dirs=ref_dirs, pop_size=pop, **self._initial_population())
 
 
 class GAOptimizer(_PymooOptimizer):
@@ -127,7 +137,7 @@ class GAOptimizer(_PymooOptimizer):
     single_objective = True
 
     def _make_algorithm(self):
-        return GA(pop_size=self.settings.pop_size)
+        return GA(pop_size=self.settings.pop_size, **self._initial_population())
 
 
 class DEOptimizer(_PymooOptimizer):
@@ -139,4 +149,4 @@ class DEOptimizer(_PymooOptimizer):
 
     def _make_algorithm(self):
         s = self.settings
-        return DE(pop_size=s.pop_size, variant=s.variant, CR=s.CR)
+        return DE(pop_size=s.pop_size, variant=s.variant, CR=s.CR, **self._initial_population())

@@ -31,6 +31,7 @@ class RandomSearch(Optimizer):
             raise ValueError(f"random: batch_size must be >= 1, got {s.batch_size}")
         if s.sampler not in ("uniform", "sobol"):
             raise ValueError(f"random: sampler must be 'uniform' or 'sobol', got {s.sampler!r}")
+        self._initial = self.initial_rows()
         self._n_generated = 0
         self._sobol = self._new_sobol() if s.sampler == "sobol" else None
 
@@ -40,16 +41,18 @@ class RandomSearch(Optimizer):
 
     def _ask(self) -> np.ndarray:
         n = self.settings.batch_size
+        seeds = self._initial[self._n_generated : self._n_generated + n]  # the initial genomes come first
+        n_random = n - len(seeds)
         if self._sobol is None:
-            unit = self._rng.random((n, self.dim))  # (n, dim) in [0, 1)
+            unit = self._rng.random((n_random, self.dim))  # (n_random, dim) in [0, 1)
         else:
             with warnings.catch_warnings():
                 # Sobol balance warnings for batch sizes that are not powers of two: the sequence as
                 # a whole is still low-discrepancy, which is what a search over many batches uses.
                 warnings.simplefilter("ignore", UserWarning)
-                unit = self._sobol.random(n)
+                unit = self._sobol.random(n_random)
         self._n_generated += n
-        return self.lower + unit * (self.upper - self.lower)
+        return np.vstack([seeds, self.lower + unit * (self.upper - self.lower)])
 
     def _tell(self, genomes, objectives, responses, failed) -> None:
         pass
@@ -62,4 +65,4 @@ class RandomSearch(Optimizer):
         super()._load_strategy_state(strategy, state)
         if self._sobol is not None:
             self._sobol = self._new_sobol()
-            self._sobol.fast_forward(self._n_generated)
+            self._sobol.fast_forward(self._n_generated - min(self._n_generated, len(self._initial)))

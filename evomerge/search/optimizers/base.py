@@ -53,6 +53,10 @@ class BaseSettings:
     """
 
     weights: tuple[float, ...] | None = None
+    # Known genomes the search starts from (e.g. the task-level "corner" merges): the first asks
+    # return them, inside the strategy's own first population (pymoo's initial sampling, nevergrad
+    # suggestions, M2N2's archive, MAP's design, random search's first rows).
+    initial_genomes: tuple[tuple[float, ...], ...] | None = None
 
 
 @dataclass
@@ -188,6 +192,20 @@ class Optimizer(abc.ABC):
                 f"sum (one per objective); got {weights!r}"
             )
         return w / w.sum()
+
+    def initial_rows(self, clip: bool = False) -> np.ndarray:
+        """`settings.initial_genomes` as a checked ``(n, dim)`` array (``(0, dim)`` when unset);
+        a row outside the bounds is an error, or clipped into them with `clip`."""
+        given = self.settings.initial_genomes
+        rows = np.zeros((0, self.dim)) if not given else np.asarray(given, dtype=float)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"{self.name}: initial_genomes must have shape (n, {self.dim}); got {rows.shape}")
+        if clip:
+            return np.clip(rows, self.lower, self.upper)
+        outside = np.flatnonzero(np.any((rows < self.lower) | (rows > self.upper), axis=1))
+        if outside.size:
+            raise ValueError(f"{self.name}: initial_genomes row {int(outside[0])} lies outside the bounds")
+        return rows
 
     def scalarize(self, objectives: np.ndarray) -> np.ndarray:
         """Weighted mean of the objectives, ``(n, M) -> (n,)``; larger is better."""
