@@ -67,10 +67,20 @@ STRATEGY_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def strategy_settings(name: str, budget: int) -> dict[str, Any]:
+SEEDED = "+corners"  # a strategy name with this suffix starts from the task-level corner merges
+
+
+def optimizer_name(strategy: str) -> str:
+    return strategy.removesuffix(SEEDED)
+
+
+def strategy_settings(strategy: str, budget: int) -> dict[str, Any]:
+    name = optimizer_name(strategy)
     settings = dict(STRATEGY_SETTINGS.get(name, {}))
     if name == "ngopt":
         settings["budget"] = budget
+    if strategy.endswith(SEEDED):
+        settings["initial_genomes"] = "corners"
     return settings
 
 
@@ -265,16 +275,16 @@ def ensure_fitness(manifest, work: Path, args: argparse.Namespace) -> Path:
 def optimizer_block(strategy: str, factor: float | None, budget: int, gene_slots: list[int]) -> dict[str, Any]:
     """The run config's `optimizer` entry; `prescreen` 1 turns the surrogate pre-screening off."""
     settings = strategy_settings(strategy, budget)
-    if strategy == "m2n2":
+    if optimizer_name(strategy) == "m2n2":
         settings["gene_layer_index"] = list(gene_slots)  # crossover splits between layers
-    return {"name": strategy, "settings": settings, "prescreen": 1 if factor is None else float(factor)}
+    return {"name": optimizer_name(strategy), "settings": settings, "prescreen": 1 if factor is None else float(factor)}
 
 
 def prescreen_factor(strategy: str, option: str) -> float | None:
     from evomerge.search.prescreen import PRESCREEN_DEFAULTS
 
     if option == "default":
-        return PRESCREEN_DEFAULTS.get(strategy)
+        return PRESCREEN_DEFAULTS.get(optimizer_name(strategy))
     return None if option == "off" else float(option)
 
 
@@ -287,13 +297,13 @@ def run_strategy(strategy: str, seed: int, manifest, fitness_path: Path, work: P
     from evomerge.search.pareto import hypervolume, non_dominated_mask
 
     factor = prescreen_factor(strategy, args.prescreen)
-    name = f"{strategy}{'' if factor is None else f'_ps{factor:g}'}_b{args.budget}_s{seed}"
+    name = f"{strategy.replace('+', '_')}{'' if factor is None else f'_ps{factor:g}'}_b{args.budget}_s{seed}"
     data = {
         "name": name,
         "models": {"base": str(manifest.base_path), "experts": [str(p) for p in manifest.expert_paths]},
         "search_space": args.search_space,
         "fitness": {"name": str(fitness_path)},
-        "optimizer": {"name": strategy},
+        "optimizer": {"name": optimizer_name(strategy)},
         "budget": {"evaluations": args.budget},
         "workers": {"backend": "inprocess", "threads_per_worker": args.threads, "device": args.device},
         "seed": seed,
@@ -521,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
     z.add_argument("--work", default=str(ROOT / "runs" / "search_quality"),
                    help="folder for the calibration config, the compressed fitness and the runs")
     z.add_argument("--fitness", default=None, help="an existing compressed fitness (default: calibrate one in --work)")
-    z.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES))
+    z.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                   help=f"comma list of optimizer names; NAME{SEEDED} starts NAME from the task-level corner merges")
     z.add_argument("--seeds", type=int, default=3)
     z.add_argument("--budget", type=int, default=150, help="candidate evaluations per run")
     z.add_argument("--search-space", default="task_arithmetic_per_layer")
