@@ -117,6 +117,13 @@ def _upstream_hashes(b: _Builder) -> dict:
     return {"tokenizer": b.data["tokenizer"]["hash"], "tasks": {t: b.data["tasks"][t]["hash"] for t in TASKS}}
 
 
+def _optimization(s) -> dict:
+    """What `train` does the same for every model, as recorded in the manifest and stage keys."""
+    return {"schedule": "linear warm-up, cosine decay to 0",
+            "optimizer": "AdamW(betas=(0.9, 0.95), weight_decay=0), grad-norm clip 1.0",
+            "autocast": s.train_autocast}
+
+
 def build_base_stage(b: _Builder) -> None:
     s = b.spec
     training = {
@@ -124,9 +131,7 @@ def build_base_stage(b: _Builder) -> None:
         "steps": s.base_steps,
         "lr": s.base_lr,
         "warmup": s.base_warmup,
-        "schedule": "linear warm-up, cosine decay to 0",
-        "optimizer": "AdamW(betas=(0.9, 0.95), weight_decay=0), grad-norm clip 1.0",
-        "autocast": s.train_autocast,
+        **_optimization(s),
         "batch_mix": s.base_mix,
         "limits": {t: f"{col} <= {lim}" for t, (col, lim) in s.base_limits.items()},
         "init_seed": derive_seed(b.seed, BASE, "init"),
@@ -213,9 +218,7 @@ def build_expert_stages(b: _Builder) -> None:
                            f"items, checked every {s.expert_check_every} steps") if target else None,
             "lr": lr,
             "warmup": s.expert_warmup,
-            "schedule": "linear warm-up, cosine decay to 0",
-            "optimizer": "AdamW(betas=(0.9, 0.95), weight_decay=0), grad-norm clip 1.0",
-            "autocast": s.train_autocast,
+            **_optimization(s),
             "batch": s.expert_batch,
             "replay_rows": s.replay_rows,
             "replay_pool": s.replay_pool,
