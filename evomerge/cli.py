@@ -5,22 +5,63 @@ the API (bad recipes, incompatible checkpoints, ...) are shown as one clear line
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from evomerge.merge.checkpoint import CheckpointError
-from evomerge.merge.layers import LayerMappingError
-from evomerge.merge.params import ParameterError
-from evomerge.merge.recipe import RecipeError
-
-USER_ERRORS = (CheckpointError, RecipeError, LayerMappingError, ParameterError, FileExistsError, FileNotFoundError)
+# Only torch-free imports at the top: `evomerge --help` must not pay for torch (1.5 s, 255 MB).
+# Each command imports what it needs when it runs.
+from evomerge.errors import USER_ERRORS
 
 
 def _fail(exc: Exception) -> None:
     click.secho(f"error: {exc}", fg="red", err=True)
     sys.exit(2)
+
+
+# For workers this process starts (Ray's inherit the environment) and libraries imported later.
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+              "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def _quiet_libraries(ctx: click.Context, param: click.Parameter, quiet: bool) -> bool:
+    """`--quiet` on a command that loads models: silence transformers too (its "Loading weights" bar
+    for every model it loads, and its warnings) and datasets' bars, until the command ends."""
+    if not quiet:
+        return quiet
+    import datasets  # both are imported by the command anyway
+    from transformers.utils import logging as hf_logging
+
+    saved_env = {key: os.environ.get(key) for key in _QUIET_ENV}
+    bars, verbosity, dataset_bars = (hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity(),
+                                     datasets.is_progress_bar_enabled())
+    os.environ.update(_QUIET_ENV)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+    def restore() -> None:  # matters when the CLI runs inside another program (tests, notebooks)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if dataset_bars:
+            datasets.enable_progress_bars()
+
+    ctx.call_on_close(restore)
+    return quiet
+
+
+def quiet_option(loads_models: bool = True):
+    """`--quiet`: no progress bars; for commands that load models, none from transformers either."""
+    return click.option("--quiet", is_flag=True, callback=_quiet_libraries if loads_models else None,
+                        help="No progress bars" + (" (nor transformers' loading bars and warnings)." if loads_models else "."))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,19 +116,25 @@ def fitness_group() -> None:
 
 @fitness_group.command("calibrate")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--name", default=None, help="Save as fitness/NAME (default: the config's name).")
+@click.option("--name", default=None,
+              help="Save as NAME in the config's fitness_dir (default: the config's name), or at NAME if it is a path.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing compressed fitness of that name.")
-def fitness_calibrate(config: Path, name: str | None, overwrite: bool) -> None:
-    """Score endpoint models and random merges, fit IRT, choose subsets, and save a compressed fitness."""
+@quiet_option()
+def fitness_calibrate(config: Path, name: str | None, overwrite: bool, quiet: bool) -> None:
+    """Score endpoint models and random merges, fit IRT, choose subsets, and save a compressed fitness.
+
+    It is saved in CONFIG's `fitness_dir` (default: `fitness/` beside CONFIG), so that a run config
+    beside CONFIG names it as `fitness: {name: fitness/NAME}`, whatever the working directory.
+    """
     from evomerge.fitness.calibrate import calibrate_from_config
     from evomerge.fitness.compressed import FitnessError
     from evomerge.fitness.tasks import TaskError
 
     try:
-        path = calibrate_from_config(config, name=name, overwrite=overwrite)
+        path = calibrate_from_config(config, name=name, overwrite=overwrite, echo=click.echo)
     except (*USER_ERRORS, FitnessError, TaskError) as exc:
         _fail(exc)
-    click.echo(f"compressed fitness saved to {path}")
+    click.echo(f"compressed fitness saved to {Path(path).resolve()}")
 
 
 # ------------------------------------------------------------------------------- runs
@@ -104,7 +151,7 @@ def _run_errors():
 @main.command("search")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Delete an existing run of the same name and start over.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option()
 def search_command(config: Path, overwrite: bool, quiet: bool) -> None:
     """Run a merge search as CONFIG (a run YAML) describes; writes runs/<name>/."""
     from evomerge.runs.search import SearchInterrupted, start_search
@@ -119,7 +166,7 @@ def search_command(config: Path, overwrite: bool, quiet: bool) -> None:
 
 @main.command("resume")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option()
 def resume_command(run_dir: Path, quiet: bool) -> None:
     """Continue an interrupted search from its last good checkpoint."""
     from evomerge.runs.search import SearchInterrupted, resume_search
@@ -143,17 +190,29 @@ def pareto_command(run_dir: Path) -> None:
     try:
         run = Run.load(run_dir)
         frame = run.pareto
+        chosen = run.best_balanced() if not frame.empty else None
     except _run_errors() as exc:
         _fail(exc)
+    if frame.empty:
+        click.echo(f"{run_dir}: the Pareto set is empty")
+        return
+    # Crowding (NSGA-II's spacing, infinite at the ends of the front) steers the optimizer; it does
+    # not help a person choose a merge, so the table leaves it out (Run.pareto keeps it).
+    table = frame.drop(columns="crowding")
+    table.insert(0, "export", ["*" if member == chosen else "" for member in table.index])
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.precision", 3):
-        click.echo(frame.to_string())
+        click.echo(table.to_string())
+    click.echo(f"\n* member {chosen}: what `evomerge export` takes by default (the highest mean over tasks, then the "
+               "highest worst task);\n  `evomerge export --finalists N` re-scores the N best on the whole fitness "
+               "split and may take another.")
 
 
 @main.command("verify")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--member", "members", type=int, multiple=True, help="Only these member ids (default: the Pareto set).")
 @click.option("--split", "role", type=click.Choice(["test", "fitness"]), default="test", show_default=True)
-def verify_command(run_dir: Path, members: tuple[int, ...], role: str) -> None:
+@quiet_option()
+def verify_command(run_dir: Path, members: tuple[int, ...], role: str, quiet: bool) -> None:
     """Score Pareto members on the full test split and record it in verify.json."""
     from evomerge.runs.run import Run
 
@@ -175,8 +234,9 @@ def verify_command(run_dir: Path, members: tuple[int, ...], role: str) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
 @click.option("--shard-size", default="5GB", show_default=True)
+@quiet_option(loads_models=False)
 def export_command(run_dir: Path, member: int | None, finalists: int | None, out_dir: Path, overwrite: bool,
-                   shard_size: str) -> None:
+                   shard_size: str, quiet: bool) -> None:
     """Write a Pareto member as a Hugging Face model folder plus recipe.yaml (mergekit format)."""
     from evomerge.runs.run import Run
 
@@ -186,7 +246,7 @@ def export_command(run_dir: Path, member: int | None, finalists: int | None, out
         run = Run.load(run_dir)
         if member is None:
             member = run.choose(finalists, echo=click.echo) if finalists else run.best_balanced()
-        path = run.export(member, out_dir, overwrite=overwrite, max_shard_bytes=shard_size, progress=True)
+        path = run.export(member, out_dir, overwrite=overwrite, max_shard_bytes=shard_size, progress=not quiet)
     except _run_errors() as exc:
         _fail(exc)
     click.echo(f"exported member {member} to {path} (recipe: {path / 'recipe.yaml'})")

@@ -315,3 +315,9 @@ def test_notebook_runs(workspace, reference_run):
     assert "tasks: ['sums_a', 'sums_b']" in outputs
     assert any(p.name.startswith("member_") for p in reference_run.iterdir())
     assert (reference_run / "front.png").is_file()
+    # Figures show inline when the notebook is opened in Jupyter: each plotting cell shows one PNG.
+    plot_cells = [cell for cell in notebook.cells if cell.cell_type == "code" and ".plot_" in cell.source]
+    assert len(plot_cells) == 3
+    for cell in plot_cells:
+        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        assert len(images) == 1, (cell.source, [sorted(o.get("data", {})) for o in cell.outputs])

@@ -39,10 +39,11 @@ three numbers in each triple, in that order:
 For the thorough version raise `calibration.random_merges` (16-24: MAE ~0.022-0.025, at 14-17x
 fewer item evaluations) and try `irt.model: 2pl`.
 
-Config (YAML; relative paths resolve against the file's folder; see
+Config (YAML; relative paths, preset files included, resolve against the file's folder; see
 fitness/examples/zoo_small_calibration.yaml):
 ```yaml
 name: zoo_small
+fitness_dir: .                        # save as ./zoo_small beside this file (default: fitness/zoo_small)
 models: {base: ../zoo/small/models/base, experts: [../zoo/small/models/addition, ...]}
 tasks:
   - {preset: zoo_addition, dataset: {path: ../zoo/small/tasks/addition}}
@@ -136,6 +137,9 @@ class CalibrationConfig(Strict):
     device: str | None = None
     batch_size: int | None = None
     threads: int | None = Field(default=1, ge=1)
+    # Where the fitness is saved (as <fitness_dir>/<name>): relative to this file's folder, as a run
+    # config resolves its paths, so a run config beside it names it `fitness/<name>` from any directory.
+    fitness_dir: str = DEFAULT_ROOT
 
 
 def load_calibration_config(path: str | os.PathLike) -> tuple[CalibrationConfig, Path]:
@@ -168,8 +172,32 @@ def _absolute(root: Path, p: str) -> str:
     return str(path if path.is_absolute() else (root / path).resolve())
 
 
+def _is_path(name: str) -> bool:
+    """A fitness `name` that is a path rather than a name (the rule run configs use)."""
+    return Path(name).is_absolute() or os.sep in name or bool(os.altsep and os.altsep in name)
+
+
+def calibration_output_path(path: str | os.PathLike, *, name: str | None = None) -> Path:
+    """The absolute folder `calibrate_from_config(path, name=name)` saves to.
+
+    `name` as given when it is a path (absolute, or relative to the working directory); otherwise
+    `<fitness_dir>/<name or the config's name>`, with the config's `fitness_dir` (default `fitness`)
+    relative to the config's folder. A run config in the same folder finds it as `fitness/<name>`.
+    """
+    config, root = load_calibration_config(path)
+    return _output_path(config, root, name)
+
+
+def _output_path(config: CalibrationConfig, root: Path, name: str | None) -> Path:
+    if name and _is_path(name):
+        return Path(name).expanduser().resolve()
+    return Path(_absolute(root, config.fitness_dir)) / (name or config.name)
+
+
 def calibrate_from_config(path: str | os.PathLike, *, name: str | None = None, out_dir: str | os.PathLike | None = None,
                           overwrite: bool = False, echo=print) -> Path:
+    """Calibrate as the config file at `path` describes; saves to `out_dir`, else to
+    `calibration_output_path(path, name=name)`. Returns the folder."""
     config, root = load_calibration_config(path)
     tasks = []
     for i, entry in enumerate(config.tasks):
@@ -184,16 +212,17 @@ def calibrate_from_config(path: str | os.PathLike, *, name: str | None = None, o
         if config.batch_size:
             overrides["batch_size"] = config.batch_size
         try:
-            tasks.append(load_task(entry.preset, overrides))
+            preset = _absolute(root, entry.preset) if entry.preset.endswith((".yaml", ".yml")) else entry.preset
+            tasks.append(load_task(preset, overrides))
         except TaskError as exc:
             raise FitnessError(f"{path}: field `tasks[{i}]` ({entry.preset}): {exc}") from exc
-    target = Path(out_dir) if out_dir else Path.cwd() / DEFAULT_ROOT / (name or config.name)
+    target = Path(out_dir) if out_dir else _output_path(config, root, name)
     return calibrate(
         tasks,
         _absolute(root, config.models.base),
         [_absolute(root, e) for e in config.models.experts],
         target,
-        name=name or config.name,
+        name=Path(name).name if name else config.name,
         random_merges=config.calibration.random_merges,
         method=config.calibration.method,
         weight_bounds=config.calibration.weight,

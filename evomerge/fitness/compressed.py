@@ -1,6 +1,7 @@
 """A compressed fitness: per task, a small item subset plus the calibration that extrapolates from it.
 
-Saved as a folder (`fitness/<name>/` by default) holding `fitness.json`:
+Saved as a folder (by `evomerge fitness calibrate`: `fitness/<name>/` beside the calibration config
+unless it sets `fitness_dir`) holding `fitness.json`:
     name, created, estimator (default), and per task: the task spec, the fitness split's data hash,
     the subset item ids (in subset order), and the `CompressedEstimator` (item parameters, subset
     weights, endpoint abilities, fitted mixing weights).
@@ -170,7 +171,11 @@ class CompressedFitness:
 
 
 def resolve_fitness_path(name_or_path: str | os.PathLike) -> Path:
-    """A compressed fitness folder: a path, or a name under ./fitness/ (then the packaged presets)."""
+    """A compressed fitness folder: a path, or a bare name under ./fitness/ (then the packaged presets).
+
+    A run config resolves a path against its own folder first, so `fitness: {name: fitness/NAME}`
+    in a run config beside a calibration config finds what calibrating it saved, from any directory.
+    """
     from evomerge.fitness.tasks import PRESET_DIR
 
     path = Path(name_or_path)
@@ -180,4 +185,5 @@ def resolve_fitness_path(name_or_path: str | os.PathLike) -> Path:
         if (candidate / FITNESS_FILE).is_file():
             return candidate
     raise FileNotFoundError(f"no compressed fitness {str(name_or_path)!r} (looked for {FITNESS_FILE} in "
-                            f"{', '.join(map(str, candidates))}); create one with `evomerge fitness calibrate`")
+                            f"{', '.join(map(str, candidates))}); create one with `evomerge fitness calibrate` "
+                            "(it prints the folder it saves)")

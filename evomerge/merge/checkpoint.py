@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from evomerge._atomic import atomic_directory
+from evomerge.errors import CheckpointError  # defined torch-free, for the CLI
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -63,10 +64,6 @@ DTYPES = {
     "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
-
-
-class CheckpointError(ValueError):
-    """A model folder is missing, malformed, unsafe to load, or incompatible with another."""
 
 
 def parse_dtype(name: str | torch.dtype | None, *, field_name: str = "dtype") -> torch.dtype | None:

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from evomerge.errors import LayerMappingError  # defined torch-free, for the CLI
+
 # model_type -> regex whose first group is the layer index.
 LAYER_PATTERNS: dict[str, str] = {
     "llama": r"^model\.layers\.(\d+)\.",
@@ -45,10 +47,6 @@ LM_HEAD_PATTERNS = (
 )
 
 NUM_LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
-
-
-class LayerMappingError(ValueError):
-    """A tensor name or architecture the layer mapping cannot place."""
 
 
 @dataclass(frozen=True)

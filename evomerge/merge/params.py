@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+from evomerge.errors import ParameterError  # defined torch-free, for the CLI
+
 Scalar = float | int | bool | str
-
-
-class ParameterError(ValueError):
-    """A parameter setting that cannot be resolved; the message names the field."""
 
 
 def _is_scalar(value: Any) -> bool:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from evomerge._validation import Strict as _Strict
 from evomerge._validation import format_validation_error as _format_validation
+from evomerge.errors import RecipeError  # defined torch-free, for the CLI
 
 # Which parameters each method reads, per model and globally (mergekit 0.1.5's specs).
 TASK_ARITHMETIC_FAMILY = {
@@ -49,10 +50,6 @@ UNSUPPORTED_TOP_LEVEL = {
     "tokenizer": "tokenizer surgery is not supported; the base model's tokenizer is copied",
     "chat_template": "chat templates are copied from the base model; remove this field",
 }
-
-
-class RecipeError(ValueError):
-    """A merge recipe that cannot be used; the message names the file and field."""
 
 
 class ModelEntry(_Strict):

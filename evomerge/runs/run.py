@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -60,11 +61,15 @@ class Run:
 
     @property
     def pareto(self) -> pd.DataFrame:
+        """One row per Pareto member: generation, mean and per-task estimated accuracy, crowding
+        distance (inf at the ends of the front), and `<task>_<split>` columns once verified."""
         data = self.store.read_pareto()
         rows = []
         verified = self.verified()
         for m in data["members"]:
-            row = {"id": m["id"], "generation": m.get("generation"), "mean": m["mean"], "crowding": m.get("crowding")}
+            crowding = m.get("crowding")  # pareto.json stores an infinite distance as null
+            row = {"id": m["id"], "generation": m.get("generation"), "mean": m["mean"],
+                   "crowding": math.inf if crowding is None else float(crowding)}
             row.update(m["objectives"])
             for role, members in verified.items():
                 for task, value in (members.get(str(m["id"])) or {}).items():
@@ -211,23 +216,70 @@ class Run:
         return ax.figure
 
     def plot_coefficients(self, member_id: int, parameter: str = "weight", ax=None):
-        """Heatmap of one member's per-layer coefficients (experts x layers, one panel per group)."""
-        import matplotlib.pyplot as plt
+        """Heatmap of one member's per-layer `parameter`: a panel per tensor group (attention / MLP /
+        rest, or all tensors), experts as rows, on the search space's range for that parameter."""
+        from evomerge.runs.problem import bind_space
 
-        values = self.coefficients(member_id)[parameter]  # (groups, K, L)
-        groups = values.shape[0]
-        if ax is None:
-            fig, axes = plt.subplots(groups, 1, figsize=(1.0 + 0.5 * values.shape[2], 1.2 + 1.0 * groups * values.shape[1]),
-                                     squeeze=False)
-            axes = axes[:, 0]
-        else:
-            fig, axes = ax.figure, [ax]
-        experts = [Path(e).name for e in self.config.models.experts]
-        for g, axis in enumerate(axes):
-            image = axis.imshow(values[g], aspect="auto", cmap="viridis")
-            axis.set_yticks(range(len(experts)), experts)
-            axis.set_xlabel("layer")
-            axis.set_title(f"member {member_id}: {parameter}")
-            fig.colorbar(image, ax=axis)
-        fig.tight_layout()
-        return fig
+        space = bind_space(self.config)
+        values = space.per_layer(self.genome(member_id))
+        if parameter not in values:
+            raise ValueError(f"search space {space.space.name!r} has no parameter {parameter!r}; it has {sorted(values)}")
+        spec = space.space.parameters[parameter]
+        return plot_coefficient_heatmap(values[parameter], space.groups, [Path(e).name for e in self.config.models.experts],
+                                        parameter=parameter, bounds=(spec.low, spec.high),
+                                        title=f"member {member_id}: {parameter} per layer", axes=ax)
+
+
+GROUP_TITLES = {"attention": "attention (self_attn)", "mlp": "MLP", "rest": "rest (norms, embeddings, lm_head)",
+                "all": "all tensors"}
+MAX_LAYER_TICKS = 16
+
+
+def layer_ticks(num_layers: int, max_ticks: int = MAX_LAYER_TICKS) -> list[int]:
+    """Layer indices to label: every layer up to `max_ticks` layers, else every 2nd, 5th, 10th, 20th, ..."""
+    steps = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500)
+    step = next((s for s in steps if math.ceil(num_layers / s) <= max_ticks), math.ceil(num_layers / max_ticks))
+    return list(range(0, num_layers, step))
+
+
+def plot_coefficient_heatmap(values: np.ndarray, groups: Sequence[str], experts: Sequence[str], *, parameter: str,
+                             bounds: tuple[float, float] | None = None, title: str | None = None, axes=None):
+    """Per-layer coefficients as heatmaps: one panel per tensor group, experts x layers, values (groups, K, L).
+
+    Every panel shares one colour scale (`bounds`, default the range of all the values) and one
+    colorbar, so colours compare across groups (and, with the search range as bounds, across
+    members). From 2 to 100+ layers the figure widens with depth up to 14 inches and at most
+    MAX_LAYER_TICKS layers are labelled, once, under the last panel. `axes`: an Axes per group.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 3 or values.shape[:2] != (len(groups), len(experts)):
+        raise ValueError(f"values of shape {values.shape} do not match {len(groups)} groups x {len(experts)} experts x layers")
+    n_groups, k, num_layers = values.shape
+    low, high = bounds if bounds is not None else (float(np.nanmin(values)), float(np.nanmax(values)))
+    if high <= low:  # a constant heatmap still gets a scale
+        low, high = low - 0.5, high + 0.5
+    norm = Normalize(vmin=low, vmax=high)
+    if axes is None:
+        width = min(14.0, max(6.0, 2.5 + 0.15 * num_layers))
+        height = min(12.0, max(2.5, 0.9 + n_groups * (0.6 + 0.3 * k)))
+        fig, grid = plt.subplots(n_groups, 1, figsize=(width, height), sharex=True, squeeze=False, layout="constrained")
+        axes = list(grid[:, 0])
+    else:
+        axes = list(np.ravel(axes))
+        if len(axes) != n_groups:
+            raise ValueError(f"{len(axes)} axes given for {n_groups} groups {list(groups)}")
+        fig = axes[0].figure
+    for g, axis in enumerate(axes):
+        image = axis.imshow(values[g], aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+        axis.set_yticks(range(k), list(experts))
+        axis.set_xticks(layer_ticks(num_layers))
+        axis.set_title(GROUP_TITLES.get(groups[g], groups[g]), loc="left", fontsize="medium")
+        axis.tick_params(axis="x", labelbottom=g == n_groups - 1)
+    axes[-1].set_xlabel("layer")
+    fig.colorbar(image, ax=axes, label=parameter)
+    if title:
+        fig.suptitle(title)
+    return fig
