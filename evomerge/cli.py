@@ -76,15 +76,18 @@ def main() -> None:
 @click.option("--shard-size", default="5GB", show_default=True, help="Maximum safetensors shard size.")
 @click.option("--device", default="cpu", show_default=True, help="Device to merge on (cpu, cuda, cuda:1).")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle (*.bin) checkpoints with torch.load(weights_only=True).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Merge models holding NaN / inf weights instead of refusing them (they stay non-finite in the output).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new model is complete).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def merge_command(config: Path, out_dir: Path, shard_size: str, device: str, allow_pickle: bool, overwrite: bool, quiet: bool) -> None:
+def merge_command(config: Path, out_dir: Path, shard_size: str, device: str, allow_pickle: bool, allow_nonfinite: bool,
+                  overwrite: bool, quiet: bool) -> None:
     """Merge models as a mergekit-style YAML CONFIG describes and write a Hugging Face folder."""
     from evomerge.merge.engine import merge_recipe
 
     try:
         report = merge_recipe(config, out_dir, max_shard_bytes=shard_size, allow_pickle=allow_pickle,
-                              device=device, overwrite=overwrite, progress=not quiet)
+                              allow_nonfinite=allow_nonfinite, device=device, overwrite=overwrite, progress=not quiet)
     except USER_ERRORS as exc:
         _fail(exc)
     click.echo(f"wrote {report.out_dir} ({report.tensors} tensors, {report.bytes_written / 1e6:.1f} MB) in {report.seconds:.1f}s")

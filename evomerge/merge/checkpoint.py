@@ -4,7 +4,12 @@ Reading follows the layout `transformers` writes (`model.safetensors`, or shards
 `model-XXXXX-of-YYYYY.safetensors` listed in `model.safetensors.index.json`). Tensors are read one
 at a time through `safetensors.safe_open`, which memory-maps the file, so a 7B checkpoint costs no
 more resident memory than the tensor being read. Pickle checkpoints (`pytorch_model*.bin`) are
-refused unless the caller opts in, and are then loaded with `torch.load(weights_only=True)`.
+refused unless the caller opts in, and are then loaded with `torch.load(weights_only=True)`
+(memory-mapped when zip-format; the old non-zip format cannot be mapped and is read whole).
+
+Every floating-point tensor is checked once as it is read: a NaN or inf raises `NonFiniteError`
+naming the file and the tensor (a diverged or corrupt fine-tune would otherwise spread NaN through
+every merge that touches it), unless the folder was opened with `allow_nonfinite=True`.
 
 Writing mirrors `transformers.PreTrainedModel.save_pretrained`: shards above a size limit plus an
 index, `config.json`, and the base model's tokenizer and generation config. Everything is written
@@ -17,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -66,6 +72,29 @@ DTYPES = {
 }
 
 
+class NonFiniteError(CheckpointError):
+    """A stored tensor holds NaN or inf."""
+
+
+def check_finite(tensor: torch.Tensor, file: Path, name: str) -> None:
+    """Raise `NonFiniteError` naming `file` and tensor `name` if a floating-point `tensor` holds NaN or inf.
+
+    Usually one sum: a finite sum means no NaN / inf (IEEE: either makes the sum non-finite); only a
+    non-finite sum (or an overflow) is checked entry by entry, and the message's counts only on failure.
+    """
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
+        return
+    flat = tensor.detach().reshape(-1)
+    nan, posinf, neginf = (int(flat.isnan().sum()), int(flat.isposinf().sum()), int(flat.isneginf().sum()))
+    first = int((~torch.isfinite(flat)).nonzero()[0])
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), tuple(tensor.shape))) if tensor.dim() else ()
+    raise NonFiniteError(
+        f"{file}: tensor {name!r} holds {nan + posinf + neginf} non-finite values ({nan} NaN, {posinf} +inf, "
+        f"{neginf} -inf; the first at index {list(index)}); the checkpoint is corrupt or its training diverged. "
+        "Pass allow_nonfinite=True (CLI: --allow-nonfinite) to merge it anyway."
+    )
+
+
 def parse_dtype(name: str | torch.dtype | None, *, field_name: str = "dtype") -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
@@ -87,13 +116,15 @@ class ModelFolder:
     config: dict
     weight_map: dict[str, str]  # tensor name -> file name inside `path`
     is_pickle: bool = False
+    allow_nonfinite: bool = False  # False: reading a tensor with NaN / inf raises NonFiniteError
     aliases: dict[str, str] = field(default_factory=dict)  # tied name -> stored name
     _handles: dict[str, object] = field(default_factory=dict, repr=False)
     _pickled: dict[str, dict] = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | os.PathLike, *, allow_pickle: bool = False) -> "ModelFolder":
+    def open(cls, path: str | os.PathLike, *, allow_pickle: bool = False,
+             allow_nonfinite: bool = False) -> "ModelFolder":
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: model folder not found")
@@ -105,6 +136,7 @@ class ModelFolder:
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
 
+        pickled = {}  # file -> state dict, for a single pickle read here to list its tensors
         if (path / SAFE_INDEX).is_file():
             weight_map, is_pickle = _read_index(path / SAFE_INDEX), False
         elif (path / SAFE_SINGLE).is_file():
@@ -121,7 +153,8 @@ class ModelFolder:
             if (path / PICKLE_INDEX).is_file():
                 weight_map = _read_index(path / PICKLE_INDEX)
             else:
-                weight_map = {name: PICKLE_SINGLE for name in _load_pickle(path / PICKLE_SINGLE)}
+                pickled[PICKLE_SINGLE] = _load_pickle(path / PICKLE_SINGLE)
+                weight_map = {name: PICKLE_SINGLE for name in pickled[PICKLE_SINGLE]}
         else:
             raise CheckpointError(
                 f"{path}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX} or, with allow_pickle, "
@@ -130,7 +163,8 @@ class ModelFolder:
         for name, file in weight_map.items():
             if not (path / file).is_file():
                 raise CheckpointError(f"{path}: tensor {name!r} is mapped to missing file {file!r}")
-        folder = cls(path=path, config=config, weight_map=weight_map, is_pickle=is_pickle)
+        folder = cls(path=path, config=config, weight_map=weight_map, is_pickle=is_pickle,
+                     allow_nonfinite=allow_nonfinite, _pickled=pickled)
         folder.aliases = folder._tied_aliases()
         return folder
 
@@ -183,6 +217,14 @@ class ModelFolder:
     def has_tensor(self, name: str) -> bool:
         return name in self.weight_map or name in self.aliases
 
+    def stored_name(self, name: str) -> str:
+        """The name `name` is stored under (a tied head's embedding)."""
+        return self._resolve(name)
+
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor `name`."""
+        return self.path / self.weight_map[self._resolve(name)]
+
     def _resolve(self, name: str) -> str:
         if name in self.weight_map:
             return name
@@ -210,15 +252,22 @@ class ModelFolder:
         return _SAFETENSORS_DTYPES[self._handle(file).get_slice(stored).get_dtype()]
 
     def get_tensor(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Load one tensor (memory-mapped for safetensors); optionally cast and move it."""
+        """Load one tensor (memory-mapped for safetensors); optionally cast and move it.
+
+        Checked for NaN / inf in its stored dtype (on `device`) unless the folder allows them.
+        """
         stored = self._resolve(name)
         file = self.weight_map[stored]
         if self.is_pickle:
             tensor = self._pickle_shard(file)[stored]
         else:
             tensor = self._handle(file).get_tensor(stored)
-        if dtype is not None or torch.device(device).type != "cpu":
-            tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        if torch.device(device).type != "cpu":
+            tensor = tensor.to(device=device)
+        if not self.allow_nonfinite:
+            check_finite(tensor, self.path / file, stored)
+        if dtype is not None:
+            tensor = tensor.to(dtype=dtype)
         return tensor
 
     def _pickle_shard(self, file: str) -> dict:
@@ -272,8 +321,9 @@ def _single_file_map(file: Path) -> dict[str, str]:
 
 
 def _load_pickle(file: Path) -> dict:
+    # Only the zip format (torch >= 1.6's default) can be memory-mapped; the old format is read whole.
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as exc:
         raise CheckpointError(f"{file}: cannot load with weights_only=True ({exc})") from exc
 

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from evomerge.merge.checkpoint import ModelFolder, check_compatible, parse_dtype, write_model
+from evomerge.merge.checkpoint import ModelFolder, check_compatible, check_finite, parse_dtype, write_model
 from evomerge.merge.fused import (
     FusedOps,
     MaskedMerge,
@@ -45,6 +45,7 @@ from evomerge.merge.kernels import TASK_ARITHMETIC_RECIPES, mask_generator, merg
 from evomerge.merge.layers import LayerMap
 from evomerge.merge.params import ParameterError, resolve_setting, to_bool, to_float
 from evomerge.merge.recipe import LoadedRecipe, MergeRecipe, RecipeError, load_recipe, resolve_model_path
+from evomerge.merge.tokenizers import check_tokenizers
 from evomerge.merge.sparsify import RESCALE_EPS, check_fraction, magnitude_keep_count, outlier_window, rank_window
 
 PER_MODEL_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
@@ -129,6 +130,7 @@ def merge_recipe(
     *,
     max_shard_bytes: int | str = "5GB",
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: bool = True,
@@ -137,6 +139,8 @@ def merge_recipe(
 ) -> MergeReport:
     """Merge the models a recipe names and write a Hugging Face folder to `out_dir` atomically.
 
+    `allow_nonfinite`: merge models holding NaN / inf instead of raising `NonFiniteError` (each
+    non-finite entry then stays at its own position in both paths: see `fused`).
     `fused_min_elements`: CPU tensors with at least this many entries take the fused path (None:
     none do). `workers`: threads of the fused path (default: torch's thread count); while they
     run, torch ops are single-threaded, and the previous thread count is restored after each pass.
@@ -151,8 +155,10 @@ def merge_recipe(
 
     expert_entries = spec.experts()
     base_ref = spec.base_model or expert_entries[0].model
-    base = ModelFolder.open(resolve_model_path(base_ref, loaded), allow_pickle=allow_pickle)
-    experts = [ModelFolder.open(resolve_model_path(e.model, loaded), allow_pickle=allow_pickle) for e in expert_entries]
+    opened = dict(allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    base = ModelFolder.open(resolve_model_path(base_ref, loaded), **opened)
+    experts = [ModelFolder.open(resolve_model_path(e.model, loaded), **opened) for e in expert_entries]
+    check_tokenizers(base.path, [e.path for e in experts])
     names = check_compatible(base, experts)
     layer_map = LayerMap.from_config(base.config, spec.layer_pattern)
     for name in names:  # fail before any work if a tensor cannot be placed
@@ -343,6 +349,11 @@ class _FusedMerger:
         experts = self._tvs[: self.k * n].view(self.k, n)
         for reader, target in zip(self.readers, [base, *experts]):
             self._read(reader, name, target, dtype)
+        if not self.readers[0].folder.allow_nonfinite:  # one chunked pass on the pool, as ModelFolder checks
+            for reader, target, finite in zip(self.readers, [base, *experts], self.ops.rows_finite([base, *experts])):
+                if not finite:
+                    folder = reader.folder
+                    check_finite(target.view(folder.shape(name)), folder.file_of(name), folder.stored_name(name))
         out = torch.empty(n, dtype=torch.float32)
         merge_fused(self.ops, self.recipe.sparsifier, self.recipe.consensus is not None, base, experts, params,
                     self.spec.seed, name, out)

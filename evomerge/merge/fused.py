@@ -20,6 +20,11 @@ The magnitude masks use thresholds the caller looked up (order statistics in the
 rank windows in `evomerge merge`), random masks use draws made with the kernels' own generators
 (an explicit mask is passed as draws of 0 = keep / 1 = drop against keep_p 0.5), so the result
 equals the pure kernel's for the same masks. Without a working compiler the eager form runs.
+
+Non-finite input (models opened with `allow_nonfinite=True`) is treated as the pure kernels treat
+it, so both paths give the same tensor: IEEE arithmetic per entry (a NaN or inf delta makes its own
+output entry non-finite, even at weight 0 or when masked out, since NaN * 0 is NaN), and the L1
+rescale norms sum the finite entries only (`sparsify.finite_l1`), so no other entry changes.
 """
 from __future__ import annotations
 
@@ -120,7 +125,8 @@ def masked_l1(rows: tuple[torch.Tensor, ...], draws: tuple[torch.Tensor, ...] | 
     norms = []
     for k, row in enumerate(rows):
         magnitude = row.abs()
-        norms.append((magnitude * _keep(magnitude, k, draws, lo, hi, keep_p, use_hi)).sum())
+        finite = torch.where(magnitude < INF, magnitude, 0.0)  # NaN and inf count 0, as in sparsify.finite_l1
+        norms.append((finite * _keep(magnitude, k, draws, lo, hi, keep_p, use_hi)).sum())
     return torch.stack(norms)
 
 
@@ -256,10 +262,13 @@ def masked_block(plan: MaskedMerge, base: torch.Tensor, tvs: torch.Tensor, draws
 
 def masked_l1_block(plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None,
                     scratch: _Scratch | None = None) -> torch.Tensor:
-    """(K,) float32 L1 norms of the block's masked task vectors (all of it when the plan has no mask)."""
+    """(K,) float32 L1 norms of the block's masked task vectors (all of it when the plan has no mask).
+
+    Non-finite entries count 0, as in `sparsify.finite_l1`.
+    """
     scratch = scratch or _Scratch()
     shape = tuple(tvs.shape)
-    magnitude = torch.abs(tvs, out=scratch.take("l1", shape, tvs))
+    magnitude = torch.abs(tvs, out=scratch.take("l1", shape, tvs)).nan_to_num_(nan=0.0, posinf=0.0)
     if plan.masks:
         magnitude.mul_(_keep_mask(plan, tvs, draws, scratch))
     return magnitude.sum(1)
@@ -331,6 +340,22 @@ class FusedOps:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+    def rows_finite(self, rows: Sequence[torch.Tensor]) -> list[bool]:
+        """[row holds no NaN / inf for row in rows] (1-D, equal lengths), in one chunked pass on the pool.
+
+        A chunk whose sum is finite holds no NaN / inf (IEEE: either makes the sum NaN or inf), and a
+        sum is one vectorized read; only a chunk with a non-finite sum (or an overflow) is checked
+        entry by entry.
+        """
+        def finite(chunk: torch.Tensor) -> bool:
+            return bool(torch.isfinite(chunk.sum())) or bool(torch.isfinite(chunk).all())
+
+        def block(start: int, stop: int, _) -> list[bool]:
+            return [finite(row[start:stop]) for row in rows]
+
+        parts = self.map_chunks(block, rows[0].numel())
+        return [all(part[i] for part in parts) for i in range(len(rows))]
 
     # ---------------------------------------------------------------- the merges
     def sum(self, base: torch.Tensor, tvs: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> None:

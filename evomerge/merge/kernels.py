@@ -499,7 +499,8 @@ def slerp_tensors(
 
     mergekit `merge_methods.slerp.slerp`: norms at or below eps count as 1; when the cosine
     |dot| > dot_threshold (nearly collinear or antipodal) it falls back to linear interpolation.
-    Computed in float32 (float64 for float64 inputs); returned in v0's dtype.
+    Computed in float32 (float64 for float64 inputs); returned in v0's dtype. Norms and angle are
+    taken over the entries finite in both, so a NaN / inf entry only makes its own output non-finite.
     """
     dtype = work_dtype(v0, v1)
     a = v0.reshape(-1).to(dtype)
@@ -507,9 +508,15 @@ def slerp_tensors(
     t = torch.tensor(float(t), dtype=dtype, device=a.device)
     norm_a = torch.linalg.vector_norm(a)
     norm_b = torch.linalg.vector_norm(b)
+    if not bool(torch.isfinite(norm_a) & torch.isfinite(norm_b)):  # a non-finite entry: measure the rest
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        a_stat, b_stat = torch.where(finite, a, 0), torch.where(finite, b, 0)
+        norm_a, norm_b = torch.linalg.vector_norm(a_stat), torch.linalg.vector_norm(b_stat)
+    else:
+        a_stat, b_stat = a, b
     norm_a = torch.where(norm_a > eps, norm_a, torch.ones_like(norm_a))
     norm_b = torch.where(norm_b > eps, norm_b, torch.ones_like(norm_b))
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    dot = ((a_stat / norm_a) * (b_stat / norm_b)).sum().clamp(-1, 1)
     if dot.abs() > dot_threshold:
         coef_a, coef_b = 1 - t, t
     else:

@@ -19,6 +19,10 @@ Paths, each tested equal to the pure kernels in `evomerge.merge.kernels`:
   Tensors small enough for exact order statistics (or all, with `order_stats_grid=None`) take
   the kernel's own masks (`sparsify.magnitude_mask`, ties by flat index) through the same pass.
 - anything else (DELLA's per-row ranks, slerp): the pure kernel itself.
+
+Every stored tensor is checked for NaN / inf once, as it is loaded (`ModelFolder.get_tensor`), so
+candidates cost nothing more; `allow_nonfinite=True` loads them anyway, and then every path treats
+them as the pure kernels do (see `fused`). The tokenizers are compared first (`check_tokenizers`).
 """
 from __future__ import annotations
 
@@ -35,10 +39,12 @@ from evomerge.merge.checkpoint import ModelFolder, check_compatible
 from evomerge.merge.fused import FusedOps, MaskedMerge, rescale_factors, torch_threads, weight_sum_divisor
 from evomerge.merge.kernels import mask_generator, merge_tensor, method_defaults
 from evomerge.merge.layers import LayerMap, TensorPosition
+from evomerge.merge.tokenizers import check_tokenizers
 from evomerge.merge.sparsify import (
     RESCALE_EPS,
     MagnitudeOrderStats,
     check_fraction,
+    finite_l1,
     magnitude_keep_count,
     magnitude_mask,
     magnitude_outliers_mask,
@@ -158,6 +164,7 @@ class Materializer:
         *,
         device: str | torch.device | None = None,
         allow_pickle: bool = False,
+        allow_nonfinite: bool = False,
         layer_pattern: str | None = None,
         seed: int = 0,
         order_stats_grid: int | None = 65536,
@@ -171,14 +178,18 @@ class Materializer:
         `compile="auto"` compiles the fused paths with `torch.compile` when the model is large
         enough for that to pay off; `order_stats_grid` trades exactness of magnitude thresholds
         on tensors above that many elements for a lookup (see `MagnitudeOrderStats`).
+        A NaN / inf in any model raises `NonFiniteError` naming the file and tensor, unless
+        `allow_nonfinite`.
         """
         from transformers import AutoModelForCausalLM
 
         device = default_device(device)
-        base = ModelFolder.open(base_dir, allow_pickle=allow_pickle)
-        experts = [ModelFolder.open(p, allow_pickle=allow_pickle) for p in expert_dirs]
+        opened = dict(allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        base = ModelFolder.open(base_dir, **opened)
+        experts = [ModelFolder.open(p, **opened) for p in expert_dirs]
         if not experts:
             raise ValueError("Materializer needs at least one expert")
+        check_tokenizers(base.path, [e.path for e in experts])
         check_compatible(base, experts)
         layer_map = LayerMap.from_config(base.config, layer_pattern)
 
@@ -402,7 +413,7 @@ class Materializer:
 
     def _l1_norms(self, slot: _Slot) -> torch.Tensor:
         if slot.l1_norms is None:
-            slot.l1_norms = slot.task_vectors.abs().sum(dim=1)
+            slot.l1_norms = torch.stack([finite_l1(tv) for tv in slot.task_vectors])
         return slot.l1_norms
 
     def _order_stats(self, slot: _Slot) -> list[MagnitudeOrderStats]:

@@ -10,7 +10,9 @@ Follows mergekit 0.1.5 `mergekit/sparsify.py`:
                        rank in its row, from density - epsilon to density + epsilon (DELLA, arXiv:2406.11617)
 
 each with optional L1 rescaling (`rescale_l1`, mergekit's `rescaled_masked_tensor` with
-`RescaleNorm.l1`: the kept entries are scaled so the L1 norm of the delta is unchanged).
+`RescaleNorm.l1`: the kept entries are scaled so the L1 norm of the delta is unchanged). The norms
+sum the finite entries only (`finite_l1`): a NaN or inf delta (models opened with allow_nonfinite)
+stays non-finite at its own position instead of turning the whole tensor into NaN.
 
 Each sparsifier is a `*_mask` function (a bool tensor of the input's shape) plus the shared
 mask-and-rescale step, so masks can be tested and reused alone. Where we differ from mergekit:
@@ -67,11 +69,16 @@ def rescale_l1(tensor: torch.Tensor, mask: torch.Tensor, eps: float = RESCALE_EP
     When either L1 norm is below `eps` the masked tensor is returned unscaled, as in mergekit.
     """
     masked = tensor * mask
-    before = tensor.abs().sum()
-    after = masked.abs().sum()
+    before = finite_l1(tensor)
+    after = finite_l1(masked)
     if before < eps or after < eps:
         return masked
     return masked * (before / after)
+
+
+def finite_l1(tensor: torch.Tensor) -> torch.Tensor:
+    """L1 norm over the finite entries (NaN and inf count 0); the plain L1 norm for finite tensors."""
+    return tensor.abs().nan_to_num_(nan=0.0, posinf=0.0).sum()
 
 
 def apply_mask(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
