@@ -116,3 +116,26 @@ def choice_task_preset(dataset_path: str | Path, name: str = "sums") -> dict:
     """The task preset (as a dict) for `make_choice_task` data."""
     return {"name": name, "dataset": {"path": str(dataset_path)}, "prompt": "{prompt}", "scorer": "multiple_choice",
             "choices": "{choices}", "choice_template": "{choice}", "answer_index": "{label}", "batch_size": 64}
+
+
+def write_run_config(root: str | Path, file_name: str, **changes) -> Path:
+    """`root/<file_name>.yaml`: a run named `file_name`, a small in-process search (TIES per layer,
+    NSGA-II, 24 evaluations) over the `fam/` models and the `fitness/mc` compressed fitness under
+    `root`; `changes` replace top-level fields (`name` included)."""
+    import yaml
+
+    config = {
+        "name": file_name,
+        "models": {"base": "fam/base", "experts": ["fam/expert_0", "fam/expert_1"]},
+        "search_space": "ties_per_layer",
+        "fitness": {"name": "fitness/mc"},
+        "optimizer": {"name": "nsga2", "settings": {"pop_size": 6}},
+        "budget": {"evaluations": 24},
+        "workers": {"backend": "inprocess"},
+        "seed": 3,
+        "runs_dir": "runs",
+        **changes,
+    }
+    path = Path(root) / f"{file_name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -20,3 +20,24 @@ def tiny_zoo(tmp_path_factory):
         return build_zoo(tmp_path_factory.mktemp("zoo"), size="tiny", seed=0, progress=False)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def run_workspace(tmp_path_factory):
+    """A folder with a family of random Llama models (base + 2 experts), two multiple-choice tasks
+    that such models answer differently, and a compressed fitness `fitness/mc` calibrated on them:
+    real formats and the real pipeline for search tests, no training needed."""
+    import datasets
+
+    from evomerge.fitness.calibrate import calibrate
+    from evomerge.fitness.tasks import TaskSpec
+    from evomerge.testing import choice_task_preset, llama_config, make_choice_task, make_family
+
+    datasets.disable_progress_bars()
+    root = tmp_path_factory.mktemp("runs_ws")
+    base, experts = make_family(root / "fam", n_experts=2, seed=5, delta_scale=0.5, config=llama_config(layers=2))
+    tasks = [TaskSpec.from_dict(choice_task_preset(make_choice_task(root / "tasks" / name, seed=i), name))
+             for i, name in enumerate(["sums_a", "sums_b"])]
+    calibrate(tasks, str(base), [str(e) for e in experts], root / "fitness" / "mc", name="mc", random_merges=12, n=8,
+              echo=lambda *a: None)
+    return root

@@ -30,40 +30,14 @@ EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    import datasets
-
-    from evomerge.fitness.calibrate import calibrate
-    from evomerge.fitness.tasks import TaskSpec
-    from evomerge.testing import choice_task_preset, llama_config, make_choice_task, make_family
-
-    datasets.disable_progress_bars()
-    root = tmp_path_factory.mktemp("runs_ws")
-    base, experts = make_family(root / "fam", n_experts=2, seed=5, delta_scale=0.5, config=llama_config(layers=2))
-    tasks = [TaskSpec.from_dict(choice_task_preset(make_choice_task(root / "tasks" / name, seed=i), name))
-             for i, name in enumerate(["sums_a", "sums_b"])]
-    calibrate(tasks, str(base), [str(e) for e in experts], root / "fitness" / "mc", name="mc", random_merges=12, n=8,
-              echo=lambda *a: None)
-    return root
+def workspace(run_workspace):
+    return run_workspace
 
 
 def write_config(root: Path, file_name: str, **changes) -> Path:
-    config = {
-        "name": file_name,
-        "models": {"base": "fam/base", "experts": ["fam/expert_0", "fam/expert_1"]},
-        "search_space": "ties_per_layer",
-        "fitness": {"name": "fitness/mc"},
-        "optimizer": {"name": "nsga2", "settings": {"pop_size": 6}},
-        "budget": {"evaluations": 24},
-        "workers": {"backend": "inprocess"},
-        "seed": 3,
-        "runs_dir": "runs",
-    }
-    for key, value in changes.items():
-        config[key] = value
-    path = root / f"{file_name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    from evomerge.testing import write_run_config
+
+    return write_run_config(root, file_name, **changes)
 
 
 def pareto_of(run_dir: Path) -> list[tuple[int, dict]]:

@@ -89,6 +89,34 @@ class _Worker:
         return self.name
 
 
+RAY_CONNECT_TIMEOUT = 10.0  # seconds to reach a cluster's address before giving up
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """Fail fast, naming the field, when a Ray cluster's `HOST:PORT` (or `ray://HOST:PORT`) does not answer.
+
+    `ray.init` itself retries an unreachable address for minutes; a plain TCP connection tells in
+    at most `timeout` seconds. `auto` (the address Ray finds on this machine) is left to Ray."""
+    import socket
+
+    from evomerge.runs.config import ConfigError
+
+    if address in ("auto", "local"):
+        return
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"field `workers.address`: {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, (TimeoutError, socket.timeout)) else (exc.strerror or str(exc))
+        raise ConfigError(f"field `workers.address`: cannot reach a Ray cluster at {address} ({reason} within "
+                          f"{timeout:.0f} s); start the cluster, correct the address, or remove it to run a local "
+                          "pool") from None
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Start a local single-node Ray on loopback (no dashboard), or join the cluster at `address`."""
     if not address:
