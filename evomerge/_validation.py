@@ -19,5 +19,6 @@ def format_validation_error(exc: ValidationError) -> str:
         elif err["type"] == "missing":
             parts.append(f"field `{where}` is required")
         else:
-            parts.append(f"field `{where}`: {err['msg']}")
+            # A validator's ValueError reads "Value error, <message>": keep the message.
+            parts.append(f"field `{where}`: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)

@@ -13,10 +13,15 @@ import click
 
 # Only torch-free imports at the top: `evomerge --help` must not pay for torch (1.5 s, 255 MB).
 # Each command imports what it needs when it runs.
-from evomerge.errors import USER_ERRORS
+from evomerge.errors import USER_ERRORS, OptionError
+
+# API argument -> the flag that sets it, so an OptionError from the API names what the user typed.
+FLAGS = {"out_dir": "--out", "max_shard_bytes": "--shard-size", "device": "--device"}
 
 
 def _fail(exc: Exception) -> None:
+    if isinstance(exc, OptionError):
+        exc = exc.renamed(FLAGS)
     click.secho(f"error: {exc}", fg="red", err=True)
     sys.exit(2)
 
@@ -78,7 +83,9 @@ def main() -> None:
 @click.option("--allow-pickle", is_flag=True, help="Load pickle (*.bin) checkpoints with torch.load(weights_only=True).")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Merge models holding NaN / inf weights instead of refusing them (they stay non-finite in the output).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new model is complete).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it is a model folder evomerge wrote (once the new model is complete); "
+                   "never a folder holding other files, nor an input model.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def merge_command(config: Path, out_dir: Path, shard_size: str, device: str, allow_pickle: bool, allow_nonfinite: bool,
                   overwrite: bool, quiet: bool) -> None:
@@ -235,7 +242,9 @@ def verify_command(run_dir: Path, members: tuple[int, ...], role: str, quiet: bo
               help="Without --member: score this many best Pareto members on the whole fitness split and "
                    "export the best of them there (recorded in verify.json).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it is a model folder evomerge wrote; never a folder holding other files, "
+                   "nor an input model.")
 @click.option("--shard-size", default="5GB", show_default=True)
 @quiet_option(loads_models=False)
 def export_command(run_dir: Path, member: int | None, finalists: int | None, out_dir: Path, overwrite: bool,
@@ -247,6 +256,7 @@ def export_command(run_dir: Path, member: int | None, finalists: int | None, out
         _fail(click.UsageError("give --member or --finalists, not both"))
     try:
         run = Run.load(run_dir)
+        run.check_export(out_dir, overwrite=overwrite, max_shard_bytes=shard_size)  # before any scoring
         if member is None:
             member = run.choose(finalists, echo=click.echo) if finalists else run.best_balanced()
         path = run.export(member, out_dir, overwrite=overwrite, max_shard_bytes=shard_size, progress=not quiet)

@@ -6,7 +6,9 @@ raise them re-export them, so `from evomerge.merge.checkpoint import CheckpointE
 """
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "LayerMappingError", "ParameterError", "RecipeError", "USER_ERRORS"]
+from typing import Mapping
+
+__all__ = ["CheckpointError", "LayerMappingError", "OptionError", "ParameterError", "RecipeError", "USER_ERRORS"]
 
 
 class CheckpointError(ValueError):
@@ -25,5 +27,23 @@ class ParameterError(ValueError):
     """A parameter setting that cannot be resolved; the message names the field."""
 
 
+class OptionError(ValueError):
+    """An argument that cannot be used (a device, a shard size, an output folder); `option` names it
+    as the API spells it (`out_dir`), and `renamed` as the CLI does (`--out`)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.message = message
+
+    def renamed(self, names: Mapping[str, str]) -> "OptionError":
+        """The same error naming `names[option]` (a CLI flag) instead of the API argument."""
+        return type(self)(names.get(self.option, self.option), self.message)
+
+    def __reduce__(self):  # picklable (worker processes) despite the two-argument constructor
+        return type(self), (self.option, self.message)
+
+
 # What the CLI reports as one line (exit status 2) rather than a traceback.
-USER_ERRORS = (CheckpointError, RecipeError, LayerMappingError, ParameterError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (CheckpointError, RecipeError, LayerMappingError, ParameterError, OptionError, FileExistsError,
+               FileNotFoundError)

@@ -385,3 +385,32 @@ def test_the_worker_address_can_change_on_resume(run_workspace):
     config.write_text(config.read_text().replace("seed: 3", "seed: 4"))
     with pytest.raises(RunStoreError, match="was edited after the run started"):
         resume_search(run_dir, **QUIET)
+
+
+def test_a_run_that_calibrates_first_reuses_what_it_calibrated(run_workspace, monkeypatch, tmp_path):
+    """`fitness: {calibrate: CAL.yaml}`: the first search calibrates (beside CAL.yaml, as
+    `evomerge fitness calibrate` would), a later one from another working directory reuses it."""
+    import yaml
+
+    from evomerge.testing import choice_task_preset
+
+    cal_dir = run_workspace / "cal"
+    cal_dir.mkdir()
+    for name in ("sums_a", "sums_b"):
+        (cal_dir / f"{name}.yaml").write_text(yaml.safe_dump(choice_task_preset(run_workspace / "tasks" / name, name)))
+    (cal_dir / "cal.yaml").write_text(yaml.safe_dump({
+        "name": "mc_again", "models": {"base": "../fam/base", "experts": ["../fam/expert_0", "../fam/expert_1"]},
+        "tasks": [{"preset": "sums_a.yaml"}, {"preset": "sums_b.yaml"}],
+        "calibration": {"random_merges": 12}, "subset": {"n": 8}}))
+    calibrations = []
+    import evomerge.fitness.calibrate as calibrate_module
+
+    original = calibrate_module.calibrate_from_config
+    monkeypatch.setattr(calibrate_module, "calibrate_from_config",
+                        lambda *a, **k: calibrations.append(a) or original(*a, echo=lambda *x: None, **k))
+    monkeypatch.chdir(tmp_path)
+    for name in ("calibrating", "calibrated"):
+        start_search(write_run_config(run_workspace, name, fitness={"calibrate": "cal/cal.yaml"},
+                                      budget={"evaluations": 6}), **QUIET)
+    assert len(calibrations) == 1
+    assert (cal_dir / "fitness" / "mc_again" / "fitness.json").is_file()

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from evomerge._device import resolve_device
 from evomerge.merge.checkpoint import ModelFolder, check_compatible, check_finite, parse_dtype, write_model
 from evomerge.merge.fused import (
     FusedOps,
@@ -44,7 +45,17 @@ from evomerge.merge.fused import (
 from evomerge.merge.kernels import TASK_ARITHMETIC_RECIPES, mask_generator, merge_tensor, method_defaults
 from evomerge.merge.layers import LayerMap
 from evomerge.merge.params import ParameterError, resolve_setting, to_bool, to_float
-from evomerge.merge.recipe import LoadedRecipe, MergeRecipe, RecipeError, load_recipe, resolve_model_path
+from evomerge.merge.outputs import (
+    MODEL_MARKER,
+    RECIPE_FILE,
+    check_free_space,
+    check_output_dir,
+    marker_text,
+    parse_shard_size,
+    reads,
+    writing_errors,
+)
+from evomerge.merge.recipe import LoadedRecipe, MergeRecipe, RecipeError, check_layers, load_recipe, resolve_model_path
 from evomerge.merge.tokenizers import check_tokenizers
 from evomerge.merge.sparsify import RESCALE_EPS, check_fraction, magnitude_keep_count, outlier_window, rank_window
 
@@ -89,7 +100,8 @@ def resolve_tensor_params(recipe: MergeRecipe, tensor_name: str, t: float, sourc
         if name not in MODEL_PARAMETERS[method]:
             return None
         values = []
-        for index, entry in enumerate(recipe.experts()):
+        for entry in recipe.experts():
+            index = next(i for i, model in enumerate(recipe.models) if model is entry)  # as the recipe numbers it
             value = None
             for scope_name, scope in ((f"models[{index}].parameters", entry.parameters or {}), ("parameters", global_params)):
                 if name in scope:
@@ -101,7 +113,10 @@ def resolve_tensor_params(recipe: MergeRecipe, tensor_name: str, t: float, sourc
                         break
             if value is None:
                 if name not in PER_MODEL_DEFAULTS:
-                    raise RecipeError(f"{source}: missing `{name}` for model {entry.model!r} at tensor {tensor_name!r}")
+                    raise RecipeError(
+                        f"{source}: field `models[{index}].parameters.{name}`: no entry matches tensor {tensor_name!r} "
+                        f"and {name} has no default; end the list with an entry without a filter"
+                    )
                 value = PER_MODEL_DEFAULTS[name]
             values.append(value)
         return values
@@ -144,25 +159,36 @@ def merge_recipe(
     `fused_min_elements`: CPU tensors with at least this many entries take the fused path (None:
     none do). `workers`: threads of the fused path (default: torch's thread count); while they
     run, torch ops are single-threaded, and the previous thread count is restored after each pass.
+    `overwrite`: replace an existing `out_dir` if a merge wrote it (`outputs.check_output_dir`);
+    `out_dir` is never one of the inputs. Argument errors are `OptionError`s naming the argument.
     """
-    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)  # checks every value
     spec, source = loaded.recipe, loaded.source
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
+    # Every argument, the output location and the gradients are checked before any tensor is read.
+    device = resolve_device(device, field="device")
+    shard_bytes = parse_shard_size(max_shard_bytes, field="max_shard_bytes")
     compute_dtype = parse_dtype(spec.dtype, field_name=f"{source}: dtype")
     out_dtype = parse_dtype(spec.out_dtype, field_name=f"{source}: out_dtype") or compute_dtype
 
     expert_entries = spec.experts()
     base_ref = spec.base_model or expert_entries[0].model
+    base_path = resolve_model_path(base_ref, loaded)
+    expert_paths = [resolve_model_path(e.model, loaded) for e in expert_entries]
+    inputs = [("base model", base_path)] if spec.base_model else []
+    inputs += [(f"model {e.model!r}", path) for e, path in zip(expert_entries, expert_paths)]
+    out_dir = check_output_dir(out_dir, inputs=inputs, overwrite=overwrite, field="out_dir")
     opened = dict(allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
-    base = ModelFolder.open(resolve_model_path(base_ref, loaded), **opened)
-    experts = [ModelFolder.open(resolve_model_path(e.model, loaded), **opened) for e in expert_entries]
+    base = ModelFolder.open(base_path, **opened)
+    check_layers(loaded, LayerMap.from_config(base.config, spec.layer_pattern).num_layers)
+    experts = [ModelFolder.open(path, **opened) for path in expert_paths]
     check_tokenizers(base.path, [e.path for e in experts])
     names = check_compatible(base, experts)
     layer_map = LayerMap.from_config(base.config, spec.layer_pattern)
-    for name in names:  # fail before any work if a tensor cannot be placed
+    for name in names:  # fail before any work if a tensor cannot be placed or a parameter has no value for it
         layer_map.position(name)
+        if base.dtype(name).is_floating_point:
+            resolve_tensor_params(spec, name, layer_map.depth_fraction(name), source)
+    check_free_space(out_dir, _output_bytes(base, names, out_dtype), field="out_dir")
 
     started = time.perf_counter()
     fused = _FusedMerger.for_recipe(spec, base, experts, names, compute_dtype, torch.device(device),
@@ -202,15 +228,16 @@ def merge_recipe(
             yield name, merged.to(dtype=out_dtype or merged.dtype)
 
     try:
-        write_model(
-            out_dir,
-            merged_tensors(),
-            base=base,
-            max_shard_bytes=max_shard_bytes,
-            dtype=out_dtype,
-            overwrite=overwrite,
-            extra_files={"recipe.yaml": spec.to_yaml()},
-        )
+        with writing_errors(out_dir, field="out_dir"):  # disk full, permissions: named as out_dir
+            write_model(
+                out_dir,
+                reads(merged_tensors()),
+                base=base,
+                max_shard_bytes=shard_bytes,
+                dtype=out_dtype,
+                overwrite=overwrite,
+                extra_files={RECIPE_FILE: spec.to_yaml(), MODEL_MARKER: marker_text()},
+            )
     finally:
         if fused is not None:
             fused.close()
@@ -219,6 +246,17 @@ def merge_recipe(
             expert.close()
     total = sum((out_dir / f).stat().st_size for f in os.listdir(out_dir) if f.endswith(".safetensors"))
     return MergeReport(out_dir=out_dir, tensors=len(names), bytes_written=total, seconds=time.perf_counter() - started)
+
+
+def _output_bytes(base: ModelFolder, names: Sequence[str], out_dtype: torch.dtype | None) -> int:
+    """Bytes of the merged weights, from the headers: floating tensors in `out_dtype` (else as stored)."""
+    total = 0
+    for name in names:
+        dtype = base.dtype(name)
+        if dtype.is_floating_point and out_dtype is not None:
+            dtype = out_dtype
+        total += math.prod(base.shape(name)) * dtype.itemsize
+    return total
 
 
 # ----------------------------------------------------------------------------- reading without mmap

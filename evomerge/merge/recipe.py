@@ -6,6 +6,10 @@ We accept the subset of mergekit's `MergeConfiguration` that describes a whole-m
 surgery, ...) is refused with an error naming the field, never silently ignored. Two fields are
 our own: `layer_pattern` (a regex for architectures the layer map does not know) and `seed`
 (for the random masks of DARE and DELLA).
+
+Every value is checked when the recipe is loaded (`PARAMETER_RULES`: every gradient anchor and
+filtered value), and gradients against the base model's depth by `check_layers` before any tensor
+is read, so a recipe that would fail at layer 60 of 80 fails at once, naming the field.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pydantic import ValidationError
 from evomerge._validation import Strict as _Strict
 from evomerge._validation import format_validation_error as _format_validation
 from evomerge.errors import RecipeError  # defined torch-free, for the CLI
+from evomerge.merge.params import ParameterError, ParameterRule, check_setting
 
 # Which parameters each method reads, per model and globally (mergekit 0.1.5's specs).
 TASK_ARITHMETIC_FAMILY = {
@@ -43,6 +48,20 @@ GLOBAL_PARAMETERS: dict[str, set[str]] = {
     "linear": {"normalize"},
     "slerp": {"t"},
     **{m: _TA_GLOBAL for m in TASK_ARITHMETIC_FAMILY},
+}
+# What every parameter's values may be. The fractions are the kernels' (`sparsify.check_fraction`);
+# DELLA shrinks epsilon to min(epsilon, density, 1 - density), so any epsilon in [0, 1] is usable.
+# Weights and lambda may be negative (subtracting a task vector) but must be finite.
+PARAMETER_RULES: dict[str, ParameterRule] = {
+    "weight": ParameterRule("number"),
+    "density": ParameterRule("number", 0.0, 1.0),
+    "gamma": ParameterRule("number", 0.0, 1.0),
+    "epsilon": ParameterRule("number", 0.0, 1.0),
+    "lambda": ParameterRule("number"),
+    "t": ParameterRule("number", 0.0, 1.0),
+    "normalize": ParameterRule("bool"),
+    "rescale": ParameterRule("bool"),
+    "int8_mask": ParameterRule("bool"),
 }
 UNSUPPORTED_TOP_LEVEL = {
     "slices": "layer slicing/stacking (frankenmerges) is not supported; merge whole models with `models:`",
@@ -160,6 +179,24 @@ def _check_semantics(recipe: MergeRecipe, source: str) -> None:
         for i, entry in enumerate(recipe.models):
             if entry in experts and "weight" not in (entry.parameters or {}) and "weight" not in (recipe.parameters or {}):
                 raise RecipeError(f"{source}: field `models[{i}].parameters.weight` is required for {method!r}")
+    _check_values(recipe, source)
+
+
+def _check_values(recipe: MergeRecipe, source: str, num_layers: int | None = None) -> None:
+    """Every value of every parameter setting obeys its `PARAMETER_RULES` row (see `check_setting`)."""
+    scopes = [(f"models[{i}].parameters", entry.parameters or {}) for i, entry in enumerate(recipe.models)]
+    for scope, settings in [*scopes, ("parameters", recipe.parameters or {})]:
+        for name, setting in settings.items():
+            try:
+                check_setting(setting, PARAMETER_RULES[name], field=f"{scope}.{name}", num_layers=num_layers)
+            except ParameterError as exc:
+                raise RecipeError(f"{source}: {exc}") from None
+
+
+def check_layers(loaded: LoadedRecipe, num_layers: int) -> None:
+    """Check the recipe's gradients against the base model's depth (from its config.json), before any
+    tensor is read: a gradient may hold at most one anchor per layer (two for a one-layer model)."""
+    _check_values(loaded.recipe, loaded.source, num_layers)
 
 
 def resolve_model_path(reference: str, loaded: LoadedRecipe) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from evomerge._validation import Strict, format_validation_error
 
@@ -73,6 +73,18 @@ class WorkersConfig(Strict):
     threads_per_worker: int = Field(default=1, ge=1)
     max_retries: int = Field(default=2, ge=0)  # per candidate, after a worker crash
     device: str | None = None  # default: cuda when present, else cpu
+
+    @field_validator("device")
+    @classmethod
+    def _device_spelling(cls, device: str | None) -> str | None:
+        # Spelling only: a run loaded for analysis on a laptop may name the GPU it ran on;
+        # `load_run_config` checks that this machine has it before a search starts.
+        from evomerge._device import DeviceError, check_device_name
+
+        try:
+            return None if device is None else check_device_name(device)
+        except DeviceError as exc:
+            raise ValueError(exc.message) from None
 
 
 class RunConfig(Strict):
@@ -131,4 +143,11 @@ def load_run_config(path: str | os.PathLike | dict, *, source: str | None = None
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {format_validation_error(exc)}") from None
+    if config.workers.device is not None and config.workers.address is None:  # the workers run on this machine
+        from evomerge._device import DeviceError, resolve_device
+
+        try:
+            resolve_device(config.workers.device)
+        except DeviceError as exc:
+            raise ConfigError(f"{source}: field `workers.device`: {exc.message}") from None
     return config.resolved(root)

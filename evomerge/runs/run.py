@@ -139,12 +139,27 @@ class Run:
         return int(frame.assign(worst=worst).sort_values(["mean", "worst"], ascending=False).index[0])
 
     # ------------------------------------------------------------- export and verify
+    def check_export(self, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                     max_shard_bytes: str | int = "5GB") -> None:
+        """Raise `OptionError` now if `export` to `out_dir` would be refused (it exists without
+        `overwrite`, evomerge did not write it, it is or holds one of the run's models, a bad shard
+        size), so that choosing a member (`choose` scores finalists) is not wasted on it."""
+        from evomerge.merge.outputs import check_output_dir, parse_shard_size
+
+        parse_shard_size(max_shard_bytes, field="max_shard_bytes")
+        models = self.config.models
+        inputs = [("base model", models.base), *(("expert", path) for path in models.experts)]
+        check_output_dir(out_dir, inputs=inputs, overwrite=overwrite, field="out_dir")
+
     def export(self, member_id: int, out_dir: str | os.PathLike, *, overwrite: bool = False,
                max_shard_bytes: str | int = "5GB", progress: bool = False) -> Path:
-        """Write the member as a Hugging Face folder plus `recipe.yaml` (mergekit format)."""
+        """Write the member as a Hugging Face folder plus `recipe.yaml` (mergekit format).
+
+        `overwrite` replaces `out_dir` only if evomerge wrote it (see `check_export`)."""
         from evomerge.merge.engine import merge_recipe
         from evomerge.merge.recipe import load_recipe
 
+        self.check_export(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
         record = self.record(member_id)
         if record["status"] != "ok":
             raise RunStoreError(f"{self.path}: candidate {member_id} failed; nothing to export")

@@ -58,17 +58,14 @@ def resolve_fitness(config: RunConfig) -> str:
 
     fit = config.fitness
     if fit.calibrate:
-        from evomerge.fitness.calibrate import calibrate_from_config
+        from evomerge.fitness.calibrate import calibrate_from_config, calibration_output_path
+        from evomerge.fitness.compressed import FITNESS_FILE
 
-        target = fit.name
-        if target:
-            try:
-                path = resolve_fitness_path(target)
-            except FileNotFoundError:
-                pass
-            else:
-                return _checked_fitness(path, config)
-        return str(calibrate_from_config(fit.calibrate, name=target))
+        # Where calibrating saves (beside the calibration config, or `name`): made once, then reused.
+        target = calibration_output_path(fit.calibrate, name=fit.name)
+        if (target / FITNESS_FILE).is_file():
+            return _checked_fitness(target, config)
+        return str(calibrate_from_config(fit.calibrate, name=fit.name))
     return _checked_fitness(resolve_fitness_path(fit.name), config)
 
 
