@@ -25,7 +25,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -473,7 +473,3 @@ def write_model(
         for file_name, text in (extra_files or {}).items():
             (tmp / file_name).write_text(text)
     return out_dir
-
-
-def iter_state_dict(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from state.items()
