@@ -160,7 +160,8 @@ def _run_errors():
 
 @main.command("search")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--overwrite", is_flag=True, help="Delete an existing run of the same name and start over.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete an existing run of the same name and start over (only a run folder no process holds).")
 @quiet_option()
 def search_command(config: Path, overwrite: bool, quiet: bool) -> None:
     """Run a merge search as CONFIG (a run YAML) describes; writes runs/<name>/."""
@@ -168,7 +169,7 @@ def search_command(config: Path, overwrite: bool, quiet: bool) -> None:
 
     try:
         start_search(config, overwrite=overwrite, progress=not quiet, echo=click.echo)
-    except SearchInterrupted:
+    except (SearchInterrupted, KeyboardInterrupt):
         sys.exit(130)
     except _run_errors() as exc:
         _fail(exc)
@@ -176,14 +177,16 @@ def search_command(config: Path, overwrite: bool, quiet: bool) -> None:
 
 @main.command("resume")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--address", default=None,
+              help="Run the workers on this Ray cluster (HOST:PORT) instead of the run's; results do not change.")
 @quiet_option()
-def resume_command(run_dir: Path, quiet: bool) -> None:
+def resume_command(run_dir: Path, address: str | None, quiet: bool) -> None:
     """Continue an interrupted search from its last good checkpoint."""
     from evomerge.runs.search import SearchInterrupted, resume_search
 
     try:
-        resume_search(run_dir, progress=not quiet, echo=click.echo)
-    except SearchInterrupted:
+        resume_search(run_dir, address=address, progress=not quiet, echo=click.echo)
+    except (SearchInterrupted, KeyboardInterrupt):
         sys.exit(130)
     except _run_errors() as exc:
         _fail(exc)

@@ -382,6 +382,9 @@ def test_the_worker_address_can_change_on_resume(run_workspace):
     resume_search(run_dir, **QUIET)  # in-process workers: the address is recorded, not used
     resume_search(run_dir, address="", **QUIET)
     assert "address: null" in config.read_text()
+    result = CliRunner().invoke(main, ["resume", str(run_dir), "--quiet", "--address", "127.0.0.1:6380"])
+    assert result.exit_code == 0, result.output
+    assert "address: 127.0.0.1:6380" in config.read_text()
     config.write_text(config.read_text().replace("seed: 3", "seed: 4"))
     with pytest.raises(RunStoreError, match="was edited after the run started"):
         resume_search(run_dir, **QUIET)
