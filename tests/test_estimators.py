@@ -298,3 +298,17 @@ def test_fitted_estimator_round_trips_through_json_exactly():
     for name in ESTIMATORS:
         before, after = fitted.estimate(name, y), restored.estimate(name, y)
         assert (before.value, before.stderr) == (after.value, after.stderr), name
+
+
+def test_one_default_estimator_serves_calibration_and_loading():
+    """The default is stated once (`DEFAULT_ESTIMATOR`) and works without endpoint abilities."""
+    from evomerge.fitness.calibrate import CalibrationConfig
+    from evomerge.fitness.compressed import CompressedFitness
+    from evomerge.fitness.estimators import DEFAULT_ESTIMATOR
+
+    assert DEFAULT_ESTIMATOR in ESTIMATORS
+    assert CompressedFitness("f", {}).estimator == DEFAULT_ESTIMATOR
+    assert CalibrationConfig.model_fields["estimator"].default == DEFAULT_ESTIMATOR
+    responses = simulate(40, 30, seed=11)
+    fitted = CompressedEstimator.fit(responses, [], select_items(10, "random", seed=0, n_items=40), model="2pl-jmap")
+    assert 0.0 <= fitted.estimate(DEFAULT_ESTIMATOR, responses[0, fitted.subset.items]).value <= 1.0

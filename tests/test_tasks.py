@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import string
+import warnings
 
 import numpy as np
 import pytest
@@ -91,6 +93,44 @@ def test_multiple_choice_matches_an_independent_loglikelihood(tmp_path):
     np.testing.assert_allclose(ours, expected, rtol=1e-4)
     per_item = [np.argmax(expected[0:3]) == 1, np.argmax(expected[3:5]) == 0]
     assert scorer(model).tolist() == [int(x) for x in per_item]
+
+
+def test_greedy_scoring_raises_no_transformers_deprecation_and_matches_generate():
+    """Scoring uses transformers' current KV-cache API: no FutureWarning or DeprecationWarning (the
+    `past_key_values` keyword goes away in 5.40) and no deprecation log line (`out.past_key_values`),
+    while the cached batched loop still decodes exactly what `generate` does one prompt at a time."""
+    from evomerge.fitness.scoring import ExactMatchScorer
+
+    tokenizer = ascii_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, vocab_size=len(tokenizer), bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=0)).eval()
+    prompts = ["12+7=", "a", "Question: why?\nAnswer:"]  # three lengths, so rows are left-padded
+    scorer = ExactMatchScorer(tokenizer, prompts, batch_size=3, max_new_tokens=6, device="cpu")
+
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = logged.append
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # a line already logged once in this session would hide
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours = scorer.generate_ids(model)
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert [record.getMessage() for record in logged] == []
+
+    reference = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                             eos_token_id=2, pad_token_id=0)
+        row = out[0, ids.shape[1]:].tolist()
+        reference.append(row[: row.index(2)] if 2 in row else row)
+    assert ours == reference
 
 
 def test_tokenizer_that_cannot_score_a_task_is_an_error(tmp_path):

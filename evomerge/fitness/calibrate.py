@@ -11,9 +11,10 @@
 4. Save everything as a `CompressedFitness` under `fitness/<name>/`.
 
 Defaults, as measured by benchmarks/fitness_estimation.py on the small zoo (3 tasks x 1,000
-fitness items; 2-3 s to score one model on all of them) against 64 held-out random merges at
-n = 20 items per task; chosen on an earlier zoo build (content 9e59f74b), re-measured on two later
-ones (dcbc5c71, whose sorting expert differs, and the current 1ed036dd, trained in bfloat16): the
+fitness items, i.e. the validation splits; 2-3 s to score one model on all of them) against 64
+held-out random merges at n = 20 items per task; chosen on an earlier zoo build (content 9e59f74b),
+re-measured on two later ones (dcbc5c71, whose sorting expert differs, and the current 1ed036dd,
+trained in bfloat16; benchmarks/RESULTS.md holds the current one, its git history the others): the
 three numbers in each triple, in that order:
 
 * 10 random merges (14 models with the endpoints; ~30-40 s of scoring). That keeps the item
@@ -33,10 +34,14 @@ three numbers in each triple, in that order:
   one dimension) took 65-150 s per 300-item fit on the earlier zoo for the same MAE as the joint MAP.
 * lam by 5-fold cross-validation on the random merges (~1.5 s in all; the in-sample
   bias-variance rule was worse on every subset method).
-* estimator gp-IRT: 0.0283 / 0.0302 / 0.0364; gmp-IRT 0.0286 / 0.0292 / 0.0370 -- the same within
-  the spread of zoo builds, so the simpler estimator (no endpoint abilities needed) stays the default.
+* estimator gp-IRT (`estimators.DEFAULT_ESTIMATOR`): MAE 0.0283 / 0.0302 / 0.0364 and Spearman
+  0.940 / 0.902 / 0.920; gmp-IRT 0.0286 / 0.0292 / 0.0370 and 0.935 / 0.905 / 0.915 -- the same
+  within the spread of zoo builds. gp-IRT is the simpler estimator: it needs no endpoint abilities,
+  so it also serves a fitness calibrated without endpoint models, where gmp-IRT cannot run; and
+  on random 20-item subsets of the current build it is the better of the two (0.0396 / 0.854
+  against 0.0428 / 0.807).
 
-For the thorough version raise `calibration.random_merges` (16-24: MAE ~0.022-0.025, at 14-17x
+For the thorough version raise `calibration.random_merges` (16-24: MAE ~0.022-0.026, at 13-17x
 fewer item evaluations) and try `irt.model: 2pl`.
 
 Config (YAML; relative paths, preset files included, resolve against the file's folder; see
@@ -51,7 +56,7 @@ calibration: {random_merges: 10, method: task_arithmetic, weight: [0.0, 1.5], de
 subset: {n: 20, method: anchors, seed: 0}   # features: irt | correctness; or random, or informative
 irt: {model: 2pl-jmap, dims: 2, prior: empirical}   # or {model: 2pl, dims: 1} (girth's MML; minutes per fit)
 mixing: {method: cv, folds: 5}        # or {method: bias-variance} (in-sample, no refits)
-estimator: gp-IRT
+estimator: gp-IRT                     # or subset, p-IRT, mp-IRT, gmp-IRT
 ```
 """
 from __future__ import annotations
@@ -67,14 +72,13 @@ from pydantic import Field, ValidationError
 
 from evomerge._validation import Strict, format_validation_error
 from evomerge.fitness.compressed import DEFAULT_ROOT, CompressedFitness, FitnessError, TaskFitness
-from evomerge.fitness.estimators import ESTIMATORS, CompressedEstimator
+from evomerge.fitness.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, CompressedEstimator
 from evomerge.fitness.irt import fit_irt
 from evomerge.fitness.subsets import select_items
 from evomerge.fitness.tasks import TaskError, TaskSpec, dataset_hash, load_task
 
 DEFAULT_RANDOM_MERGES = 10
 DEFAULT_SUBSET_METHOD = "anchors"
-DEFAULT_ESTIMATOR = "gp-IRT"
 DEFAULT_IRT_MODEL = "2pl-jmap"
 DEFAULT_IRT_DIMS = 2
 DEFAULT_FOLDS = 5

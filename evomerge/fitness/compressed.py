@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from evomerge._atomic import atomic_directory
-from evomerge.fitness.estimators import CompressedEstimator, Estimate
+from evomerge.fitness.estimators import DEFAULT_ESTIMATOR, CompressedEstimator, Estimate
 from evomerge.fitness.tasks import TaskError, TaskSpec, dataset_hash
 
 FITNESS_FILE = "fitness.json"
@@ -54,7 +54,7 @@ class TaskFitness:
 class CompressedFitness:
     name: str
     tasks: dict[str, TaskFitness]
-    estimator: str = "gmp-IRT"
+    estimator: str = DEFAULT_ESTIMATOR
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
@@ -154,7 +154,7 @@ class CompressedFitness:
         if body.get("format_version") != FORMAT_VERSION:
             raise FitnessError(f"{file}: format version {body.get('format_version')} is not {FORMAT_VERSION}")
         tasks = {name: TaskFitness.from_dict(data, source=str(file)) for name, data in body["tasks"].items()}
-        fitness = cls(body["name"], tasks, body.get("estimator", "gmp-IRT"), body.get("meta", {}), path)
+        fitness = cls(body["name"], tasks, body.get("estimator", DEFAULT_ESTIMATOR), body.get("meta", {}), path)
         if check_data:
             for name, tf in tasks.items():
                 try:

@@ -68,6 +68,7 @@ from evomerge.fitness.irt import (
 from evomerge.fitness.subsets import Subset
 
 __all__ = [
+    "DEFAULT_ESTIMATOR",
     "ESTIMATORS",
     "CalibrationFold",
     "CompressedEstimator",
@@ -289,6 +290,10 @@ ESTIMATORS: dict[str, Callable[["CompressedEstimator", np.ndarray], Estimate]] =
     "gmp-IRT": _gmpirt,
 }
 
+# What a compressed fitness reports unless its calibration config names another estimator. Why gp-IRT
+# rather than gmp-IRT: evomerge/fitness/calibrate.py's docstring, from benchmarks/RESULTS.md.
+DEFAULT_ESTIMATOR = "gp-IRT"
+
 
 def get_estimator(name: str) -> Callable[["CompressedEstimator", np.ndarray], Estimate]:
     try:
@@ -409,9 +414,7 @@ class CompressedEstimator:
         seed)` runs here. lam: "cv" (K-fold, see the module docstring; needs n_folds >= 2 and at
         least n_folds rows to hold out) or "bias-variance". `lambda_rows` are the calibration rows
         lam is fitted on (default: every non-endpoint row). Pass rows that look like the models
-        you will score -- e.g. merges already evaluated in full. On two-skill synthetic data
-        (D = 2) a gmp-IRT lam fitted on generic models came out ~0.7 and gave MAE 0.063 on
-        held-out merges; fitted on 20 evaluated merges it came out ~0.05 and gave 0.051.
+        you will score -- e.g. merges already evaluated in full.
         `folds` reuses `cross_validation_folds(responses, lambda_rows, ...)` made earlier (they
         must hold out exactly the lam rows); otherwise "cv" computes them here.
         `empirical_prior` standardizes the ability scale on the lam rows (`fit_irt(prior_rows=)`)

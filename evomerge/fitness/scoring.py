@@ -23,7 +23,7 @@ import torch
 
 from evomerge._device import default_device
 
-__all__ = ["ExactMatchScorer", "exact_match", "greedy_decode"]
+__all__ = ["ExactMatchScorer", "exact_match"]
 
 
 @dataclass(frozen=True)
@@ -120,11 +120,17 @@ class ExactMatchScorer:
         if next(model.parameters()).device != self.device:
             model.to(self.device)
         eos = torch.tensor(_eos_ids(model, self.tokenizer), device=self.device)
-        keep_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_parameters = inspect.signature(model.forward).parameters
+        keep_last_logits = "logits_to_keep" in forward_parameters
+        # Recent transformers 5 releases (5.24 here) name the KV cache `cache`, in and out; `past_key_values`
+        # still works there but warns and goes away in 5.40. Older releases and remote-code models know only it.
+        cache_name = "cache" if "cache" in forward_parameters else "past_key_values"
         outputs: list[list[int] | None] = [None] * self.n_items
         try:
             for batch in self._batches:
-                tokens = _greedy_batch(model, batch, eos, self.pad_id, self.max_new_tokens, keep_last_logits)
+                tokens = _greedy_batch(
+                    model, batch, eos, self.pad_id, self.max_new_tokens, keep_last_logits, cache_name
+                )
                 for r, row in zip(batch.rows, tokens.tolist()):
                     outputs[r] = row
         finally:
@@ -158,15 +164,19 @@ def _greedy_batch(
     pad_id: int,
     max_new_tokens: int,
     keep_last_logits: bool,
+    cache_name: str,
 ) -> torch.Tensor:
-    """Greedy continuation of one left-padded batch; returns (B, n_steps) token ids."""
+    """Greedy continuation of one left-padded batch; returns (B, n_steps) token ids.
+
+    `cache_name` is the model's keyword (and output field) for the KV cache: "cache" or "past_key_values".
+    """
     extra = {"logits_to_keep": 1} if keep_last_logits else {}
     attention_mask = batch.attention_mask  # (B, T)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): pads repeat position 0
     out = model(
         input_ids=batch.input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra
     )
-    cache = out.past_key_values
+    cache = getattr(out, cache_name)
     next_token = out.logits[:, -1].argmax(-1)  # (B,)
     finished = torch.isin(next_token, eos)
     generated = [next_token]
@@ -181,30 +191,16 @@ def _greedy_batch(
             input_ids=next_token[:, None],
             attention_mask=attention_mask,
             position_ids=position,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_name: cache},
             **extra,
         )
-        cache = out.past_key_values
+        cache = getattr(out, cache_name)
         # Rows that already ended keep emitting padding; only the text before the first eos counts.
         next_token = torch.where(finished, pad_id, out.logits[:, -1].argmax(-1))
         finished |= torch.isin(next_token, eos)
         generated.append(next_token)
     return torch.stack(generated, dim=1)
-
-
-def greedy_decode(
-    model: torch.nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 256,
-    device: str | torch.device | None = None,
-) -> list[str]:
-    """Greedy answers for `prompts`: text up to the first end of sequence, stripped."""
-    scorer = ExactMatchScorer(tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device)
-    return scorer.decode(model)
 
 
 def exact_match(

@@ -20,9 +20,10 @@ the candidates have rather than piling up at one difficulty. Items the calibrati
 variance across models, so no estimated parameters) are never chosen. Weights are 1/n, but the
 choice is not random, so the plain weighted mean of the answers is a biased estimate of the
 task accuracy; the mixing weight of gp-IRT / gmp-IRT (fitted by cross-validation) sees that.
-On the small zoo at n = 20 per task (benchmarks/fitness_estimation.py) the best estimator's MAE
-on held-out merges was 0.022 with informative items, 0.031 with random ones and 0.035 with
-anchors; Spearman 0.94 against 0.86 and 0.79.
+On the small zoo at n = 20 per task (benchmarks/fitness_estimation.py; benchmarks/RESULTS.md,
+"Fitness estimation") the best estimator's MAE on 64 held-out merges was 0.036 with anchors,
+0.039 with random items and 0.083 with informative ones; Spearman per task 0.92, 0.86 and 0.80.
+Informative items were best on an earlier zoo with 300-item splits; anchors are the default now.
 
 Subsets are per task: call once per task's response matrix.
 """
