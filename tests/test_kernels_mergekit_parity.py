@@ -3,6 +3,9 @@
 Deterministic methods must agree to 1e-6 relative. DARE and DELLA draw from different RNGs
 (mergekit: the global torch RNG; us: per-tensor generators), so they are compared twice:
 exactly, by feeding mergekit's pipeline our masks, and statistically, on keep rates and the L1 rescale.
+
+mergekit is imported, not skipped when missing: `make test` installs it (the `dev` extra), so a
+missing mergekit must fail these tests rather than quietly drop the parity checks.
 """
 from __future__ import annotations
 
@@ -10,20 +13,17 @@ import dataclasses
 import itertools
 import math
 
+import mergekit.merge_methods.generalized_task_arithmetic as mk_gta
+import mergekit.sparsify as mk_sparsify
 import pytest
 import torch
+from mergekit.merge_methods import registry as mk_registry
+from mergekit.merge_methods.base import TensorGroup
+from mergekit.merge_methods.slerp import slerp as mk_slerp
+from mergekit.sparsify import RescaleNorm, SparsificationMethod
 
-pytest.importorskip("mergekit")
-
-import mergekit.merge_methods.generalized_task_arithmetic as mk_gta  # noqa: E402
-import mergekit.sparsify as mk_sparsify  # noqa: E402
-from mergekit.merge_methods import registry as mk_registry  # noqa: E402
-from mergekit.merge_methods.base import TensorGroup  # noqa: E402
-from mergekit.merge_methods.slerp import slerp as mk_slerp  # noqa: E402
-from mergekit.sparsify import RescaleNorm, SparsificationMethod  # noqa: E402
-
-from evomerge.merge import sparsify as S  # noqa: E402
-from evomerge.merge.kernels import (  # noqa: E402
+from evomerge.merge import sparsify as S
+from evomerge.merge.kernels import (
     KERNELS,
     TASK_ARITHMETIC_RECIPES,
     KernelOptions,
@@ -284,10 +284,26 @@ def test_della_fails_in_mergekit_exactly_where_our_strict_option_raises(tensor, 
     assert ours.shape == tensor.shape and torch.isfinite(ours).all()
 
 
-def test_della_strict_option_accepts_what_mergekit_accepts():
-    x = randn(8, 9, seed=14)
-    mk_sparsify.della_magprune(x, 0.5, 0.2)  # no error in mergekit
-    S.della_magprune(x, 0.5, 0.2, generator=mask_generator(0, "w", 0), mergekit_errors=True)
+@pytest.mark.parametrize("shape", [(8, 9), (50,), (3, 4, 5)])
+def test_della_strict_option_accepts_what_mergekit_accepts_and_agrees_with_it(shape, monkeypatch):
+    """Where mergekit runs, the strict option runs too, changes nothing, and mergekit's keep
+    probabilities and (given our draws) its output are ours."""
+    x = randn(*shape, seed=14)
+    strict = S.della_magprune(x, 0.5, 0.2, generator=mask_generator(0, "w", 0), mergekit_errors=True)
+    assert torch.equal(strict, S.della_magprune(x, 0.5, 0.2, generator=mask_generator(0, "w", 0)))
+    mask = S.della_mask(x, 0.5, 0.2, generator=mask_generator(0, "w", 0))
+    probabilities_seen = []
+
+    def bernoulli_with_our_mask(probabilities):
+        probabilities_seen.append(probabilities)
+        return mask.reshape(probabilities.shape).to(probabilities.dtype)
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli_with_our_mask)  # mergekit draws through torch.bernoulli
+    theirs = mk_sparsify.della_magprune(x, 0.5, 0.2)  # no error in mergekit
+    (probabilities,) = probabilities_seen
+    assert_close(S.della_keep_probabilities(x, 0.5, 0.2, mergekit_errors=True), probabilities.reshape(shape))
+    assert 0 < int(mask.sum()) < x.numel()
+    assert torch.equal(strict, theirs)
 
 
 # ----------------------------------------------------------------------------- linear and slerp
