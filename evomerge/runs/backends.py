@@ -135,8 +135,19 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    # Ray (2.60 here) logs on every new local cluster that it turned token authentication on and how to
+    # turn it off; our pool is on loopback and keeps the token, so the user has nothing to do about it.
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notices.addFilter(_drop_token_auth_notice)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False)
+    finally:
+        notices.removeFilter(_drop_token_auth_notice)
+
+
+def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 class RayBackend:
