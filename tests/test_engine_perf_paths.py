@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evomerge.merge import engine
+from evomerge.merge import engine, masked
 from evomerge.merge.checkpoint import ModelFolder
-from evomerge.merge.engine import FUSED_METHODS, _TensorReader, merge_recipe
+from evomerge.merge.checkpoint import SafetensorsReader
+from evomerge.merge.engine import FUSED_METHODS, merge_recipe
 from evomerge.merge.fused import masked_block
 from evomerge.merge.sparsify import (
     _magnitudes,
@@ -200,7 +201,7 @@ def test_fused_engine_breaks_threshold_ties_like_the_pure_kernel(tmp_path, tied_
         patches.append(out.numel())
         return masked_block(plan, base_rows, tvs, draws, out, scratch)
 
-    monkeypatch.setattr(engine, "masked_block", spy)  # the engine's recomputation of tied entries
+    monkeypatch.setattr(masked, "masked_block", spy)  # the planner's recomputation of tied entries
     fused, pure = merge_both(tmp_path, recipe(method, base, experts))
     assert patches, "no threshold tie was recomputed"
     assert_same(fused, pure)
@@ -226,7 +227,7 @@ def test_reader_reads_what_the_model_folder_reads(tmp_path):
     base, _ = make_family(tmp_path, n_experts=1, seed=2, max_shard_size="200KB", dtype=torch.bfloat16,
                           config=llama_config(**MID_CONFIG))
     folder = ModelFolder.open(base)
-    reader = _TensorReader(folder)
+    reader = SafetensorsReader(folder)
     try:
         for name in folder.tensor_names():
             expected = folder.get_tensor(name)

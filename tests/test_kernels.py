@@ -520,31 +520,26 @@ def test_exact_order_stats_give_the_selection_mask(delta):
         assert torch.equal(S.magnitude_mask(delta, density, stats=stats), S.magnitude_mask(delta, density))
         if 0 < density < 1:
             k = S.magnitude_keep_count(delta.numel(), density)
-            assert magnitude_threshold_matches_kthvalue(stats, delta, density, k)
+            selected = torch.kthvalue(delta.abs().reshape(-1), delta.numel() - k + 1).values.item()
+            assert stats.rank_bounds(delta, [delta.numel() - k])[0].value == selected
         for gamma in (0.0, 0.01, 0.2):
             assert torch.equal(S.magnitude_outliers_mask(delta, density, gamma, stats=stats),
                                S.magnitude_outliers_mask(delta, density, gamma))
 
 
-def magnitude_threshold_matches_kthvalue(stats, delta, density, k):
-    selected = torch.kthvalue(delta.abs().reshape(-1), delta.numel() - k + 1).values.item()
-    return S.magnitude_threshold(stats, density) == selected
-
-
-def test_grid_order_stats_keep_a_superset_within_the_documented_bound():
-    delta = torch.randn(100_000, generator=torch.Generator().manual_seed(14))
-    stats = S.MagnitudeOrderStats.from_delta(delta, grid=1001)
-    assert not stats.is_exact and stats.max_rank_gap == 100
-    gap = stats.max_rank_gap
-    for density in (0.003, 0.05, 0.2, 0.5, 0.77):
-        exact = S.magnitude_mask(delta, density)
-        approximate = S.magnitude_mask(delta, density, stats=stats)
-        assert torch.equal(exact & approximate, exact)  # superset
-        assert 0 <= int(approximate.sum() - exact.sum()) < gap
-        exact = S.magnitude_outliers_mask(delta, density, 0.02)
-        approximate = S.magnitude_outliers_mask(delta, density, 0.02, stats=stats)
-        assert torch.equal(exact & approximate, exact)
-        assert 0 <= int(approximate.sum() - exact.sum()) < 2 * gap
+@pytest.mark.parametrize("delta", tie_heavy_and_smooth_deltas() + [torch.randn(100_000)], ids=["smooth", "ties", "big"])
+def test_grid_order_stats_give_the_exact_masks(delta):
+    """Grid stats only bracket each threshold; the selection inside the bracket makes the mask exact."""
+    stats = S.MagnitudeOrderStats.from_delta(delta, grid=101)
+    assert not stats.is_exact
+    for density in (0.003, 0.05, 0.2, 0.5, 0.77, 0.999):
+        assert torch.equal(S.magnitude_mask(delta, density, stats=stats), S.magnitude_mask(delta, density))
+        for gamma in (0.0, 0.02):
+            assert torch.equal(S.magnitude_outliers_mask(delta, density, gamma, stats=stats),
+                               S.magnitude_outliers_mask(delta, density, gamma))
+        n = delta.numel()
+        for rank in (0, 1, n // 3, n - 2, n - 1):
+            assert stats.rank_bounds(delta, [rank]) == S.magnitude_rank_bounds(delta, [rank], sample_size=256)
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])

@@ -11,6 +11,9 @@ Every floating-point tensor is checked once as it is read: a NaN or inf raises `
 naming the file and the tensor (a diverged or corrupt fine-tune would otherwise spread NaN through
 every merge that touches it), unless the folder was opened with `allow_nonfinite=True`.
 
+`SafetensorsReader` reads a tensor into a caller's buffer with `os.preadv` instead (nothing stays
+mapped), for the streaming merge.
+
 Writing mirrors `transformers.PreTrainedModel.save_pretrained`: shards above a size limit plus an
 index, `config.json`, and the base model's tokenizer and generation config. Everything is written
 into a temporary folder that is renamed into place only when complete.
@@ -22,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,6 +302,62 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+# ------------------------------------------------------------------ reading into a buffer (no mmap)
+
+class SafetensorsReader:
+    """Reads one tensor of a safetensors model folder into a caller's buffer with `os.preadv`.
+
+    Memory-mapped reads leave every page they touched counted in the process's resident memory
+    until the map closes, and need a copy out of the map; `preadv` copies from the page cache
+    straight into the destination (`evomerge merge` reads each tensor of every model once this way).
+    """
+
+    def __init__(self, folder: ModelFolder):
+        self.folder = folder
+        self._files: dict[str, tuple[int, int, dict]] = {}  # file -> (fd, data offset, header)
+
+    def _entry(self, name: str) -> tuple[int, int, dict]:
+        stored = name if name in self.folder.weight_map else self.folder.aliases[name]
+        file = self.folder.weight_map[stored]
+        if file not in self._files:
+            fd = os.open(self.folder.path / file, os.O_RDONLY)
+            try:
+                (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                header = json.loads(os.pread(fd, length, 8))
+            except Exception:
+                os.close(fd)
+                raise
+            self._files[file] = (fd, 8 + length, header)
+        fd, data_start, header = self._files[file]
+        if stored not in header:
+            raise ValueError(f"{self.folder.path / file}: tensor {stored!r} is in the index but not in the file")
+        return fd, data_start, header[stored]
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype if it is floating point, else None."""
+        dtype = _SAFETENSORS_DTYPES.get(self._entry(name)[2]["dtype"])
+        return dtype if dtype is not None and dtype.is_floating_point else None
+
+    def read(self, name: str, out: torch.Tensor) -> None:
+        """Fill `out` (contiguous, of the stored dtype and element count) with the stored bytes."""
+        fd, data_start, entry = self._entry(name)
+        begin, end = entry["data_offsets"]
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        if end - begin != len(view):
+            raise ValueError(f"{self.folder.path}: tensor {name!r} holds {end - begin} bytes, expected {len(view)}")
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], data_start + begin + done)
+            if got <= 0:
+                raise ValueError(f"{self.folder.path}: unexpected end of file reading tensor {name!r}")
+            done += got
+
+    def close(self) -> None:
+        for fd, _, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
 
 def _read_index(index_path: Path) -> dict[str, str]:

@@ -6,24 +6,19 @@ float32 copies of the largest tensor plus one output shard, never K whole state 
 
 Two paths give the same numbers:
 * the pure kernel (`kernels.merge_tensor`) for small tensors, other devices, dtypes and methods;
-* the fused path for CPU tensors of at least `fused_min_elements` entries merged with
-  task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs or breadcrumbs_ties. Safetensors
-  are read with `pread` straight into two preallocated float32 buffers (base, K task vectors),
-  so nothing stays mapped and nothing is allocated per tensor but the output. Top-k thresholds
-  are exact but found without selecting over the whole tensor (`sparsify.rank_window`: sampled
-  bracket, one counting pass, `kthvalue` on the small in-bracket subset; ties at a threshold are
-  listed and dropped by flat index, as the pure kernel does). Then one fused pass per chunk
-  (`fused.masked_block`, bit-identical to the pure kernel's stages) writes the output, and the
-  few tied entries are recomputed with their exact masks. Chunks and experts are spread over a
-  pool of threads running single-threaded torch ops (see `fused`), which keeps a shared CPU busy
-  where OpenMP's per-op barriers stall.
+* the fused path for CPU tensors of at least `fused_min_elements` entries merged with a method
+  whose row says `fused` (`methods.METHODS`). Safetensors are read with `pread`
+  (`checkpoint.SafetensorsReader`) straight into two preallocated float32 buffers (base, K task
+  vectors), so nothing stays mapped and nothing is allocated per tensor but the output; then the
+  planner the materializer also runs (`masked.merge_masked`: exact rank windows from a sampled
+  bracket, the kernels' random draws, one fused pass, tied entries recomputed) writes the output.
+  Chunks and experts are spread over a pool of threads running single-threaded torch ops (see
+  `fused`), which keeps a shared CPU busy where OpenMP's per-op barriers stall.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +28,19 @@ import torch
 from tqdm.auto import tqdm
 
 from evomerge._device import resolve_device
-from evomerge.merge.checkpoint import ModelFolder, check_compatible, check_finite, parse_dtype, write_model
-from evomerge.merge.fused import (
-    FusedOps,
-    MaskedMerge,
-    masked_block,
-    masked_l1_block,
-    rescale_factors,
-    weight_sum_divisor,
+from evomerge.merge.checkpoint import (
+    ModelFolder,
+    SafetensorsReader,
+    check_compatible,
+    check_finite,
+    parse_dtype,
+    write_model,
 )
-from evomerge.merge.kernels import TASK_ARITHMETIC_RECIPES, mask_generator, merge_tensor, method_defaults
+from evomerge.merge.fused import FusedOps
+from evomerge.merge.kernels import merge_tensor
 from evomerge.merge.layers import LayerMap
+from evomerge.merge.masked import MaskedCoefficients, merge_masked
+from evomerge.merge.methods import METHODS, method_row
 from evomerge.merge.params import ParameterError, resolve_setting, to_bool, to_float
 from evomerge.merge.outputs import (
     MODEL_MARKER,
@@ -57,13 +54,8 @@ from evomerge.merge.outputs import (
 )
 from evomerge.merge.recipe import LoadedRecipe, MergeRecipe, RecipeError, check_layers, load_recipe, resolve_model_path
 from evomerge.merge.tokenizers import check_tokenizers
-from evomerge.merge.sparsify import RESCALE_EPS, check_fraction, magnitude_keep_count, outlier_window, rank_window
 
-PER_MODEL_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
-# Methods the fused path runs: a TASK_ARITHMETIC_RECIPES row with one of these sparsifiers and consensus.
-FUSED_SPARSIFIERS = (None, "magnitude", "magnitude_outliers", "random")
-FUSED_METHODS = tuple(m for m, r in TASK_ARITHMETIC_RECIPES.items()
-                      if r.sparsifier in FUSED_SPARSIFIERS and r.consensus in (None, "sum"))
+FUSED_METHODS = tuple(name for name, row in METHODS.items() if row.fused)  # the rows `merge_masked` runs
 FUSED_MIN_ELEMENTS = 1 << 16  # below this the pure kernel is as fast and needs no setup
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in float32, as the kernels do
 FUSED_CHUNK_SIZE = 1 << 16  # entries per expert row in one fused block (cache-sized)
@@ -79,29 +71,37 @@ class MergeReport:
 
 @dataclass
 class ResolvedTensorParams:
-    """Everything the kernel needs for one tensor besides the tensors themselves."""
+    """Everything the kernel needs for one tensor besides the tensors themselves.
+
+    Per-expert lists are None for parameters the method does not read; `settings` holds the
+    method's global settings by recipe name (`normalize`, `rescale`, `lambda`, `t`), defaults filled in.
+    """
 
     weight: list[float] | None
     density: list[float] | None
     gamma: list[float] | None
     epsilon: list[float] | None
-    shared: dict[str, Any]
+    settings: dict[str, Any]
+
+    def masked_coefficients(self) -> MaskedCoefficients:
+        """The coefficients `masked.merge_masked` takes."""
+        return MaskedCoefficients(self.weight, self.density, self.gamma, bool(self.settings.get("normalize")),
+                                  bool(self.settings.get("rescale")), float(self.settings.get("lambda", 1.0)))
 
 
 def resolve_tensor_params(recipe: MergeRecipe, tensor_name: str, t: float, source: str = "<recipe>") -> ResolvedTensorParams:
-    """Per-expert and shared parameters for one tensor, with mergekit's precedence and defaults."""
-    method = recipe.merge_method
+    """Per-expert and global parameters for one tensor, with mergekit's precedence and the row's defaults."""
+    row = method_row(recipe.merge_method)
     global_params = recipe.parameters or {}
-    defaults = method_defaults(method)
+    numbered = [(index, model) for index, model in enumerate(recipe.models)]  # as the recipe numbers them
 
     def per_model(name: str) -> list[float] | None:
-        from evomerge.merge.recipe import MODEL_PARAMETERS
-
-        if name not in MODEL_PARAMETERS[method]:
+        parameter = row.per_model.get(name)
+        if parameter is None:
             return None
         values = []
         for entry in recipe.experts():
-            index = next(i for i, model in enumerate(recipe.models) if model is entry)  # as the recipe numbers it
+            index = next(i for i, model in numbered if model is entry)
             value = None
             for scope_name, scope in ((f"models[{index}].parameters", entry.parameters or {}), ("parameters", global_params)):
                 if name in scope:
@@ -112,30 +112,33 @@ def resolve_tensor_params(recipe: MergeRecipe, tensor_name: str, t: float, sourc
                     if value is not None:
                         break
             if value is None:
-                if name not in PER_MODEL_DEFAULTS:
+                if parameter.default is None:
                     raise RecipeError(
                         f"{source}: field `models[{index}].parameters.{name}`: no entry matches tensor {tensor_name!r} "
                         f"and {name} has no default; end the list with an entry without a filter"
                     )
-                value = PER_MODEL_DEFAULTS[name]
+                value = float(parameter.default)
             values.append(value)
         return values
 
-    shared: dict[str, Any] = {}
-    for name, cast in (("normalize", to_bool), ("rescale", to_bool), ("lambda", to_float), ("t", to_float)):
+    settings: dict[str, Any] = {}
+    for name, parameter in row.settings.items():
+        if name == "int8_mask":
+            continue
+        cast = to_bool if parameter.kind == "bool" else to_float
         if name in global_params:
             try:
-                shared[name] = resolve_setting(global_params[name], tensor_name, t, field=f"parameters.{name}", cast=cast)
+                settings[name] = resolve_setting(global_params[name], tensor_name, t, field=f"parameters.{name}", cast=cast)
             except (ParameterError, ValueError, TypeError) as exc:
                 raise RecipeError(f"{source}: {exc}") from None
-        if shared.get(name) is None and name in defaults:
-            shared[name] = defaults[name]
+        if settings.get(name) is None and parameter.default is not None:
+            settings[name] = parameter.default
     return ResolvedTensorParams(
         weight=per_model("weight"),
         density=per_model("density"),
         gamma=per_model("gamma"),
         epsilon=per_model("epsilon"),
-        shared=shared,
+        settings=settings,
     )
 
 
@@ -217,10 +220,10 @@ def merge_recipe(
                 density=params.density,
                 gamma=params.gamma,
                 epsilon=params.epsilon,
-                normalize=params.shared.get("normalize"),
-                rescale=params.shared.get("rescale"),
-                lambda_=params.shared.get("lambda", 1.0),
-                t=params.shared.get("t"),
+                normalize=params.settings.get("normalize"),
+                rescale=params.settings.get("rescale"),
+                lambda_=params.settings.get("lambda"),
+                t=params.settings.get("t"),
                 seed=spec.seed,
                 tensor_name=name,
             )
@@ -259,74 +262,15 @@ def _output_bytes(base: ModelFolder, names: Sequence[str], out_dtype: torch.dtyp
     return total
 
 
-# ----------------------------------------------------------------------------- reading without mmap
-
-_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-class _TensorReader:
-    """Reads one tensor of a safetensors model folder into a caller's buffer with `os.preadv`.
-
-    Memory-mapped reads leave every page they touched counted in the process's resident memory
-    until the map closes, and need a copy out of the map; `preadv` copies from the page cache
-    straight into the destination. (This belongs in `checkpoint.ModelFolder`; it lives here
-    until that module grows a read-into-buffer method.)
-    """
-
-    def __init__(self, folder: ModelFolder):
-        self.folder = folder
-        self._files: dict[str, tuple[int, int, dict]] = {}  # file -> (fd, data offset, header)
-
-    def _entry(self, name: str) -> tuple[int, int, dict]:
-        stored = name if name in self.folder.weight_map else self.folder.aliases[name]
-        file = self.folder.weight_map[stored]
-        if file not in self._files:
-            fd = os.open(self.folder.path / file, os.O_RDONLY)
-            try:
-                (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-                header = json.loads(os.pread(fd, length, 8))
-            except Exception:
-                os.close(fd)
-                raise
-            self._files[file] = (fd, 8 + length, header)
-        fd, data_start, header = self._files[file]
-        if stored not in header:
-            raise ValueError(f"{self.folder.path / file}: tensor {stored!r} is in the index but not in the file")
-        return fd, data_start, header[stored]
-
-    def dtype(self, name: str) -> torch.dtype | None:
-        """The stored dtype if it is floating point, else None."""
-        return _SAFETENSORS_FLOATS.get(self._entry(name)[2]["dtype"])
-
-    def read(self, name: str, out: torch.Tensor) -> None:
-        """Fill `out` (contiguous, of the stored dtype and element count) with the stored bytes."""
-        fd, data_start, entry = self._entry(name)
-        begin, end = entry["data_offsets"]
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        if end - begin != len(view):
-            raise ValueError(f"{self.folder.path}: tensor {name!r} holds {end - begin} bytes, expected {len(view)}")
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], data_start + begin + done)
-            if got <= 0:
-                raise ValueError(f"{self.folder.path}: unexpected end of file reading tensor {name!r}")
-            done += got
-
-    def close(self) -> None:
-        for fd, _, _ in self._files.values():
-            os.close(fd)
-        self._files.clear()
-
-
 # ----------------------------------------------------------------------------- the fused path
 
 class _FusedMerger:
     """The fused path of one `merge_recipe` call: readers, two reused float32 buffers, the worker pool."""
 
-    def __init__(self, spec: MergeRecipe, readers: list[_TensorReader], eligible: dict[str, int],
+    def __init__(self, spec: MergeRecipe, readers: list[SafetensorsReader], eligible: dict[str, int],
                  compute_dtype: torch.dtype | None, workers: int | None):
         self.spec = spec
-        self.recipe = TASK_ARITHMETIC_RECIPES[spec.merge_method]
+        self.row = METHODS[spec.merge_method]
         self.readers = readers  # base, then experts
         self.eligible = eligible  # name -> numel
         self.compute_dtype = compute_dtype
@@ -346,7 +290,7 @@ class _FusedMerger:
                 or base.is_pickle or any(e.is_pickle for e in experts)
                 or (compute_dtype is not None and compute_dtype not in FUSED_DTYPES)):
             return None
-        readers = [_TensorReader(folder) for folder in (base, *experts)]
+        readers = [SafetensorsReader(folder) for folder in (base, *experts)]
         eligible = {}
         for name in names:
             numel = math.prod(base.shape(name))
@@ -366,7 +310,7 @@ class _FusedMerger:
         for reader in self.readers:
             reader.close()
 
-    def _read(self, reader: _TensorReader, name: str, out: torch.Tensor, dtype: torch.dtype) -> None:
+    def _read(self, reader: SafetensorsReader, name: str, out: torch.Tensor, dtype: torch.dtype) -> None:
         """out (float32) = the stored tensor cast to `dtype` (the compute dtype), then to float32."""
         stored = reader.dtype(name)
         if stored == torch.float32 and dtype == torch.float32:
@@ -393,105 +337,9 @@ class _FusedMerger:
                     folder = reader.folder
                     check_finite(target.view(folder.shape(name)), folder.file_of(name), folder.stored_name(name))
         out = torch.empty(n, dtype=torch.float32)
-        merge_fused(self.ops, self.recipe.sparsifier, self.recipe.consensus is not None, base, experts, params,
-                    self.spec.seed, name, out)
+        tvs = experts
+        self.ops.map_chunks(lambda s, e, _: tvs[:, s:e].sub_(base[s:e]), n)  # (K, N) task vectors, as task_vectors()
+        merge_masked(self.ops, self.row, base, tvs, params.masked_coefficients(), out, seed=self.spec.seed,
+                     tensor_name=name)
         out = out.view(self.readers[0].folder.shape(name))
         return out if dtype == torch.float32 else out.to(dtype)
-
-
-def merge_fused(ops: FusedOps, sparsifier: str | None, consensus: bool, base: torch.Tensor, experts: torch.Tensor,
-                params: ResolvedTensorParams, seed: int, name: str, out: torch.Tensor) -> None:
-    """out (N,) = `generalized_task_arithmetic` of base (N,) and experts (K, N), float32, in fused passes.
-
-    `experts` is turned into the task vectors in place. The masks are the pure kernel's exactly
-    (exact rank windows, the same generators) and the stages run in its order, so the result is
-    bit-identical but for the L1 rescale's summation order.
-    """
-    k, n = experts.shape
-    weights = [float(w) for w in params.weight]
-    densities = [float(d) for d in (params.density or [1.0] * k)]
-    gammas = [float(g) for g in (params.gamma or [0.01] * k)]
-    for index in range(k):
-        if not math.isfinite(weights[index]):
-            raise ValueError(f"weight[{index}] must be finite; got {weights[index]} (tensor {name!r})")
-        check_fraction(densities[index], f"density[{index}]", name)
-        check_fraction(gammas[index], f"gamma[{index}]", name)
-    lam = float(params.shared.get("lambda", 1.0))
-    if not math.isfinite(lam):
-        raise ValueError(f"lambda_ must be finite; got {lam} (tensor {name!r})")
-
-    tvs = experts
-    ops.map_chunks(lambda s, e, _: tvs[:, s:e].sub_(base[s:e]), n)  # (K, N) task vectors, as task_vectors()
-    masked = [sparsifier is not None and d < 1 for d in densities]  # density 1 leaves a delta untouched
-    pruned = [i for i in range(k) if masked[i]]
-
-    lo = hi = keep_p = draws = None
-    drops = [torch.zeros(0, dtype=torch.long)] * k
-    if sparsifier in ("magnitude", "magnitude_outliers") and pruned:
-        def window(index: int):
-            if sparsifier == "magnitude":
-                start, stop = n - magnitude_keep_count(n, densities[index]), n
-            else:
-                start, stop = outlier_window(n, densities[index], gammas[index], keep_at_least_one=True)
-            return rank_window(tvs[index], start, stop)
-
-        windows = dict(zip(pruned, ops.map_each(window, pruned)))
-        lo = [windows[i].lo if i in windows else -math.inf for i in range(k)]
-        hi = [windows[i].hi if i in windows else math.inf for i in range(k)]
-        drops = [windows[i].drop if i in windows else drops[i] for i in range(k)]
-    elif sparsifier == "random" and pruned:
-        draws = torch.zeros((k, n), dtype=torch.bool)  # True = dropped, compared as draws with keep_p 0.5
-        keep_p = [0.5 if m else 2.0 for m in masked]
-
-        def draw(index: int) -> None:
-            # Chunk by chunk from the expert's own generator: the same stream as one torch.rand(n).
-            generator = mask_generator(seed, name, index)
-            uniform = torch.empty(min(n, FUSED_CHUNK_SIZE), dtype=torch.float32)
-            for s in range(0, n, uniform.numel()):
-                chunk = uniform[: min(uniform.numel(), n - s)]
-                torch.rand(chunk.numel(), generator=generator, out=chunk)
-                torch.ge(chunk, densities[index], out=draws[index, s:s + chunk.numel()])
-
-        ops.map_each(draw, pruned)
-
-    def column(values: Sequence[float] | None, neutral: float) -> torch.Tensor | None:
-        if values is None or all(v == neutral for v in values):
-            return None
-        return torch.tensor(values, dtype=torch.float32)
-
-    plan = MaskedMerge(weight=torch.tensor(weights, dtype=torch.float32), lo=column(lo, -math.inf),
-                       hi=column(hi, math.inf), keep_p=column(keep_p, 2.0), lam=lam,
-                       plain_divisor=weight_sum_divisor(weights), consensus=consensus,
-                       normalize=bool(params.shared.get("normalize")))
-    if bool(params.shared.get("rescale")) and plan.masks:
-        before, after = _l1_norms(ops, plan, tvs, draws, drops)
-        scale = rescale_factors(before, after, RESCALE_EPS)
-        plan = plan.replace_scale(torch.where(torch.tensor(masked), scale, torch.ones_like(scale)))
-    ops.masked(plan, base, tvs, draws, out)
-
-    if any(drop.numel() for drop in drops):  # entries tied at a threshold: recompute them with exact masks
-        patch = torch.unique(torch.cat(drops))
-        dropped = torch.stack([torch.isin(patch, drop).float() for drop in drops])  # (K, P) 1 = drop
-        exact = MaskedMerge(plan.weight, plan.lo, plan.hi, torch.full((k,), 0.5), plan.scale, plan.lam,
-                            plan.plain_divisor, plan.consensus, plan.normalize)
-        patched = torch.empty(patch.numel(), dtype=torch.float32)
-        masked_block(exact, base[patch], tvs[:, patch], dropped, patched)
-        out[patch] = patched
-
-
-def _l1_norms(ops: FusedOps, plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None,
-              drops: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K,) L1 norms of the task vectors before and after masking (float32, summed in float64)."""
-    whole = MaskedMerge(plan.weight)
-
-    def block(start: int, stop: int, scratch) -> torch.Tensor:
-        part = tvs[:, start:stop]
-        part_draws = None if draws is None else draws[:, start:stop]
-        return torch.stack([masked_l1_block(whole, part, None, scratch).double(),
-                            masked_l1_block(plan, part, part_draws, scratch).double()])
-
-    before, after = torch.stack(ops.map_chunks(block, tvs.shape[1])).sum(0)
-    for index, drop in enumerate(drops):  # tied entries the thresholds keep but the window drops
-        if drop.numel():
-            after[index] -= tvs[index, drop].abs().double().sum()
-    return before.float(), after.float()

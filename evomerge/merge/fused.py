@@ -87,7 +87,7 @@ def fused_masked(
     lo: torch.Tensor,  # (K,) keep |t| >= lo
     hi: torch.Tensor,  # (K,) keep |t| <= hi
     keep_p: torch.Tensor,  # (K,) keep draws < keep_p (random sparsifier)
-    lam: torch.Tensor,  # () lambda
+    lambda_: torch.Tensor,  # () task-vector scale
     plain_divisor: torch.Tensor,  # () total weight for normalize without consensus
     consensus: bool,
     normalize: bool,
@@ -116,7 +116,7 @@ def fused_masked(
             mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
     else:
         mixed = total / plain_divisor if normalize else total
-    out.copy_(base + lam * mixed)
+    out.copy_(base + lambda_ * mixed)
 
 
 def masked_l1(rows: tuple[torch.Tensor, ...], draws: tuple[torch.Tensor, ...] | None, lo: torch.Tensor,
@@ -145,7 +145,7 @@ class MaskedMerge:
     hi: torch.Tensor | None = None  # keep |t| <= hi
     keep_p: torch.Tensor | None = None  # keep draws < keep_p (needs draws)
     scale: torch.Tensor | None = None  # L1 rescale factors
-    lam: float = 1.0
+    lambda_: float = 1.0  # task-vector scale (recipe `lambda`)
     plain_divisor: float = 1.0  # normalize without consensus: float32 weight sum, 1 if |sum| < 1e-8
     consensus: bool = False  # TIES sign election ("sum")
     normalize: bool = False
@@ -155,11 +155,11 @@ class MaskedMerge:
         return self.lo is not None or self.hi is not None or self.keep_p is not None
 
     def replace_scale(self, scale: torch.Tensor | None) -> "MaskedMerge":
-        return MaskedMerge(self.weight, self.lo, self.hi, self.keep_p, scale, self.lam, self.plain_divisor,
+        return MaskedMerge(self.weight, self.lo, self.hi, self.keep_p, scale, self.lambda_, self.plain_divisor,
                            self.consensus, self.normalize)
 
     def row_args(self) -> tuple:
-        """(weight, scale, lo, hi, keep_p, lam, plain_divisor, consensus, normalize) for `fused_masked`."""
+        """(weight, scale, lo, hi, keep_p, lambda_, plain_divisor, consensus, normalize) for `fused_masked`."""
         w = self.weight
 
         def full(value: float) -> torch.Tensor:
@@ -167,7 +167,7 @@ class MaskedMerge:
 
         return (w, full(1.0) if self.scale is None else self.scale, full(-INF) if self.lo is None else self.lo,
                 full(INF) if self.hi is None else self.hi, full(2.0) if self.keep_p is None else self.keep_p,
-                torch.tensor(float(self.lam), dtype=w.dtype, device=w.device),
+                torch.tensor(float(self.lambda_), dtype=w.dtype, device=w.device),
                 torch.tensor(float(self.plain_divisor), dtype=w.dtype, device=w.device), self.consensus, self.normalize)
 
 
@@ -255,8 +255,8 @@ def masked_block(plan: MaskedMerge, base: torch.Tensor, tvs: torch.Tensor, draws
         torch.sum(v, 0, out=mixed)
         if plan.normalize:
             mixed.div_(plan.plain_divisor)
-    if plan.lam != 1:
-        mixed.mul_(plan.lam)
+    if plan.lambda_ != 1:
+        mixed.mul_(plan.lambda_)
     torch.add(base, mixed, out=out)
 
 

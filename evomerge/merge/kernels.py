@@ -1,15 +1,17 @@
 """Merge kernels: pure functions from (base, stacked experts, per-expert coefficients) to one tensor.
 
 Semantics follow mergekit 0.1.5 (`merge_methods/registry.py`, `generalized_task_arithmetic.py`,
-`linear.py`, `slerp.py`). The eight task-arithmetic methods are rows of data
-(`TASK_ARITHMETIC_RECIPES`: sparsifier, sign consensus, default normalize, default rescale)
-driving one pipeline of small stages, each usable alone:
+`linear.py`, `slerp.py`). Which method runs which kernel, with which parameters and defaults, is
+its row in `evomerge.merge.methods.METHODS`; the eight task-arithmetic rows (sparsifier, sign
+consensus, default normalize, default rescale; viewed here as `TASK_ARITHMETIC_RECIPES`) drive one
+pipeline of small stages, each usable alone:
 
     task_vectors -> sparsify_task_vectors -> weight_task_vectors -> combine_task_vectors
     (delta = expert - base; sparsify each; multiply by weight; optional sign consensus on the
     weighted deltas, sum, optional division by the (consensus-masked) weight sum) -> * lambda -> + base
 
-Every kernel takes `base` (*shape) and `experts` stacked as (K, *shape), computes in float32
+Every kernel takes `base` (*shape), `experts` stacked as (K, *shape) and its `KernelArgs`; a
+parameter the method's row does not list must stay unset. It computes in float32
 (float64 if an input is float64), returns a new tensor in base's dtype, never mutates its inputs
 and never touches the global torch RNG: every random mask draws from
 `mask_generator(seed, tensor_name, expert_index, device)`.
@@ -39,16 +41,13 @@ from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 import torch
 
-from evomerge.merge.sparsify import (
-    MagnitudeOrderStats,
-    check_fraction,
-    sparsify,
-    work_dtype,
-)
+from evomerge.merge.methods import EPSILON, GAMMA, METHODS, MergeMethod, method_row
+from evomerge.merge.sparsify import MagnitudeOrderStats, check_fraction, sparsify, work_dtype
 
 __all__ = [
     "KERNELS",
     "Kernel",
+    "KernelArgs",
     "KernelOptions",
     "TASK_ARITHMETIC_RECIPES",
     "TaskArithmeticRecipe",
@@ -57,6 +56,7 @@ __all__ = [
     "get_kernel",
     "linear",
     "mask_generator",
+    "merge_task_vectors",
     "merge_tensor",
     "method_defaults",
     "register_kernel",
@@ -84,48 +84,61 @@ class KernelOptions:
         return cls(breadcrumbs_keep_at_least_one=False, della_mergekit_errors=True)
 
 
+@dataclass(frozen=True)
+class KernelArgs:
+    """Everything a kernel reads besides the tensors. None takes the method's default (its row).
+
+    Per-expert parameters (weight, density, gamma, epsilon) are length-K sequences or 1-D tensors
+    (a scalar is broadcast). For exact mergekit keep counts pass densities as Python floats:
+    int(density * numel) of a float32 0.7 is not that of 0.7. `order_stats` (one per expert, from
+    `MagnitudeOrderStats.from_delta` of that expert's delta) lets magnitude sparsifiers look their
+    thresholds up; the result is the same with or without.
+    """
+
+    weight: PerExpert | None = None
+    density: PerExpert | None = None
+    gamma: PerExpert | None = None
+    epsilon: PerExpert | None = None
+    normalize: bool | None = None
+    rescale: bool | None = None
+    lambda_: float | None = None
+    t: float | None = None
+    seed: int = 0
+    tensor_name: str = ""
+    options: KernelOptions | None = None
+    order_stats: Sequence[MagnitudeOrderStats | None] | None = None
+
+
+# KernelArgs field -> the parameter's name in a method row (and in recipes).
+METHOD_PARAMETER_FIELDS = {"weight": "weight", "density": "density", "gamma": "gamma", "epsilon": "epsilon",
+                           "normalize": "normalize", "rescale": "rescale", "lambda_": "lambda", "t": "t"}
+
+
 class Kernel(Protocol):
-    """Signature shared by every registered kernel (parameters a method does not use must be None)."""
+    """Signature shared by every registered kernel."""
 
-    def __call__(
-        self,
-        base: torch.Tensor | None,
-        experts: torch.Tensor,
-        *,
-        weight: PerExpert | None = None,
-        density: PerExpert | None = None,
-        gamma: PerExpert | None = None,
-        epsilon: PerExpert | None = None,
-        normalize: bool | None = None,
-        rescale: bool | None = None,
-        lambda_: float = 1.0,
-        t: float | None = None,
-        seed: int = 0,
-        tensor_name: str = "",
-        options: KernelOptions | None = None,
-        order_stats: Sequence[MagnitudeOrderStats | None] | None = None,
-    ) -> torch.Tensor: ...
+    def __call__(self, base: torch.Tensor | None, experts: torch.Tensor, args: KernelArgs,
+                 row: MergeMethod) -> torch.Tensor: ...
 
 
-KERNELS: dict[str, Kernel] = {}
-_DEFAULTS: dict[str, Mapping[str, Any]] = {}
+_KERNEL_FUNCTIONS: dict[str, Kernel] = {}  # a row's `kernel` name -> its function
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {}  # method name -> merge function, one per row
 
 
-def register_kernel(name: str, *, defaults: Mapping[str, Any] | None = None) -> Callable[[Kernel], Kernel]:
-    """Decorator registering a kernel under `name`, with its parameter defaults (see `method_defaults`)."""
+def register_kernel(name: str) -> Callable[[Kernel], Kernel]:
+    """Decorator registering a kernel function under `name` (a `MergeMethod.kernel`, or a new method's name)."""
 
     def decorator(kernel: Kernel) -> Kernel:
-        if name in KERNELS:
+        if name in _KERNEL_FUNCTIONS or name in KERNELS:
             raise ValueError(f"merge kernel {name!r} is already registered")
-        KERNELS[name] = kernel
-        _DEFAULTS[name] = MappingProxyType(dict(defaults or {}))
+        _KERNEL_FUNCTIONS[name] = kernel
         return kernel
 
     return decorator
 
 
-def get_kernel(name: str) -> Kernel:
-    """The kernel registered as `name`; ValueError listing the valid names otherwise."""
+def get_kernel(name: str) -> Callable[..., torch.Tensor]:
+    """`merge(base, experts, **KernelArgs fields)` for method `name`; ValueError listing the valid names otherwise."""
     try:
         return KERNELS[name]
     except KeyError:
@@ -133,9 +146,12 @@ def get_kernel(name: str) -> Kernel:
 
 
 def method_defaults(name: str) -> dict[str, Any]:
-    """mergekit's defaults for the method's optional parameters, e.g. ties -> normalize True, rescale False."""
+    """mergekit's defaults for the method's optional parameters, e.g. ties -> normalize True, rescale False.
+
+    Keyed by `KernelArgs` field (`lambda_`).
+    """
     get_kernel(name)
-    return dict(_DEFAULTS[name])
+    return {("lambda_" if key == "lambda" else key): value for key, value in method_row(name).defaults().items()}
 
 
 def mask_generator(
@@ -152,46 +168,9 @@ def mask_generator(
     return generator
 
 
-def merge_tensor(
-    method: str,
-    base: torch.Tensor | None,
-    experts: torch.Tensor,
-    *,
-    weight: PerExpert | None = None,
-    density: PerExpert | None = None,
-    gamma: PerExpert | None = None,
-    epsilon: PerExpert | None = None,
-    normalize: bool | None = None,
-    rescale: bool | None = None,
-    lambda_: float = 1.0,
-    t: float | None = None,
-    seed: int = 0,
-    tensor_name: str = "",
-    options: KernelOptions | None = None,
-    order_stats: Sequence[MagnitudeOrderStats | None] | None = None,
-) -> torch.Tensor:
-    """Merge one tensor with the kernel registered as `method`; None parameters take mergekit's defaults.
-
-    Per-expert parameters (weight, density, gamma, epsilon) are length-K sequences or 1-D tensors
-    (a scalar is broadcast). For exact mergekit keep counts pass densities as Python floats:
-    int(density * numel) of a float32 0.7 is not that of 0.7.
-    """
-    return get_kernel(method)(
-        base,
-        experts,
-        weight=weight,
-        density=density,
-        gamma=gamma,
-        epsilon=epsilon,
-        normalize=normalize,
-        rescale=rescale,
-        lambda_=lambda_,
-        t=t,
-        seed=seed,
-        tensor_name=tensor_name,
-        options=options,
-        order_stats=order_stats,
-    )
+def merge_tensor(method: str, base: torch.Tensor | None, experts: torch.Tensor, **arguments: Any) -> torch.Tensor:
+    """Merge one tensor with method `method`'s kernel; `arguments` are `KernelArgs` fields."""
+    return get_kernel(method)(base, experts, **arguments)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -247,37 +226,37 @@ def _per_expert(
     return values
 
 
-def _reject_unused(method: str, tensor_name: str, **given: Any) -> None:
-    for parameter, value in given.items():
-        unused = value != 1.0 if parameter == "lambda_" else value is not None
-        if unused:
-            raise _error(tensor_name, f"{method} does not use {parameter} (got {value!r})")
+def _reject_unused(row: MergeMethod, args: KernelArgs) -> None:
+    """ValueError naming the first parameter set in `args` that method `row` does not read."""
+    for field, parameter in METHOD_PARAMETER_FIELDS.items():
+        value = getattr(args, field)
+        unused = value is not None and not (field == "lambda_" and value == 1.0)
+        if unused and row.parameter(parameter) is None:
+            raise _error(args.tensor_name, f"{row.name} does not use {field} (got {value!r})")
+    if args.order_stats is not None and row.sparsifier not in ("magnitude", "magnitude_outliers"):
+        raise _error(args.tensor_name, f"{row.name} does not use order_stats (only magnitude sparsifiers do)")
 
 
 # ----------------------------------------------------------------------------- task arithmetic stages
 
 @dataclass(frozen=True)
 class TaskArithmeticRecipe:
-    """One row of mergekit's generalized task arithmetic table."""
+    """The stages of one task-arithmetic method (a view of its `MergeMethod` row, replaceable in tests)."""
 
     sparsifier: Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
     consensus: Literal["sum", "count"] | None  # TIES sign election on the weighted deltas; None = plain sum
     default_normalize: bool
     default_rescale: bool
 
+    @classmethod
+    def of(cls, row: MergeMethod) -> "TaskArithmeticRecipe":
+        return cls(row.sparsifier, row.consensus, bool(row.settings["normalize"].default),
+                   bool(row.settings["rescale"].default))
 
-TASK_ARITHMETIC_RECIPES: Mapping[str, TaskArithmeticRecipe] = MappingProxyType({
-    "task_arithmetic": TaskArithmeticRecipe(None, None, default_normalize=False, default_rescale=False),
-    "ties": TaskArithmeticRecipe("magnitude", "sum", default_normalize=True, default_rescale=False),
-    "dare_ties": TaskArithmeticRecipe("random", "sum", default_normalize=False, default_rescale=True),
-    "dare_linear": TaskArithmeticRecipe("random", None, default_normalize=False, default_rescale=True),
-    "breadcrumbs": TaskArithmeticRecipe("magnitude_outliers", None, default_normalize=False, default_rescale=False),
-    "breadcrumbs_ties": TaskArithmeticRecipe(
-        "magnitude_outliers", "sum", default_normalize=False, default_rescale=False
-    ),
-    "della": TaskArithmeticRecipe("della_magprune", "sum", default_normalize=True, default_rescale=True),
-    "della_linear": TaskArithmeticRecipe("della_magprune", None, default_normalize=False, default_rescale=True),
-})
+
+TASK_ARITHMETIC_RECIPES: Mapping[str, TaskArithmeticRecipe] = MappingProxyType(
+    {name: TaskArithmeticRecipe.of(row) for name, row in METHODS.items() if row.kernel == "task_arithmetic"}
+)
 
 
 def task_vectors(base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -308,8 +287,8 @@ def sparsify_task_vectors(
             deltas[index],
             sparsifier,
             densities[index],
-            gamma=gammas[index] if gammas is not None else 0.01,
-            epsilon=epsilons[index] if epsilons is not None else 0.15,
+            gamma=gammas[index] if gammas is not None else GAMMA.default,
+            epsilon=epsilons[index] if epsilons is not None else EPSILON.default,
             rescale=rescale,
             generator=mask_generator(seed, tensor_name, index, deltas.device) if random else None,
             stats=order_stats[index] if order_stats is not None else None,
@@ -371,55 +350,64 @@ def generalized_task_arithmetic(
     experts: torch.Tensor,
     recipe: TaskArithmeticRecipe,
     *,
-    weight: PerExpert | None = None,
-    density: PerExpert | None = None,
-    gamma: PerExpert | None = None,
-    epsilon: PerExpert | None = None,
-    normalize: bool | None = None,
-    rescale: bool | None = None,
-    lambda_: float = 1.0,
-    seed: int = 0,
-    tensor_name: str = "",
-    options: KernelOptions | None = None,
-    order_stats: Sequence[MagnitudeOrderStats | None] | None = None,
     method: str = "task arithmetic",
+    **arguments: Any,
 ) -> torch.Tensor:
     """base + lambda * combine(weight * sparsify(expert - base)); `recipe` picks the stages.
 
-    Any recipe works, e.g. `dataclasses.replace(TASK_ARITHMETIC_RECIPES["ties"], consensus="count")`.
+    `arguments` are `KernelArgs` fields. Any recipe works, e.g.
+    `dataclasses.replace(TASK_ARITHMETIC_RECIPES["ties"], consensus="count")`.
     """
+    args = KernelArgs(**arguments)
     if base is None:
-        raise _error(tensor_name, f"{method} needs a base tensor")
-    _check_tensors(base, experts, tensor_name)
-    if recipe.sparsifier != "magnitude_outliers":
-        _reject_unused(method, tensor_name, gamma=gamma)
-    if recipe.sparsifier != "della_magprune":
-        _reject_unused(method, tensor_name, epsilon=epsilon)
-    if recipe.sparsifier not in ("magnitude", "magnitude_outliers"):
-        _reject_unused(method, tensor_name, order_stats=order_stats)
-    k = experts.shape[0]
-    weights = _per_expert(weight, k, "weight", tensor_name)
-    densities = _per_expert(density, k, "density", tensor_name, default=1.0, fraction=True)
-    gammas = _per_expert(gamma, k, "gamma", tensor_name, default=0.01, fraction=True)
-    epsilons = _per_expert(epsilon, k, "epsilon", tensor_name, default=0.15, fraction=True)
+        raise _error(args.tensor_name, f"{method} needs a base tensor")
+    _check_tensors(base, experts, args.tensor_name)
+    return merge_task_vectors(base, task_vectors(base, experts), recipe, args, method)
+
+
+def merge_task_vectors(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    recipe: TaskArithmeticRecipe,
+    args: KernelArgs,
+    method: str = "task arithmetic",
+) -> torch.Tensor:
+    """`generalized_task_arithmetic` from the deltas (K, *shape) = task_vectors(base, experts) themselves.
+
+    For callers that keep the deltas rather than the experts (the in-memory materializer): the
+    same stages on the same deltas, so the same numbers.
+    """
+    name = args.tensor_name
+    _check_tensors(base, deltas, name)
+    if recipe.sparsifier != "magnitude_outliers" and args.gamma is not None:
+        raise _error(name, f"{method} does not use gamma (got {args.gamma!r})")
+    if recipe.sparsifier != "della_magprune" and args.epsilon is not None:
+        raise _error(name, f"{method} does not use epsilon (got {args.epsilon!r})")
+    if recipe.sparsifier not in ("magnitude", "magnitude_outliers") and args.order_stats is not None:
+        raise _error(name, f"{method} does not use order_stats (only magnitude sparsifiers do)")
+    k = deltas.shape[0]
+    weights = _per_expert(args.weight, k, "weight", name)
+    densities = _per_expert(args.density, k, "density", name, default=1.0, fraction=True)
+    gammas = _per_expert(args.gamma, k, "gamma", name, default=GAMMA.default, fraction=True)
+    epsilons = _per_expert(args.epsilon, k, "epsilon", name, default=EPSILON.default, fraction=True)
+    lambda_ = 1.0 if args.lambda_ is None else args.lambda_
     if not math.isfinite(float(lambda_)):
-        raise _error(tensor_name, f"lambda_ must be finite; got {lambda_}")
-    if order_stats is not None and len(order_stats) != k:
-        raise _error(tensor_name, f"order_stats has {len(order_stats)} entries but experts stack K={k} tensors")
-    normalize = recipe.default_normalize if normalize is None else bool(normalize)
-    rescale = recipe.default_rescale if rescale is None else bool(rescale)
+        raise _error(name, f"lambda_ must be finite; got {lambda_}")
+    if args.order_stats is not None and len(args.order_stats) != k:
+        raise _error(name, f"order_stats has {len(args.order_stats)} entries but experts stack K={k} tensors")
+    normalize = recipe.default_normalize if args.normalize is None else bool(args.normalize)
+    rescale = recipe.default_rescale if args.rescale is None else bool(args.rescale)
     if k == 0:
         return base.clone()
 
-    deltas = task_vectors(base, experts)  # (K, *shape)
     if recipe.sparsifier is not None:
         try:
             deltas = sparsify_task_vectors(
                 deltas, recipe.sparsifier, densities, gammas=gammas, epsilons=epsilons, rescale=rescale,
-                seed=seed, tensor_name=tensor_name, options=options, order_stats=order_stats,
+                seed=args.seed, tensor_name=name, options=args.options, order_stats=args.order_stats,
             )
         except ValueError as error:
-            raise _error(tensor_name, str(error)) from error
+            raise _error(name, str(error)) from error
     weight_tensor = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)  # (K,)
     weighted = weight_task_vectors(deltas, weight_tensor)
     del deltas
@@ -429,54 +417,34 @@ def generalized_task_arithmetic(
     return (base.to(mixed.dtype) + mixed).to(base.dtype)
 
 
-def _task_arithmetic_kernel(method: str, recipe: TaskArithmeticRecipe) -> Kernel:
-    def kernel(base, experts, *, weight=None, density=None, gamma=None, epsilon=None, normalize=None,
-               rescale=None, lambda_=1.0, t=None, seed=0, tensor_name="", options=None, order_stats=None):
-        _reject_unused(method, tensor_name, t=t)
-        return generalized_task_arithmetic(
-            base, experts, recipe, weight=weight, density=density, gamma=gamma, epsilon=epsilon,
-            normalize=normalize, rescale=rescale, lambda_=lambda_, seed=seed, tensor_name=tensor_name,
-            options=options, order_stats=order_stats, method=method,
-        )
-
-    kernel.__name__ = kernel.__qualname__ = method
-    kernel.__doc__ = f"mergekit's {method!r}: generalized task arithmetic with {recipe}."
-    return kernel
-
-
-for _method, _recipe in TASK_ARITHMETIC_RECIPES.items():
-    _defaults = {
-        "normalize": _recipe.default_normalize, "rescale": _recipe.default_rescale, "lambda_": 1.0, "density": 1.0,
-    }
-    if _recipe.sparsifier == "magnitude_outliers":
-        _defaults["gamma"] = 0.01
-    if _recipe.sparsifier == "della_magprune":
-        _defaults["epsilon"] = 0.15
-    register_kernel(_method, defaults=_defaults)(_task_arithmetic_kernel(_method, _recipe))
-del _method, _recipe, _defaults
+@register_kernel("task_arithmetic")
+def _task_arithmetic_kernel(base, experts, args: KernelArgs, row: MergeMethod) -> torch.Tensor:
+    """mergekit's generalized task arithmetic with the row's stages."""
+    if base is None:
+        raise _error(args.tensor_name, f"{row.name} needs a base tensor")
+    _check_tensors(base, experts, args.tensor_name)
+    return merge_task_vectors(base, task_vectors(base, experts), TaskArithmeticRecipe.of(row), args, row.name)
 
 
 # ----------------------------------------------------------------------------- linear
 
-@register_kernel("linear", defaults={"normalize": True})
-def linear(base, experts, *, weight=None, density=None, gamma=None, epsilon=None, normalize=None,
-           rescale=None, lambda_=1.0, t=None, seed=0, tensor_name="", options=None, order_stats=None):
+@register_kernel("linear")
+def linear(base, experts, args: KernelArgs, row: MergeMethod) -> torch.Tensor:
     """Weighted average of every listed model (mergekit `linear`): sum_i w_i x_i / sum_i w_i.
 
     `experts` must hold every listed model, including the base if it is listed with a weight;
     `base` only fixes the output dtype and is checked for shape (it may be None: then the
     experts' dtype is used). normalize defaults to True; weights summing to 0 then raise.
     """
+    tensor_name = args.tensor_name
     _check_tensors(base, experts, tensor_name)
-    _reject_unused("linear", tensor_name, density=density, gamma=gamma, epsilon=epsilon, rescale=rescale,
-                   lambda_=lambda_, t=t, order_stats=order_stats)
     try:
-        weights = _per_expert(weight, experts.shape[0], "weight", tensor_name)
+        weights = _per_expert(args.weight, experts.shape[0], "weight", tensor_name)
     except ValueError as error:
         raise ValueError(
             f"{error}; linear merges exactly the stacked experts (stack the base in if it is listed)"
         ) from None
-    normalize = True if normalize is None else bool(normalize)
+    normalize = bool(row.settings["normalize"].default) if args.normalize is None else bool(args.normalize)
     dtype = work_dtype(experts) if base is None else work_dtype(base, experts)
     out_dtype = experts.dtype if base is None else base.dtype
     result = torch.zeros(experts.shape[1:], dtype=dtype, device=experts.device)
@@ -528,14 +496,12 @@ def slerp_tensors(
 
 
 @register_kernel("slerp")
-def slerp(base, experts, *, weight=None, density=None, gamma=None, epsilon=None, normalize=None,
-          rescale=None, lambda_=1.0, t=None, seed=0, tensor_name="", options=None, order_stats=None):
+def slerp(base, experts, args: KernelArgs, row: MergeMethod) -> torch.Tensor:
     """mergekit `slerp`: from base (t=0) to the single expert (t=1) over the whole tensor."""
+    tensor_name, t = args.tensor_name, args.t
     if base is None:
         raise _error(tensor_name, "slerp needs a base tensor")
     _check_tensors(base, experts, tensor_name)
-    _reject_unused("slerp", tensor_name, weight=weight, density=density, gamma=gamma, epsilon=epsilon,
-                   normalize=normalize, rescale=rescale, lambda_=lambda_, order_stats=order_stats)
     if experts.shape[0] != 1:
         raise _error(
             tensor_name, f"slerp merges the base with exactly one other model; experts stack K={experts.shape[0]}"
@@ -543,3 +509,19 @@ def slerp(base, experts, *, weight=None, density=None, gamma=None, epsilon=None,
     if t is None or not math.isfinite(float(t)):
         raise _error(tensor_name, f"slerp needs a finite t; got {t!r}")
     return slerp_tensors(float(t), base, experts[0]).to(base.dtype)
+
+
+def _bind(row: MergeMethod) -> Callable[..., torch.Tensor]:
+    kernel = _KERNEL_FUNCTIONS[row.kernel]
+
+    def merge(base: torch.Tensor | None, experts: torch.Tensor, **arguments: Any) -> torch.Tensor:
+        args = KernelArgs(**arguments)
+        _reject_unused(row, args)
+        return kernel(base, experts, args, row)
+
+    merge.__name__ = merge.__qualname__ = row.name
+    merge.__doc__ = f"Merge method {row.name!r}: kernel {row.kernel!r} with {row}."
+    return merge
+
+
+KERNELS.update({name: _bind(row) for name, row in METHODS.items()})

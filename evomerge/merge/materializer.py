@@ -6,19 +6,19 @@ weights and the experts' stacked task vectors (expert - base) are loaded once, i
 no disk I/O and no per-candidate allocation of model-sized tensors (fresh large allocations run
 at a tenth of the memory bandwidth of in-place work on this class of machine).
 
-Paths, each tested equal to the pure kernels in `evomerge.merge.kernels`:
-- task arithmetic, normalized linear, and the sparsifying methods at density 1: one fused
-  multiply-add pass, base + sum_k c_k tv_k, straight into the parameter (`fused.fused_sum`).
-- ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties: one fused pass
-  (`fused.fused_masked`, or its chunked eager form). Magnitude thresholds are looked up in
-  per-expert order statistics computed once (`MagnitudeOrderStats`), so a candidate costs a
-  compare, not a selection. DARE's uniform draws come from the kernels' own generators, seeded
-  by (seed, tensor, expert): the same for every candidate (common random numbers, which makes
-  candidates comparable), so they are drawn once and kept when memory allows
-  (`cache_random_draws`); later candidates only compare them with their densities.
-  Tensors small enough for exact order statistics (or all, with `order_stats_grid=None`) take
-  the kernel's own masks (`sparsify.magnitude_mask`, ties by flat index) through the same pass.
-- anything else (DELLA's per-row ranks, slerp): the pure kernel itself.
+Paths, each tested bit-equal to `evomerge merge` of the same recipe (the pure kernels, or the
+planner it shares with us):
+- methods whose row says `fused` (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
+  breadcrumbs_ties): the planner of `evomerge.merge.masked` on the stored task vectors. Magnitude
+  thresholds are exact: per-expert order statistics are sorted once (`MagnitudeOrderStats`, a
+  grid of `order_stats_grid` ranks per tensor), so a candidate selects only over the entries
+  between two grid values instead of over the whole tensor. DARE's uniform draws come from the
+  kernels' own generators, seeded by (seed, tensor, expert): the same for every candidate
+  (common random numbers, which makes candidates comparable), so they are drawn once and kept
+  when memory allows (`cache_random_draws`); later candidates only compare them with their densities.
+- DELLA: the kernel's own stages on the stored task vectors (`kernels.merge_task_vectors`).
+- linear and slerp: the pure kernel on base + task vector (normalized linear: one fused
+  multiply-add pass), equal to `evomerge merge` up to float rounding of base + (expert - base).
 
 Every stored tensor is checked for NaN / inf once, as it is loaded (`ModelFolder.get_tensor`), so
 candidates cost nothing more; `allow_nonfinite=True` loads them anyway, and then every path treats
@@ -26,7 +26,6 @@ them as the pure kernels do (see `fused`). The tokenizers are compared first (`c
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -36,29 +35,13 @@ import torch
 
 from evomerge._device import default_device
 from evomerge.merge.checkpoint import ModelFolder, check_compatible
-from evomerge.merge.fused import FusedOps, MaskedMerge, rescale_factors, torch_threads, weight_sum_divisor
-from evomerge.merge.kernels import mask_generator, merge_tensor, method_defaults
+from evomerge.merge.fused import FusedOps, torch_threads
+from evomerge.merge.kernels import KernelArgs, TaskArithmeticRecipe, mask_generator, merge_task_vectors, merge_tensor
 from evomerge.merge.layers import LayerMap, TensorPosition
+from evomerge.merge.masked import MaskedCoefficients, l1_norms, merge_masked
+from evomerge.merge.methods import MergeMethod, method_row
 from evomerge.merge.tokenizers import check_tokenizers
-from evomerge.merge.sparsify import (
-    RESCALE_EPS,
-    MagnitudeOrderStats,
-    check_fraction,
-    finite_l1,
-    magnitude_keep_count,
-    magnitude_mask,
-    magnitude_outliers_mask,
-    outlier_window,
-)
-
-# method -> (sparsifier, consensus) for the fused masked path.
-FUSED_MASKED = {
-    "ties": ("magnitude", "sum"),
-    "dare_ties": ("random", "sum"),
-    "dare_linear": ("random", None),
-    "breadcrumbs": ("magnitude_outliers", None),
-    "breadcrumbs_ties": ("magnitude_outliers", "sum"),
-}
+from evomerge.merge.sparsify import MagnitudeOrderStats
 # Below this many stored elements, compiling costs more than it saves.
 AUTO_COMPILE_MIN_ELEMENTS = 20_000_000
 # `cache_random_draws="auto"` keeps the draws when they fit in this budget (and in half the free memory).
@@ -104,7 +87,7 @@ def layerwise(num_layers: int, **params: Sequence | np.ndarray | None) -> Coeffi
 
 
 @dataclass
-class _Slot:
+class _StoredTensor:
     """One merged tensor: where it lives in the live model and its stored inputs."""
 
     name: str
@@ -113,7 +96,6 @@ class _Slot:
     base: torch.Tensor  # (N,) float32 on device
     task_vectors: torch.Tensor  # (K, N) float32 on device
     magnitude_stats: list[MagnitudeOrderStats] | None = None  # built on first magnitude-pruned use
-    lookups: list["_RankLookup"] | None = None  # the same stats, for threshold lookups without torch calls
     l1_norms: torch.Tensor | None = None  # (K,) built on first rescaled use
     draws: torch.Tensor | None = None  # (K, N) cached uniform draws of the random sparsifier
 
@@ -136,7 +118,7 @@ class Materializer:
 
     model: torch.nn.Module
     layer_map: LayerMap
-    slots: list[_Slot]
+    tensors: list[_StoredTensor]
     device: torch.device
     num_experts: int
     seed: int = 0
@@ -176,8 +158,9 @@ class Materializer:
         """Load the base model (through `transformers`) and the experts' task vectors once.
 
         `compile="auto"` compiles the fused paths with `torch.compile` when the model is large
-        enough for that to pay off; `order_stats_grid` trades exactness of magnitude thresholds
-        on tensors above that many elements for a lookup (see `MagnitudeOrderStats`).
+        enough for that to pay off; `order_stats_grid` is how many ranks of each expert's sorted
+        |task vector| are kept per tensor (None: all): fewer cost less memory, more make each
+        candidate's exact threshold selection cheaper (see `MagnitudeOrderStats`).
         A NaN / inf in any model raises `NonFiniteError` naming the file and tensor, unless
         `allow_nonfinite`.
         """
@@ -197,7 +180,7 @@ class Materializer:
         # The loading path users run on big checkpoints; remote code stays off.
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, trust_remote_code=False).to(device)
         model.eval()
-        slots = []
+        tensors = []
         for name, param in model.named_parameters(remove_duplicate=False):
             if not base.has_tensor(name):
                 raise ValueError(f"{base.path}: the model class expects tensor {name!r} but the checkpoint lacks it")
@@ -209,13 +192,13 @@ class Materializer:
             for k, expert in enumerate(experts):
                 tvs[k].copy_(expert.get_tensor(name).reshape(-1))
                 tvs[k].sub_(base_t)
-            slots.append(_Slot(name, layer_map.position(name), param, base_t, tvs))
+            tensors.append(_StoredTensor(name, layer_map.position(name), param, base_t, tvs))
         base.close()
         for expert in experts:
             expert.close()
         if compile == "auto":
-            compile = sum(s.task_vectors.numel() for s in slots) >= AUTO_COMPILE_MIN_ELEMENTS
-        return cls(model=model, layer_map=layer_map, slots=slots, device=device, num_experts=len(experts),
+            compile = sum(s.task_vectors.numel() for s in tensors) >= AUTO_COMPILE_MIN_ELEMENTS
+        return cls(model=model, layer_map=layer_map, tensors=tensors, device=device, num_experts=len(experts),
                    seed=seed, order_stats_grid=order_stats_grid, compile=bool(compile),
                    cache_random_draws=cache_random_draws, random_draws_budget_bytes=random_draws_budget_bytes,
                    num_threads=num_threads)
@@ -227,7 +210,7 @@ class Materializer:
     @property
     def weight_bytes(self) -> int:
         """Bytes one candidate reads (base + task vectors, float32) and writes (the merged tensors)."""
-        return sum((2 + self.num_experts) * s.base.numel() * 4 for s in self.slots)
+        return sum((2 + self.num_experts) * s.base.numel() * 4 for s in self.tensors)
 
     # ------------------------------------------------------------- applying
     def apply(
@@ -250,139 +233,82 @@ class Materializer:
             coefficients = layerwise(self.num_layers, **per_expert)
         elif per_expert:
             raise TypeError("pass either a coefficient function or per-expert arrays, not both")
-        defaults = method_defaults(method)
-        normalize = defaults.get("normalize", False) if normalize is None else bool(normalize)
-        rescale = defaults.get("rescale", False) if rescale is None else bool(rescale)
+        row = method_row(method)
+        defaults = row.defaults()
+        normalize = bool(defaults.get("normalize", False)) if normalize is None else bool(normalize)
+        rescale = bool(defaults.get("rescale", False)) if rescale is None else bool(rescale)
         with torch.no_grad(), torch_threads(self.num_threads):
-            for slot in self.slots:
-                coeffs = coefficients(slot.name, slot.position)
+            for stored in self.tensors:
+                coeffs = coefficients(stored.name, stored.position)
                 if len(coeffs.weight) != self.num_experts:
-                    raise ValueError(f"tensor {slot.name!r}: {len(coeffs.weight)} weights for {self.num_experts} experts")
-                self._apply_slot(slot, method, coeffs, normalize, rescale, lambda_, t)
+                    raise ValueError(f"tensor {stored.name!r}: {len(coeffs.weight)} weights for {self.num_experts} experts")
+                self._apply_tensor(stored, row, coeffs, normalize, rescale, lambda_, t)
         return self.model
 
-    def _apply_slot(self, slot: _Slot, method: str, c: TensorCoefficients, normalize: bool, rescale: bool,
-                    lambda_: float, t: float | None) -> None:
-        dense = c.density is None or all(d >= 1.0 for d in c.density)
-        if method in ("task_arithmetic", "dare_linear", "della_linear", "breadcrumbs") and dense:
-            # Every entry survives, so these are plain task arithmetic (an L1 rescale by 1 changes nothing).
-            total = sum(c.weight)
-            divisor = total if normalize and abs(total) >= 1e-8 else 1.0
-            self._fused_sum(slot, [w * lambda_ / divisor for w in c.weight])
-        elif method == "linear" and normalize:
+    def _apply_tensor(self, stored: _StoredTensor, row: MergeMethod, c: TensorCoefficients, normalize: bool,
+                      rescale: bool, lambda_: float, t: float | None) -> None:
+        if row.fused:
+            self._merge_masked(stored, row, MaskedCoefficients(c.weight, c.density, c.gamma, normalize, rescale,
+                                                               float(lambda_)))
+        elif row.kernel == "task_arithmetic":  # DELLA: the kernel's stages on the stored deltas
+            args = KernelArgs(weight=c.weight, density=c.density, epsilon=c.epsilon, normalize=normalize,
+                              rescale=rescale, lambda_=lambda_, seed=self.seed, tensor_name=stored.name)
+            shape = stored.param.shape
+            merged = merge_task_vectors(stored.base.view(shape), stored.task_vectors.view(-1, *shape),
+                                        TaskArithmeticRecipe.of(row), args, row.name)
+            stored.param.copy_(merged)
+        elif row.kernel == "linear" and normalize:
             total = sum(c.weight)
             if total == 0:
-                raise ValueError(f"linear: weights {list(c.weight)} sum to 0 and cannot be normalized (tensor {slot.name!r})")
-            # sum_k w_k (base + tv_k) / W = base + sum_k (w_k / W) tv_k
-            self._fused_sum(slot, [w / total for w in c.weight])
-        elif method in FUSED_MASKED:
-            self._fused_masked(slot, method, c, normalize, rescale, lambda_)
+                raise ValueError(f"linear: weights {list(c.weight)} sum to 0 and cannot be normalized "
+                                 f"(tensor {stored.name!r})")
+            out = self._output_buffer(stored)  # sum_k w_k (base + tv_k) / W = base + sum_k (w_k / W) tv_k
+            coefficients = torch.tensor([w / total for w in c.weight], dtype=torch.float32, device=self.device)
+            self._ops.sum(stored.base, stored.task_vectors, coefficients, out)
+            self._commit(stored, out)
         else:
-            stats = self._order_stats(slot) if method in ("ties", "breadcrumbs", "breadcrumbs_ties") else None
-            self._kernel(slot, method, c, normalize, rescale, lambda_, t, stats)
+            shape = stored.param.shape
+            experts = (stored.task_vectors + stored.base).view(-1, *shape)
+            kwargs = {"t": t} if row.kernel == "slerp" else {"weight": c.weight, "normalize": normalize}
+            merged = merge_tensor(row.name, stored.base.view(shape), experts, seed=self.seed,
+                                  tensor_name=stored.name, **kwargs)
+            stored.param.copy_(merged.view(shape))
 
-    def _fused_sum(self, slot: _Slot, coefficients: Sequence[float]) -> None:
-        out = self._output_buffer(slot)
-        coef = torch.tensor(coefficients, dtype=torch.float32, device=self.device)
-        self._ops.sum(slot.base, slot.task_vectors, coef, out)
-        self._commit(slot, out)
-
-    def _fused_masked(self, slot: _Slot, method: str, c: TensorCoefficients, normalize: bool, rescale: bool,
-                      lambda_: float) -> None:
-        sparsifier, consensus = FUSED_MASKED[method]
-        k_experts = self.num_experts
-        densities = [float(d) for d in (c.density or (1.0,) * k_experts)]
-        for k, density in enumerate(densities):
-            check_fraction(density, f"density[{k}]", slot.name)
-        gammas = [float(g) for g in (c.gamma or (0.01,) * k_experts)]
-        for k, gamma in enumerate(gammas):
-            check_fraction(gamma, f"gamma[{k}]", slot.name)
-        lo = hi = keep_p = draws = None
-        exact = sparsifier != "random" and self._exact_stats(slot)
-        if sparsifier == "random":
-            if min(densities) < 1:
-                keep_p = [d if d < 1 else 2.0 for d in densities]  # draws are < 1: 2 keeps everything
-                draws = self._draws(slot, densities)
-        elif exact:  # exact stats: the kernel's own masks (ties by flat index), passed as drop draws
-            draws = self._exact_drops(slot, sparsifier, densities, gammas)
-            keep_p = [0.5] * k_experts
-        elif sparsifier == "magnitude":
-            lo = [_magnitude_lo(lookup, d) for lookup, d in zip(self._lookups(slot), densities)]
-        else:
-            lo, hi = zip(*(_outlier_bounds(lookup, d, g)
-                           for lookup, d, g in zip(self._lookups(slot), densities, gammas)))
-        as_tensor = self._small_tensor
-        plan = MaskedMerge(
-            weight=as_tensor(c.weight),
-            lo=as_tensor(lo) if lo is not None and max(lo) > -math.inf else None,
-            hi=as_tensor(hi) if hi is not None and min(hi) < math.inf else None,
-            keep_p=as_tensor(keep_p) if keep_p is not None else None,
-            lam=float(lambda_),
-            plain_divisor=weight_sum_divisor(c.weight),
-            consensus=consensus is not None,
-            normalize=normalize,
+    def _merge_masked(self, stored: _StoredTensor, row: MergeMethod, coefficients: MaskedCoefficients) -> None:
+        densities = coefficients.density
+        pruned = densities is not None and any(d < 1 for d in densities)
+        out = self._output_buffer(stored)
+        merge_masked(
+            self._ops, row, stored.base, stored.task_vectors, coefficients, out, seed=self.seed,
+            tensor_name=stored.name,
+            order_stats=self._order_stats(stored) if pruned and row.sparsifier != "random" else None,
+            uniform_draws=self._draws(stored, densities) if pruned and row.sparsifier == "random" else None,
+            l1_before=self._l1_norms(stored) if pruned and coefficients.rescale else None,
+            eager=self._small(stored),
         )
-        if rescale and plan.masks:
-            after = self._ops.l1(plan, slot.task_vectors, draws, eager=exact)
-            scale = rescale_factors(self._l1_norms(slot), after, RESCALE_EPS)
-            dense = as_tensor([d >= 1 for d in densities]).bool()  # the kernel leaves these unscaled
-            plan = plan.replace_scale(torch.where(dense, torch.ones_like(scale), scale))
-        out = self._output_buffer(slot)
-        # Exact-stats slots are small (below the grid): eager blocks beat a compiled call's overhead.
-        self._ops.masked(plan, slot.base, slot.task_vectors, draws, out, eager=exact)
-        self._commit(slot, out)
-
-    def _exact_drops(self, slot: _Slot, sparsifier: str, densities: Sequence[float],
-                     gammas: Sequence[float]) -> torch.Tensor:
-        """(K, N) float: 1 where the pure kernel's mask (from exact order stats) drops the entry."""
-        stats = self._order_stats(slot)
-        shape = slot.param.shape
-        keep = []
-        for k, tv in enumerate(slot.task_vectors):
-            if sparsifier == "magnitude":
-                keep.append(magnitude_mask(tv.view(shape), densities[k], stats=stats[k]))
-            else:
-                keep.append(magnitude_outliers_mask(tv.view(shape), densities[k], gammas[k], stats=stats[k]))
-        return (~torch.stack(keep).reshape(self.num_experts, -1)).float()
-
-    def _small_tensor(self, values: Sequence[float]) -> torch.Tensor:
-        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=self.device)
-
-    def _kernel(self, slot: _Slot, method: str, c: TensorCoefficients, normalize: bool, rescale: bool,
-                lambda_: float, t: float | None, order_stats: list | None) -> None:
-        shape = slot.param.shape
-        experts = (slot.task_vectors + slot.base).view(-1, *shape)
-        if method == "slerp":
-            kwargs = {"t": t}
-        elif method == "linear":
-            kwargs = {"weight": c.weight, "normalize": normalize}
-        else:
-            kwargs = {"weight": c.weight, "density": c.density, "gamma": c.gamma, "epsilon": c.epsilon,
-                      "normalize": normalize, "rescale": rescale, "lambda_": lambda_, "order_stats": order_stats}
-        merged = merge_tensor(method, slot.base.view(shape), experts, seed=self.seed, tensor_name=slot.name, **kwargs)
-        slot.param.copy_(merged.view(shape))
+        self._commit(stored, out)
 
     # ------------------------------------------------------------- buffers
-    def _draws(self, slot: _Slot, densities: Sequence[float]) -> torch.Tensor:
+    def _draws(self, stored: _StoredTensor, densities: Sequence[float]) -> torch.Tensor:
         """(K, N) uniform draws behind the kernel's bernoulli masks: same generator, same order.
 
-        Cached when `cache_random_draws` allows: all slots and all K experts at the first random
+        Cached when `cache_random_draws` allows: all tensors and all K experts at the first random
         candidate (later candidates, whatever their densities, only compare). Otherwise redrawn
         into a shared buffer. Each stream is drawn single-threaded, streams side by side on the pool.
         """
-        numel = slot.base.numel()
+        numel = stored.base.numel()
         if self._cache_draws():
-            if slot.draws is None:
-                pending = [s for s in self.slots if s.draws is None]
+            if stored.draws is None:
+                pending = [s for s in self.tensors if s.draws is None]
                 for s in pending:
                     s.draws = torch.empty_like(s.task_vectors)
                 tasks = sorted(((s, k) for s in pending for k in range(self.num_experts)),
                                key=lambda task: -task[0].base.numel())
                 self._ops.map_each(lambda task: self._draw_into(task[0], task[1], task[0].draws[task[1]]), tasks)
-            return slot.draws
+            return stored.draws
         buf = self._scratch.get("draws")
         if buf is None:
-            buf = torch.empty((self.num_experts, max(s.base.numel() for s in self.slots)), dtype=torch.float32,
+            buf = torch.empty((self.num_experts, max(s.base.numel() for s in self.tensors)), dtype=torch.float32,
                               device=self.device)
             self._scratch["draws"] = buf
         draws = buf[:, :numel]
@@ -390,16 +316,16 @@ class Materializer:
             if density >= 1:  # the kernel draws nothing for an expert kept whole
                 draws[k].zero_()
         drawn = [k for k, density in enumerate(densities) if density < 1]
-        self._ops.map_each(lambda k: self._draw_into(slot, k, draws[k]), drawn)
+        self._ops.map_each(lambda k: self._draw_into(stored, k, draws[k]), drawn)
         return draws
 
-    def _draw_into(self, slot: _Slot, k: int, out: torch.Tensor) -> None:
-        torch.rand(out.numel(), generator=mask_generator(self.seed, slot.name, k, self.device), out=out)
+    def _draw_into(self, stored: _StoredTensor, k: int, out: torch.Tensor) -> None:
+        torch.rand(out.numel(), generator=mask_generator(self.seed, stored.name, k, self.device), out=out)
 
     def _cache_draws(self) -> bool:
         if self._draws_cached is None:
             if self.cache_random_draws == "auto":
-                need = 4 * sum(s.task_vectors.numel() for s in self.slots)
+                need = 4 * sum(s.task_vectors.numel() for s in self.tensors)
                 budget = min(self.random_draws_budget_bytes, _free_memory(self.device) // 2)
                 self._draws_cached = need <= budget
             else:
@@ -409,103 +335,56 @@ class Materializer:
     @property
     def random_draws_bytes(self) -> int:
         """Memory the cached random draws take now (0 until a random merge has run with caching on)."""
-        return sum(s.draws.numel() * 4 for s in self.slots if s.draws is not None)
+        return sum(s.draws.numel() * 4 for s in self.tensors if s.draws is not None)
 
-    def _l1_norms(self, slot: _Slot) -> torch.Tensor:
-        if slot.l1_norms is None:
-            slot.l1_norms = torch.stack([finite_l1(tv) for tv in slot.task_vectors])
-        return slot.l1_norms
+    def _l1_norms(self, stored: _StoredTensor) -> torch.Tensor:
+        if stored.l1_norms is None:
+            stored.l1_norms = l1_norms(self._ops, stored.task_vectors)
+        return stored.l1_norms
 
-    def _order_stats(self, slot: _Slot) -> list[MagnitudeOrderStats]:
-        if slot.magnitude_stats is None:
+    def _order_stats(self, stored: _StoredTensor) -> list[MagnitudeOrderStats]:
+        if stored.magnitude_stats is None:
             self._build_order_stats()
-        return slot.magnitude_stats
+        return stored.magnitude_stats
 
     def _build_order_stats(self) -> None:
-        """Sort every slot's |task vectors| once, on the worker pool (one sort per task, single-threaded).
+        """Sort every stored's |task vectors| once, on the worker pool (one sort per task, single-threaded).
 
-        Done for all slots at the first magnitude-pruned candidate: the sorts dominate its cost, and
+        Done for all tensors at the first magnitude-pruned candidate: the sorts dominate its cost, and
         many single-threaded sorts side by side keep a shared CPU busy where OpenMP's do not.
         """
-        tasks = [(slot, k) for slot in self.slots if slot.magnitude_stats is None for k in range(self.num_experts)]
+        tasks = [(stored, k) for stored in self.tensors if stored.magnitude_stats is None for k in range(self.num_experts)]
         tasks.sort(key=lambda task: -task[0].base.numel())  # big sorts first: the pool ends evenly
 
-        def build(task: tuple[_Slot, int]) -> MagnitudeOrderStats:
-            slot, k = task
-            return order_stats_from_delta(slot.task_vectors[k].view(slot.param.shape), self.order_stats_grid)
+        def build(task: tuple[_StoredTensor, int]) -> MagnitudeOrderStats:
+            stored, k = task
+            return MagnitudeOrderStats.from_delta(stored.task_vectors[k], self.order_stats_grid)
 
-        built = dict(zip([(id(slot), k) for slot, k in tasks], self._ops.map_each(build, tasks)))
-        for slot in {id(slot): slot for slot, _ in tasks}.values():
-            slot.magnitude_stats = [built[id(slot), k] for k in range(self.num_experts)]
+        built = dict(zip([(id(stored), k) for stored, k in tasks], self._ops.map_each(build, tasks)))
+        for stored in {id(stored): stored for stored, _ in tasks}.values():
+            stored.magnitude_stats = [built[id(stored), k] for k in range(self.num_experts)]
 
-    def _lookups(self, slot: _Slot) -> list["_RankLookup"]:
-        if slot.lookups is None:
-            slot.lookups = [_RankLookup.of(stats) for stats in self._order_stats(slot)]
-        return slot.lookups
+    def _small(self, stored: _StoredTensor) -> bool:
+        """Tensors the order-statistics grid holds whole take the eager pass: a compiled call costs more."""
+        return self.order_stats_grid is not None and stored.base.numel() <= self.order_stats_grid
 
-    def _exact_stats(self, slot: _Slot) -> bool:
-        return self.order_stats_grid is None or slot.base.numel() <= self.order_stats_grid
-
-    def _output_buffer(self, slot: _Slot) -> torch.Tensor:
-        if slot.param.dtype == torch.float32 and slot.param.is_contiguous():
-            return slot.param.view(-1)
+    def _output_buffer(self, stored: _StoredTensor) -> torch.Tensor:
+        if stored.param.dtype == torch.float32 and stored.param.is_contiguous():
+            return stored.param.view(-1)
         buf = self._scratch.get("out")
         if buf is None:
-            buf = torch.empty(max(s.base.numel() for s in self.slots), dtype=torch.float32, device=self.device)
+            buf = torch.empty(max(s.base.numel() for s in self.tensors), dtype=torch.float32, device=self.device)
             self._scratch["out"] = buf
-        return buf[: slot.base.numel()]
+        return buf[: stored.base.numel()]
 
-    def _commit(self, slot: _Slot, out: torch.Tensor) -> None:
-        if out.data_ptr() != slot.param.data_ptr():
-            slot.param.copy_(out.view(slot.param.shape))  # casts to the checkpoint dtype
+    def _commit(self, stored: _StoredTensor, out: torch.Tensor) -> None:
+        if out.data_ptr() != stored.param.data_ptr():
+            stored.param.copy_(out.view(stored.param.shape))  # casts to the checkpoint dtype
 
     # ------------------------------------------------------------- exporting
     def merged_state(self) -> dict[str, torch.Tensor]:
         """The live model's merged tensors by checkpoint name (tied heads excluded), on CPU."""
-        return {slot.name: slot.param.detach().to("cpu").clone() for slot in self.slots}
-
-
-def order_stats_from_delta(delta: torch.Tensor, grid: int | None = 65536) -> MagnitudeOrderStats:
-    """`MagnitudeOrderStats.from_delta`, equal to it, but sorting float32 magnitudes as int32 bit patterns.
-
-    Non-negative floats order like their bit patterns (NaN after inf, as torch sorts floats),
-    and torch sorts int32 with a radix sort: about 4x faster than the float sort on CPU, which
-    made building the stats the bulk of the first magnitude-pruned candidate.
-    """
-    if delta.dtype != torch.float32:
-        return MagnitudeOrderStats.from_delta(delta, grid=grid)
-    magnitudes = delta.detach().abs().reshape(-1)
-    n = magnitudes.numel()
-    sorted_magnitudes = torch.sort(magnitudes.view(torch.int32)).values.view(torch.float32)
-    if grid is None or n <= grid:
-        return MagnitudeOrderStats(numel=n, values=sorted_magnitudes)
-    if grid < 2:
-        raise ValueError(f"grid must be >= 2 (or None for full stats); got {grid}")
-    ranks = torch.linspace(0, n - 1, grid, dtype=torch.float64).round().long()
-    return MagnitudeOrderStats(numel=n, values=sorted_magnitudes[ranks.to(delta.device)].clone(), ranks=ranks)
-
-
-@dataclass(frozen=True)
-class _RankLookup:
-    """`MagnitudeOrderStats.value_at_rank` on numpy arrays: hundreds of lookups per candidate, no torch calls."""
-
-    numel: int
-    values: np.ndarray
-    ranks: np.ndarray | None
-
-    @classmethod
-    def of(cls, stats: MagnitudeOrderStats) -> "_RankLookup":
-        ranks = None if stats.ranks is None else stats.ranks.cpu().numpy()
-        return cls(stats.numel, stats.values.detach().cpu().numpy(), ranks)
-
-    def value_at_rank(self, rank: int, round: str = "down") -> float:
-        if not 0 <= rank < self.numel:
-            raise ValueError(f"rank must be in [0, {self.numel}); got {rank}")
-        if self.ranks is None:
-            return float(self.values[rank])
-        side = "right" if round == "down" else "left"
-        index = int(np.searchsorted(self.ranks, rank, side=side)) - (1 if round == "down" else 0)
-        return float(self.values[index])
+        return {stored.name: stored.param.detach().to("cpu").clone() for stored in self.tensors}
 
 
 def _free_memory(device: torch.device) -> int:
@@ -523,26 +402,3 @@ def _free_memory(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
-
-
-def _magnitude_lo(stats: "MagnitudeOrderStats | _RankLookup", density: float) -> float:
-    """Grid-stats threshold of `sparsify.magnitude_mask`: keep |t| >= lo."""
-    k = magnitude_keep_count(stats.numel, density)
-    if k == 0:
-        return math.inf
-    if k == stats.numel:
-        return -math.inf
-    return stats.value_at_rank(stats.numel - k, "down")
-
-
-def _outlier_bounds(stats: "MagnitudeOrderStats | _RankLookup", density: float, gamma: float) -> tuple[float, float]:
-    """Grid-stats window of `sparsify.magnitude_outliers_mask` (default options): keep lo <= |t| <= hi."""
-    n = stats.numel
-    if density >= 1:
-        return -math.inf, math.inf
-    start, stop = outlier_window(n, density, gamma, keep_at_least_one=True)
-    if start >= stop:
-        return math.inf, -math.inf
-    lo = stats.value_at_rank(start, "down") if start > 0 else -math.inf
-    hi = stats.value_at_rank(stop - 1, "up") if stop < n else math.inf
-    return lo, hi

@@ -7,8 +7,9 @@ surgery, ...) is refused with an error naming the field, never silently ignored.
 our own: `layer_pattern` (a regex for architectures the layer map does not know) and `seed`
 (for the random masks of DARE and DELLA).
 
-Every value is checked when the recipe is loaded (`PARAMETER_RULES`: every gradient anchor and
-filtered value), and gradients against the base model's depth by `check_layers` before any tensor
+Which parameters a method reads, their defaults and valid ranges are its row in
+`evomerge.merge.methods.METHODS`. Every value is checked against that row when the recipe is
+loaded (every gradient anchor and filtered value), and gradients against the base model's depth by `check_layers` before any tensor
 is read, so a recipe that would fail at layer 60 of 80 fails at once, naming the field.
 """
 from __future__ import annotations
@@ -24,45 +25,12 @@ from pydantic import ValidationError
 from evomerge._validation import Strict as _Strict
 from evomerge._validation import format_validation_error as _format_validation
 from evomerge.errors import RecipeError  # defined torch-free, for the CLI
+from evomerge.merge.methods import METHODS, MergeMethod
 from evomerge.merge.params import ParameterError, ParameterRule, check_setting
 
-# Which parameters each method reads, per model and globally (mergekit 0.1.5's specs).
-TASK_ARITHMETIC_FAMILY = {
-    "task_arithmetic", "ties", "dare_ties", "dare_linear",
-    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-}
-_TA_GLOBAL = {"normalize", "rescale", "lambda", "int8_mask"}
-MODEL_PARAMETERS: dict[str, set[str]] = {
-    "linear": {"weight"},
-    "slerp": set(),
-    "task_arithmetic": {"weight", "density"},
-    "ties": {"weight", "density"},
-    "dare_ties": {"weight", "density"},
-    "dare_linear": {"weight", "density"},
-    "breadcrumbs": {"weight", "density", "gamma"},
-    "breadcrumbs_ties": {"weight", "density", "gamma"},
-    "della": {"weight", "density", "epsilon"},
-    "della_linear": {"weight", "density", "epsilon"},
-}
-GLOBAL_PARAMETERS: dict[str, set[str]] = {
-    "linear": {"normalize"},
-    "slerp": {"t"},
-    **{m: _TA_GLOBAL for m in TASK_ARITHMETIC_FAMILY},
-}
-# What every parameter's values may be. The fractions are the kernels' (`sparsify.check_fraction`);
-# DELLA shrinks epsilon to min(epsilon, density, 1 - density), so any epsilon in [0, 1] is usable.
-# Weights and lambda may be negative (subtracting a task vector) but must be finite.
-PARAMETER_RULES: dict[str, ParameterRule] = {
-    "weight": ParameterRule("number"),
-    "density": ParameterRule("number", 0.0, 1.0),
-    "gamma": ParameterRule("number", 0.0, 1.0),
-    "epsilon": ParameterRule("number", 0.0, 1.0),
-    "lambda": ParameterRule("number"),
-    "t": ParameterRule("number", 0.0, 1.0),
-    "normalize": ParameterRule("bool"),
-    "rescale": ParameterRule("bool"),
-    "int8_mask": ParameterRule("bool"),
-}
+# Views of the method rows (`methods.METHODS`), for callers that only need the names.
+MODEL_PARAMETERS: dict[str, set[str]] = {name: set(row.per_model) for name, row in METHODS.items()}
+GLOBAL_PARAMETERS: dict[str, set[str]] = {name: set(row.settings) for name, row in METHODS.items()}
 UNSUPPORTED_TOP_LEVEL = {
     "slices": "layer slicing/stacking (frankenmerges) is not supported; merge whole models with `models:`",
     "modules": "per-module definitions are not supported; merge whole models with `models:`",
@@ -89,8 +57,8 @@ class MergeRecipe(_Strict):
 
     # ------------------------------------------------------------------ views
     def experts(self) -> list[ModelEntry]:
-        """The models that contribute task vectors (every listed model except the base)."""
-        if self.merge_method == "linear":
+        """The models the kernel stacks: every listed model, but the base for methods that need one."""
+        if not METHODS[self.merge_method].needs_base:
             return list(self.models)
         return [m for m in self.models if m.model != self.base_model]
 
@@ -139,56 +107,58 @@ def load_recipe(path_or_text: str | os.PathLike | dict, *, source: str | None = 
 
 
 def _check_semantics(recipe: MergeRecipe, source: str) -> None:
-    from evomerge.merge.kernels import KERNELS  # kernels are the source of truth for method names
-
-    method = recipe.merge_method
-    if method not in KERNELS or method not in MODEL_PARAMETERS:
-        valid = sorted(set(KERNELS) & set(MODEL_PARAMETERS))
-        raise RecipeError(f"{source}: field `merge_method`: unknown method {method!r}; valid: {valid}")
+    if recipe.merge_method not in METHODS:
+        raise RecipeError(f"{source}: field `merge_method`: unknown method {recipe.merge_method!r}; "
+                          f"valid: {sorted(METHODS)}")
+    row = METHODS[recipe.merge_method]
+    method = row.name
     if not recipe.models:
         raise RecipeError(f"{source}: field `models` is empty")
-    needs_base = method != "linear"
-    if needs_base and not recipe.base_model:
+    if row.needs_base and not recipe.base_model:
         raise RecipeError(f"{source}: field `base_model` is required for merge_method {method!r}")
     for i, entry in enumerate(recipe.models):
         for name in entry.parameters or {}:
-            if name not in MODEL_PARAMETERS[method]:
+            if name not in row.per_model:
                 raise RecipeError(
                     f"{source}: field `models[{i}].parameters.{name}` is not a parameter of {method!r} "
-                    f"(per-model parameters: {sorted(MODEL_PARAMETERS[method]) or 'none'})"
+                    f"(per-model parameters: {sorted(row.per_model) or 'none'})"
                 )
     for name in recipe.parameters or {}:
-        if name not in GLOBAL_PARAMETERS[method] and name not in MODEL_PARAMETERS[method]:
+        if row.parameter(name) is None:
             raise RecipeError(
                 f"{source}: field `parameters.{name}` is not a parameter of {method!r} "
-                f"(global: {sorted(GLOBAL_PARAMETERS[method])}; per-model: {sorted(MODEL_PARAMETERS[method])})"
+                f"(global: {sorted(row.settings)}; per-model: {sorted(row.per_model)})"
             )
     experts = recipe.experts()
     if not experts:
         raise RecipeError(f"{source}: field `models` lists no model besides the base model")
-    if method == "slerp":
-        if len(experts) != 1:
-            raise RecipeError(f"{source}: field `models`: slerp needs the base and exactly one other model, got {len(experts)}")
-        if "t" not in (recipe.parameters or {}):
-            raise RecipeError(f"{source}: field `parameters.t` is required for slerp")
+    if row.kernel == "slerp" and len(experts) != 1:
+        raise RecipeError(f"{source}: field `models`: slerp needs the base and exactly one other model, got {len(experts)}")
+    for name, parameter in row.settings.items():  # required global settings (slerp's t)
+        if parameter.default is None and name not in (recipe.parameters or {}):
+            raise RecipeError(f"{source}: field `parameters.{name}` is required for {method}")
     if recipe.tokenizer_source not in (None, "base", recipe.base_model):
         raise RecipeError(
             f"{source}: field `tokenizer_source`: only `base` is supported (the base model's tokenizer is copied)"
         )
-    if "weight" in MODEL_PARAMETERS[method]:
+    for name, parameter in row.per_model.items():  # required per-model parameters (weight)
+        if parameter.default is not None:
+            continue
         for i, entry in enumerate(recipe.models):
-            if entry in experts and "weight" not in (entry.parameters or {}) and "weight" not in (recipe.parameters or {}):
-                raise RecipeError(f"{source}: field `models[{i}].parameters.weight` is required for {method!r}")
-    _check_values(recipe, source)
+            if entry in experts and name not in (entry.parameters or {}) and name not in (recipe.parameters or {}):
+                raise RecipeError(f"{source}: field `models[{i}].parameters.{name}` is required for {method!r}")
+    _check_values(recipe, row, source)
 
 
-def _check_values(recipe: MergeRecipe, source: str, num_layers: int | None = None) -> None:
-    """Every value of every parameter setting obeys its `PARAMETER_RULES` row (see `check_setting`)."""
+def _check_values(recipe: MergeRecipe, row: MergeMethod, source: str, num_layers: int | None = None) -> None:
+    """Every value of every parameter setting obeys its row's kind and range (see `check_setting`)."""
     scopes = [(f"models[{i}].parameters", entry.parameters or {}) for i, entry in enumerate(recipe.models)]
     for scope, settings in [*scopes, ("parameters", recipe.parameters or {})]:
         for name, setting in settings.items():
+            parameter = row.parameter(name)
+            rule = ParameterRule(parameter.kind, parameter.low, parameter.high)
             try:
-                check_setting(setting, PARAMETER_RULES[name], field=f"{scope}.{name}", num_layers=num_layers)
+                check_setting(setting, rule, field=f"{scope}.{name}", num_layers=num_layers)
             except ParameterError as exc:
                 raise RecipeError(f"{source}: {exc}") from None
 
@@ -196,7 +166,7 @@ def _check_values(recipe: MergeRecipe, source: str, num_layers: int | None = Non
 def check_layers(loaded: LoadedRecipe, num_layers: int) -> None:
     """Check the recipe's gradients against the base model's depth (from its config.json), before any
     tensor is read: a gradient may hold at most one anchor per layer (two for a one-layer model)."""
-    _check_values(loaded.recipe, loaded.source, num_layers)
+    _check_values(loaded.recipe, METHODS[loaded.recipe.merge_method], loaded.source, num_layers)
 
 
 def resolve_model_path(reference: str, loaded: LoadedRecipe) -> Path:

@@ -29,14 +29,15 @@ mask-and-rescale step, so masks can be tested and reused alone. Where we differ 
   gives a row of one entry (and a 0-d tensor) keep probability `density` and shrinks epsilon to
   min(epsilon, density, 1 - density), where mergekit fails (NaN probabilities, IndexError,
   or ValueError).
-* `MagnitudeOrderStats` + `magnitude_threshold`: a lookup path for the search loop, where the
-  same delta is sparsified at many densities.
-* `magnitude_rank_bounds` + `rank_window`: the same top-k / Breadcrumbs windows (ties included)
-  found from a sampled bracket, one counting pass and a selection over the bracket only, for the
-  big tensors of `evomerge merge`.
+* Order statistics live here, for every caller: `rank_window` gives the exact top-k / Breadcrumbs
+  window (thresholds plus the tied entries outside it) from `RankBound`s, found either from
+  `MagnitudeOrderStats` (sorted once per expert, reused by every candidate of a search: the grid
+  brackets each rank, a selection over the bracket finds it) or from `magnitude_rank_bounds` (a
+  sampled bracket, for one-off merges). Both are exact: the sample or grid only decides how fast.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -131,63 +132,89 @@ class MagnitudeOrderStats:
     """Sorted |delta| of one expert's delta for one tensor, computed once, reused for every density.
 
     `values` holds ascending |delta| at the ascending ranks `ranks`; `ranks is None` means `values`
-    is the full sorted vector (exact). Build it from the delta the kernel will sparsify, i.e.
-    `task_vectors(base, experts)[i]` (float32, or float64 for float64 inputs); `values` keeps that dtype.
-
-    Exact stats give exactly the mask of the selection path (ties included). Grid stats (tensors
-    larger than `grid`) keep everything at or beyond the grid value at the nearest grid rank
-    on the keeping side of the exact threshold rank, so the kept set contains the exact one and
-    has fewer than `max_rank_gap` extra entries per threshold (plus any entries tied with the
-    threshold value): magnitude keeps k..k+gap-1 entries, magnitude_outliers k..k+2(gap-1).
+    is the full sorted vector. Grid stats (tensors larger than `grid`) keep `grid` evenly spaced
+    ranks plus, for each, how many entries lie below its value (`below`) and at or below it
+    (`not_above`). Either way `rank_bounds` is exact: between two grid ranks the value at any rank
+    is bracketed, so only the entries inside the bracket (about numel / grid) are selected over.
+    Build it from the delta the kernel will sparsify, i.e. `task_vectors(base, experts)[i]`
+    (float32, or float64 for float64 inputs); `values` keeps that dtype.
     """
 
     numel: int
     values: torch.Tensor
     ranks: torch.Tensor | None = None
+    below: torch.Tensor | None = None
+    not_above: torch.Tensor | None = None
 
     @classmethod
     def from_delta(cls, delta: torch.Tensor, grid: int | None = 65536) -> "MagnitudeOrderStats":
         """Sort |delta| once; keep all of it if numel <= grid (or grid is None), else `grid` evenly spaced ranks."""
-        magnitudes = delta.detach().abs().reshape(-1).to(work_dtype(delta))
-        n = magnitudes.numel()
-        sorted_magnitudes = torch.sort(magnitudes).values
+        sorted_magnitudes = _sort_magnitudes(_magnitudes(delta))
+        n = sorted_magnitudes.numel()
         if grid is None or n <= grid:
             return cls(numel=n, values=sorted_magnitudes)
         if grid < 2:
             raise ValueError(f"grid must be >= 2 (or None for full stats); got {grid}")
         # Spacing (n - 1) / (grid - 1) > 1, so rounded ranks are strictly increasing, from 0 to n - 1.
-        ranks = torch.linspace(0, n - 1, grid, dtype=torch.float64).round().long()
-        return cls(numel=n, values=sorted_magnitudes[ranks].clone(), ranks=ranks)
+        ranks = torch.linspace(0, n - 1, grid, dtype=torch.float64).round().long().to(delta.device)
+        values = sorted_magnitudes[ranks].clone()
+        below = torch.searchsorted(sorted_magnitudes, values, right=False)
+        not_above = torch.searchsorted(sorted_magnitudes, values, right=True)
+        return cls(numel=n, values=values, ranks=ranks.cpu(), below=below.cpu(), not_above=not_above.cpu())
 
     @property
     def is_exact(self) -> bool:
+        """True when `values` is the whole sorted vector (no selection is ever needed)."""
         return self.ranks is None
-
-    @property
-    def max_rank_gap(self) -> int:
-        """Largest distance between consecutive stored ranks (1 for exact stats)."""
-        if self.ranks is None:
-            return 1
-        return int((self.ranks[1:] - self.ranks[:-1]).max())
-
-    def value_at_rank(self, rank: int, round: Literal["down", "up"] = "down") -> float:
-        """|delta| at ascending rank `rank`; grid stats use the nearest stored rank below ("down") or above ("up")."""
-        if not 0 <= rank < self.numel:
-            raise ValueError(f"rank must be in [0, {self.numel}); got {rank}")
-        if self.ranks is None:
-            return float(self.values[rank])
-        query = torch.tensor([rank], dtype=self.ranks.dtype)
-        if round == "down":
-            index = int(torch.searchsorted(self.ranks, query, right=True)) - 1
-        else:
-            index = int(torch.searchsorted(self.ranks, query, right=False))
-        return float(self.values[index])
 
     def check_matches(self, tensor: torch.Tensor) -> None:
         if tensor.numel() != self.numel:
             raise ValueError(
                 f"order stats were built for {self.numel} elements but the tensor has {tensor.numel()}"
             )
+
+    def rank_bounds(self, tensor: torch.Tensor, ranks: list[int] | tuple[int, ...]) -> list["RankBound"]:
+        """Exact `RankBound`s of |tensor| (the delta these stats were built from) at the given ranks.
+
+        Full stats look them up. Grid stats bracket each rank between its neighbouring grid ranks;
+        one pass collects the entries inside the brackets, and `torch.kthvalue` over those gives the
+        value (the same value and counts as a selection over the whole tensor).
+        """
+        self.check_matches(tensor)
+        for rank in ranks:
+            if not 0 <= rank < self.numel:
+                raise ValueError(f"rank must be in [0, {self.numel}); got {rank}")
+        if self.ranks is None:
+            return [self._full_bound(rank) for rank in ranks]
+        bounds: dict[int, RankBound] = {}
+        brackets, pending = [], []
+        grid_ranks = self.ranks.tolist()
+        for rank in ranks:
+            high = bisect.bisect_left(grid_ranks, rank)  # first grid rank >= rank
+            low = high if grid_ranks[high] == rank else high - 1
+            a, b = float(self.values[low]), float(self.values[high])
+            if a == b:  # the rank lies in one tie run: its value and counts are stored
+                bounds[rank] = RankBound(rank, a, int(self.below[low]), int(self.not_above[low] - self.below[low]))
+            else:
+                brackets.append((a, b))
+                pending.append((rank, int(self.below[low])))
+        if pending:
+            for (rank, below), subset in zip(pending, _bracket_members(tensor, brackets)):
+                if below <= rank < below + subset.numel():
+                    value = torch.kthvalue(subset, rank - below + 1).values
+                    bounds[rank] = RankBound(rank, float(value), below + int((subset < value).sum()),
+                                             int((subset == value).sum()))
+                else:  # NaN magnitudes (allow_nonfinite) order outside any bracket: select over everything
+                    bounds[rank] = _exact_rank_bound(_magnitudes(tensor), rank)
+        return [bounds[rank] for rank in ranks]
+
+    def _full_bound(self, rank: int) -> "RankBound":
+        value = self.values[rank]
+        below = int(torch.searchsorted(self.values, value, right=False))
+        not_above = int(torch.searchsorted(self.values, value, right=True))
+        if bool(torch.isnan(value)):  # searchsorted cannot place NaN: count as the selection does
+            return _exact_rank_bound(self.values, rank)
+        return RankBound(rank, float(value), below, not_above - below)
 
 
 def magnitude_keep_count(numel: int, density: float) -> int:
@@ -197,19 +224,6 @@ def magnitude_keep_count(numel: int, density: float) -> int:
     if density >= 1:
         return numel
     return max(1, int(density * numel))
-
-
-def magnitude_threshold(stats: MagnitudeOrderStats, density: float) -> float:
-    """The |delta| threshold of `magnitude` at `density`, looked up instead of selected.
-
-    Entries with |delta| >= the threshold are kept (exact stats: ties resolved as in the selection
-    path). Returns +inf when nothing is kept.
-    """
-    density = check_fraction(density, "density")
-    k = magnitude_keep_count(stats.numel, density)
-    if k == 0:
-        return math.inf
-    return stats.value_at_rank(stats.numel - k, "down")
 
 
 def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
@@ -227,14 +241,9 @@ def magnitude_mask(
     k = magnitude_keep_count(n, density)
     if k in (0, n):
         return torch.full(tensor.shape, k == n, dtype=torch.bool, device=tensor.device)
-    magnitudes = _magnitudes(tensor)
-    if stats is None:
-        keep = _rank_window_mask(magnitudes, n - k, n)
-    else:
-        stats.check_matches(tensor)
-        threshold = stats.value_at_rank(n - k, "down")
-        keep = _rank_window_mask(magnitudes, n - k, n, lo=threshold) if stats.is_exact else magnitudes >= threshold
-    return keep.reshape(tensor.shape)
+    if stats is not None:
+        return rank_window(tensor, n - k, n, bounds=(stats.rank_bounds(tensor, [n - k])[0], None)).mask(tensor)
+    return _rank_window_mask(_magnitudes(tensor), n - k, n).reshape(tensor.shape)
 
 
 def magnitude(
@@ -281,22 +290,9 @@ def magnitude_outliers_mask(
     start, stop = outlier_window(n, density, gamma, keep_at_least_one)
     if start >= stop:
         return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
-    magnitudes = _magnitudes(tensor)
-    if stats is None:
-        keep = _rank_window_mask(magnitudes, start, stop)
-    else:
-        stats.check_matches(tensor)
-        lo = stats.value_at_rank(start, "down")
-        hi = stats.value_at_rank(stop - 1, "up")
-        if stats.is_exact:
-            keep = _rank_window_mask(magnitudes, start, stop, lo=lo, hi=hi)
-        else:
-            keep = torch.ones(n, dtype=torch.bool, device=tensor.device)
-            if start > 0:
-                keep &= magnitudes >= lo
-            if stop < n:
-                keep &= magnitudes <= hi
-    return keep.reshape(tensor.shape)
+    if stats is not None:
+        return rank_window(tensor, start, stop, stats=stats).mask(tensor)
+    return _rank_window_mask(_magnitudes(tensor), start, stop).reshape(tensor.shape)
 
 
 def magnitude_outliers(
@@ -345,6 +341,45 @@ def _exact_rank_bound(magnitudes: torch.Tensor, rank: int) -> RankBound:
     return RankBound(rank, float(value), below, equal)
 
 
+def _bracket_pass(
+    flat: torch.Tensor, brackets: list[tuple[float, float]], *, count_below: bool, chunk_size: int = 1 << 18
+) -> tuple[list[int], list[torch.Tensor]]:
+    """One chunked pass over |flat|: per bracket [a, b], the count of entries below a (if asked) and
+    the magnitudes inside [a, b], in the work dtype."""
+    dtype = work_dtype(flat)
+    n = flat.numel()
+    below = [0] * len(brackets)
+    inside: list[list[torch.Tensor]] = [[] for _ in brackets]
+    # Comparisons into float outputs (torch vectorizes those, not comparisons into bool), and the
+    # in-bracket entries gathered as whole blocks of 16 that hold one: a boolean gather over every
+    # entry costs more than the rest of the pass.
+    block = 16
+    size = min(chunk_size, n)
+    magnitude_buf = torch.empty(size, dtype=dtype, device=flat.device)
+    lower_buf = torch.empty(size, dtype=dtype, device=flat.device)
+    inside_buf = torch.empty(size, dtype=dtype, device=flat.device)
+    for start in range(0, n, chunk_size):
+        chunk = flat[start:start + chunk_size]
+        c = chunk.numel()
+        magnitudes = torch.abs(chunk.to(dtype), out=magnitude_buf[:c])
+        whole = c - c % block
+        for j, (a, b) in enumerate(brackets):
+            lower = torch.lt(magnitudes, a, out=lower_buf[:c])  # 1 below the bracket
+            if count_below:
+                below[j] += int(lower.sum())
+            in_bracket = torch.le(magnitudes, b, out=inside_buf[:c]).sub_(lower)  # 1 inside [a, b]
+            hit = in_bracket[:whole].view(-1, block).sum(1) > 0
+            candidates = [magnitudes[:whole].view(-1, block)[hit].reshape(-1), magnitudes[whole:]]
+            for values in candidates:
+                inside[j].append(values[(values >= a) & (values <= b)])
+    return below, [torch.cat(parts) for parts in inside]
+
+
+def _bracket_members(tensor: torch.Tensor, brackets: list[tuple[float, float]]) -> list[torch.Tensor]:
+    """The magnitudes of |tensor| inside each bracket [a, b] (one pass for all brackets)."""
+    return _bracket_pass(tensor.detach().reshape(-1), brackets, count_below=False)[1]
+
+
 def magnitude_rank_bounds(
     tensor: torch.Tensor,
     ranks: list[int] | tuple[int, ...],
@@ -390,33 +425,10 @@ def magnitude_rank_bounds(
         b = float(sample[high]) if high < samples else math.inf
         brackets.append((a, b))
 
-    below = [0] * len(ranks)
-    inside: list[list[torch.Tensor]] = [[] for _ in ranks]
-    # Comparisons into float outputs (torch vectorizes those, not comparisons into bool), and the
-    # in-bracket entries gathered as whole blocks of 16 that hold one: a boolean gather over every
-    # entry costs more than the rest of the pass.
-    block = 16
-    size = min(chunk_size, n)
-    magnitude_buf = torch.empty(size, dtype=dtype, device=flat.device)
-    lower_buf = torch.empty(size, dtype=dtype, device=flat.device)
-    inside_buf = torch.empty(size, dtype=dtype, device=flat.device)
-    for start in range(0, n, chunk_size):
-        chunk = flat[start:start + chunk_size]
-        c = chunk.numel()
-        magnitudes = torch.abs(chunk.to(dtype), out=magnitude_buf[:c])
-        whole = c - c % block
-        for j, (a, b) in enumerate(brackets):
-            lower = torch.lt(magnitudes, a, out=lower_buf[:c])  # 1 below the bracket
-            below[j] += int(lower.sum())
-            in_bracket = torch.le(magnitudes, b, out=inside_buf[:c]).sub_(lower)  # 1 inside [a, b]
-            hit = in_bracket[:whole].view(-1, block).sum(1) > 0
-            candidates = [magnitudes[:whole].view(-1, block)[hit].reshape(-1), magnitudes[whole:]]
-            for values in candidates:
-                inside[j].append(values[(values >= a) & (values <= b)])
+    below, subsets = _bracket_pass(flat, brackets, count_below=True, chunk_size=chunk_size)
     bounds = []
     for j, rank in enumerate(ranks):
-        subset = torch.cat(inside[j])
-        inside[j] = []
+        subset = subsets[j]
         if below[j] <= rank < below[j] + subset.numel():
             value = torch.kthvalue(subset, rank - below[j] + 1).values
             bounds.append(RankBound(rank, float(value), below[j] + int((subset < value).sum()),
@@ -452,14 +464,15 @@ def rank_window(
     stop: int,
     *,
     bounds: tuple[RankBound | None, RankBound | None] | None = None,
+    stats: MagnitudeOrderStats | None = None,
     **bound_options,
 ) -> RankWindow:
     """Thresholds and tie exceptions of the ascending-rank window [start, stop) of |tensor|.
 
     Same entries as the selection path (`magnitude_mask`: start = numel - k, stop = numel;
     `magnitude_outliers_mask`: `outlier_window`), ties broken by flat index, but found with
-    `magnitude_rank_bounds` (or the given bounds at ranks start and stop - 1): a compare plus,
-    only when a threshold ties, one scan for the tied entries.
+    the given bounds at ranks start and stop - 1, or `stats.rank_bounds`, or else
+    `magnitude_rank_bounds`: a compare plus, only when a threshold ties, one scan for the tied entries.
     """
     n = tensor.numel()
     empty = torch.zeros(0, dtype=torch.long, device=tensor.device)
@@ -467,7 +480,8 @@ def rank_window(
         return RankWindow(math.inf, -math.inf, empty)
     ranks = ([start] if start > 0 else []) + ([stop - 1] if stop < n else [])
     if bounds is None:
-        found = iter(magnitude_rank_bounds(tensor, ranks, **bound_options))
+        found = iter(stats.rank_bounds(tensor, ranks) if stats is not None
+                     else magnitude_rank_bounds(tensor, ranks, **bound_options))
         low_bound = next(found) if start > 0 else None
         high_bound = next(found) if stop < n else None
     else:

@@ -1,0 +1,87 @@
+"""What the search scores is what `evomerge merge` / `export` writes: bit for bit, on tensors far
+above the order-statistics grid (65,536 entries), for every method the fused planner or the
+kernels' stages run in memory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evomerge.merge.checkpoint import ModelFolder
+from evomerge.merge.engine import merge_recipe
+from evomerge.merge.materializer import Materializer, layerwise
+from evomerge.merge.methods import METHODS
+from evomerge.testing import llama_config, make_family
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    config = llama_config(hidden=128, intermediate=1600, vocab=2048, layers=LAYERS, heads=4)
+    return make_family(tmp_path_factory.mktemp("big"), n_experts=3, seed=5, delta_scale=0.3, config=config)
+
+
+@pytest.fixture(scope="module")
+def materializer(family):
+    base, experts = family
+    return Materializer.from_folders(base, experts, device="cpu", seed=11, compile=False)
+
+
+def test_the_family_has_tensors_far_above_the_grid(family):
+    base = ModelFolder.open(family[0])
+    sizes = [int(np.prod(base.shape(name))) for name in base.tensor_names()]
+    assert max(sizes) >= 250_000 and sum(s >= 200_000 for s in sizes) >= 2 * LAYERS
+
+
+def assert_scored_equals_exported(tmp_path, family, materializer, method, per_expert, settings=None):
+    base, experts = family
+    row = METHODS[method]
+    materializer.apply(method, layerwise(LAYERS, **per_expert), **{("lambda_" if k == "lambda" else k): v
+                                                                     for k, v in (settings or {}).items()})
+    scored = materializer.merged_state()
+
+    def setting(values):  # one value, or a gradient with one anchor per layer
+        values = np.asarray(values, dtype=np.float64)
+        return float(values) if values.ndim == 0 else [float(v) for v in values]
+
+    models = [{"model": str(e), "parameters": {name: setting(np.asarray(values)[k])
+                                               for name, values in per_expert.items() if name in row.per_model}}
+              for k, e in enumerate(experts)]
+    recipe = {"merge_method": method, "base_model": str(base), "models": models, "dtype": "float32", "seed": 11}
+    if settings:
+        recipe["parameters"] = dict(settings)
+    exported = ModelFolder.open(merge_recipe(recipe, tmp_path / method, progress=False).out_dir)
+    for name, tensor in scored.items():
+        written = exported.get_tensor(name)
+        assert torch.equal(tensor, written), f"{method} {name}: {int((tensor != written).sum())} entries differ"
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.7, 0.97])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_magnitude_methods_at_several_densities(tmp_path, family, materializer, method, density):
+    per_expert = {"weight": [0.9, 0.5, 0.7], "density": [density, density * 0.8, min(1.0, density * 1.1)]}
+    if method == "breadcrumbs_ties":
+        per_expert["gamma"] = [0.01, 0.05, 0.0]
+    assert_scored_equals_exported(tmp_path, family, materializer, method, per_expert)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs",
+                                    "task_arithmetic"])
+def test_every_other_task_arithmetic_method(tmp_path, family, materializer, method):
+    per_expert = {"weight": [0.8, 0.6, 0.4], "density": [0.4, 0.6, 1.0]}
+    if method == "breadcrumbs":
+        per_expert["gamma"] = [0.02, 0.02, 0.02]
+    if method.startswith("della"):
+        per_expert["epsilon"] = [0.1, 0.05, 0.1]
+    if method == "task_arithmetic":
+        per_expert.pop("density")
+    assert_scored_equals_exported(tmp_path, family, materializer, method, per_expert)
+
+
+def test_per_layer_coefficients_and_settings(tmp_path, family, materializer):
+    rng = np.random.default_rng(4)
+    per_expert = {"weight": rng.uniform(0.2, 1.0, (3, LAYERS)), "density": rng.uniform(0.1, 0.9, (3, LAYERS))}
+    assert_scored_equals_exported(tmp_path, family, materializer, "ties", per_expert,
+                                  {"normalize": False, "lambda": 1.3, "rescale": True})
+    assert_scored_equals_exported(tmp_path, family, materializer, "dare_ties", per_expert, {"normalize": True})
