@@ -22,7 +22,7 @@ items of every task. Targets (printed as PASS / MISS):
     python benchmarks/search_quality.py zoo --seeds 1 --budget 12 --strategies random,m2n2   # smoke
     python benchmarks/search_quality.py zoo ... --record                      # also benchmarks/RESULTS.md
 
-``synthetic`` -- the measurement behind ``evomerge.search.prescreen.PRESCREEN_DEFAULTS``: every
+``synthetic`` -- the measurement behind ``evomerge.search.optimizers.PRESCREEN_DEFAULTS``: every
 registered optimizer with and without surrogate pre-screening at equal *evaluated* budgets, on
 cheap synthetic merge-like objectives: three tasks, each accuracy ``sigmoid(a - s (x - c)' A (x - c))``
 with its own optimum ``c`` and a diagonal-plus-rank-2 curvature ``A`` over a ``[0, 1.5]^d`` box
@@ -148,7 +148,7 @@ class SyntheticTasks:
 def synthetic_run(name: str, dim: int, seed: int, factor: float | None, budget: int,
                   screen_settings: dict | None = None) -> dict[str, float]:
     from evomerge.search.pareto import hypervolume, non_dominated_mask
-    from evomerge.search.prescreen import make_prescreened
+    from evomerge.search.optimizers import make_prescreened
 
     problem = SyntheticTasks(dim, seed=seed)
     started = time.perf_counter()
@@ -281,7 +281,7 @@ def optimizer_block(strategy: str, factor: float | None, budget: int, gene_slots
 
 
 def prescreen_factor(strategy: str, option: str) -> float | None:
-    from evomerge.search.prescreen import PRESCREEN_DEFAULTS
+    from evomerge.search.optimizers import PRESCREEN_DEFAULTS
 
     if option == "default":
         return PRESCREEN_DEFAULTS.get(optimizer_name(strategy))

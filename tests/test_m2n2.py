@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evomerge.search.m2n2 import (
+from evomerge.search.optimizers import (
     M2N2Optimizer,
     allowed_splits,
     attraction,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.stats import qmc
 
-from evomerge.search.map_surrogate import (
+from evomerge.search.optimizers import (
     MAPOptimizer,
     QuadraticSurrogate,
     cross_validated_r2,

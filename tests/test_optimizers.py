@@ -1,6 +1,8 @@
 """The ask/tell protocol, run over every registered optimizer (evosax-style registry test)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import warnings
 
@@ -14,6 +16,8 @@ from evomerge.search.optimizers import (
     make_optimizer,
     restore_optimizer,
     save_state,
+    state_from_dict,
+    state_to_dict,
 )
 from evomerge.search.pareto import hypervolume
 
@@ -173,18 +177,45 @@ def test_genomes_stay_in_bounds_and_same_seed_gives_same_asks(name):
 
 
 # ------------------------------------------------------------------ the whole loop, per optimizer
+SEPARATION_BUDGET = 150
+SEPARATION_SEEDS = range(5)
+# M2N2's default mutation (1% of the box) assumes an archive of fine-tuned models to recombine; from
+# random genomes, as here, crossover alone only interpolates between them.
+FROM_SCRATCH = {"m2n2": dict(mutation_std=0.05)}
+
+
+def bumps(X: np.ndarray) -> np.ndarray:
+    """Two sharper accuracy-like tasks (no failures): most of the box scores near 0. (n, M)"""
+    return np.exp(-20.0 * ((X[:, None, :] - CENTRES[None, :, :]) ** 2).mean(axis=2))
+
+
+@functools.lru_cache(maxsize=None)
+def search_quality(name: str, seed: int) -> tuple[float, float]:
+    """(hypervolume, best mean) of the first SEPARATION_BUDGET evaluations of one run on `bumps`."""
+    opt = make(name, seed=seed, **FROM_SCRATCH.get(name, {}))
+    history = []
+    while opt.n_evaluations < SEPARATION_BUDGET:
+        X = opt.ask()
+        F = bumps(X)
+        opt.tell(X, F, responses_of(F))
+        history.append(F)
+    F = np.vstack(history)
+    assert opt.best_score == pytest.approx(F.mean(axis=1).max())  # best-so-far tracking, equal weights
+    F = F[:SEPARATION_BUDGET]
+    return hypervolume(F), float(F.mean(axis=1).max())
+
+
 @pytest.mark.parametrize("name", sorted(FAST))
-def test_every_optimizer_improves_on_its_first_batch(name):
-    opt = make(name, seed=1)
-    X0, F0 = step(opt)
-    history = [F0]
-    while opt.n_evaluations < 80:
-        history.append(step(opt)[1])
-    F = np.nan_to_num(np.vstack(history), nan=0.0)
-    F0 = np.nan_to_num(F0, nan=0.0)
-    assert F.mean(axis=1).max() > F0.mean(axis=1).max() + 0.01
-    assert hypervolume(F) > hypervolume(F0) + 1e-3
-    assert opt.best_score == pytest.approx(F.mean(axis=1).max())
+def test_every_optimizer_beats_random_search_and_random_search_does_not(name):
+    """Over 5 seeds at 150 evaluations, an optimizer's mean result beats random search's median by
+    0.05: hypervolume for the multi-objective optimizers, the best mean of the objectives for the
+    single-objective ones (what each optimises). Random search itself misses that bar, so the
+    check separates search from sampling (measured margins: 0.09 for DE to 0.36 for MAP)."""
+    metric = 1 if OPTIMIZERS[name].single_objective else 0
+    ours = np.array([search_quality(name, seed)[metric] for seed in SEPARATION_SEEDS])
+    baseline = np.array([search_quality("random", seed)[metric] for seed in SEPARATION_SEEDS])
+    beats = ours.mean() > np.median(baseline) + 0.05
+    assert beats == (name != "random"), (ours.round(3), baseline.round(3))
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -239,6 +270,20 @@ def test_initial_genomes_are_asked_first_and_survive_a_checkpoint(name, tmp_path
     with pytest.raises(ValueError, match=rf"{name}: initial_genomes row 0 lies outside the bounds"
                        if name != "map" else rf"{name}: initial_genomes must have shape"):
         make(name, initial_genomes=((1.5,) * DIM,) if name != "map" else ((0.5,),))
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_strategy_state_is_a_dataclass_written_field_by_field(name):
+    """One generic encoding: the JSON of the strategy part is the State dataclass's fields, in order."""
+    opt = make(name, seed=0)
+    step(opt)
+    state = opt.state()
+    assert dataclasses.is_dataclass(state.strategy) and isinstance(state.strategy, OPTIMIZERS[name].State)
+    data = state_to_dict(state)
+    assert list(data["strategy"]) == [f.name for f in dataclasses.fields(state.strategy)]
+    data["strategy"]["typo"] = 1
+    with pytest.raises(ValueError, match=rf"{type(state.strategy).__name__} has no fields \['typo'\]"):
+        state_from_dict(data)
 
 
 def test_state_for_another_optimizer_is_refused():

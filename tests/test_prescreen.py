@@ -1,4 +1,4 @@
-"""Surrogate pre-screening (evomerge.search.prescreen): protocol, checkpoints, selection, benefit."""
+"""Surrogate pre-screening (evomerge.search.optimizers._prescreen): protocol, checkpoints, selection, benefit."""
 from __future__ import annotations
 
 import json
@@ -9,20 +9,18 @@ import pytest
 
 from evomerge.search.optimizers import (
     OPTIMIZERS,
-    Optimizer,
-    load_state,
-    make_optimizer,
-    restore_optimizer,
-    save_state,
-)
-from evomerge.search.pareto import hypervolume
-from evomerge.search.prescreen import (
     PRESCREEN_DEFAULTS,
+    Optimizer,
     Prescreened,
     fit_screen,
+    load_state,
+    make_optimizer,
     make_prescreened,
+    restore_optimizer,
+    save_state,
     select_proposals,
 )
+from evomerge.search.pareto import hypervolume
 
 DIM, M = 4, 2
 CENTRES = np.array([[0.2, 0.3, 0.25, 0.2], [0.7, 0.6, 0.75, 0.8]])  # (M, DIM)
@@ -95,10 +93,11 @@ def test_failed_evaluations_reach_the_inner_optimizer_as_failures_and_stay_out_o
     opt = make("random", seed=0)
     while opt.n_evaluations < 40:
         step(opt)
-    assert opt._failed.any()  # x0 > 0.97 happens in 40 uniform samples
-    assert opt.inner.n_failed >= opt._failed.sum()
+    failed = opt.strategy_state.failed
+    assert failed.any()  # x0 > 0.97 happens in 40 uniform samples
+    assert opt.inner.n_failed >= failed.sum()
     X, F = opt._data()
-    assert len(X) == (~opt._failed).sum() and np.all(np.isfinite(F))
+    assert len(X) == (~failed).sum() and np.all(np.isfinite(F))
 
 
 def test_registry_and_factory():

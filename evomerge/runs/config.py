@@ -51,7 +51,7 @@ class OptimizerConfig(Strict):
     name: str
     settings: dict[str, Any] = Field(default_factory=dict)  # passed to the optimizer (pop_size, batch_size, ...)
     # Surrogate pre-screening: propose this many times more candidates and evaluate the surrogate's
-    # best. null = the measured default for the optimizer (search.prescreen.PRESCREEN_DEFAULTS); 1 = off.
+    # best. null = the measured default for the optimizer (search.optimizers.PRESCREEN_DEFAULTS); 1 = off.
     prescreen: float | None = Field(default=None, ge=1.0)
 
 

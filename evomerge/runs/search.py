@@ -218,7 +218,7 @@ def _new_state(config: RunConfig, space, n_objectives: int):
         except ValueError as exc:
             raise ConfigError(f"field `optimizer.settings.initial_genomes`: {exc}") from None
         settings["initial_genomes"] = [tuple(g) for g in corners.tolist()]
-    from evomerge.search.prescreen import make_prescreened
+    from evomerge.search.optimizers import make_prescreened
 
     try:
         optimizer = make_prescreened(config.optimizer.name, dim, bounds, n_objectives, seed=config.seed,
@@ -230,14 +230,14 @@ def _new_state(config: RunConfig, space, n_objectives: int):
 
 
 def _checkpoint_state(optimizer: Optimizer, archive: ParetoArchive, counters: dict, config_hash: str) -> dict:
-    from evomerge.search.optimizers._checkpoint import encode_plain
+    from evomerge.search.optimizers import encode_plain
 
     return {"optimizer": state_to_dict(optimizer.state()), "archive": encode_plain(archive.to_dict()),
             "counters": dict(counters), "results_sha256": config_hash}
 
 
 def _restore(state: dict, store: RunStore, config_hash: str, path: Path) -> tuple[Optimizer, ParetoArchive, dict]:
-    from evomerge.search.optimizers._checkpoint import decode_plain
+    from evomerge.search.optimizers import decode_plain
 
     saved = state.get("results_sha256")
     if saved is None:  # checkpoints written before the address could change hash the whole snapshot

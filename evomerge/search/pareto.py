@@ -120,9 +120,6 @@ class ParetoArchive:
         self._ids.append(record_id)
         return True
 
-    def update(self, records: Iterable[tuple[RecordId, Iterable[float]]]) -> list[bool]:
-        return [self.add(rid, f) for rid, f in records]
-
     @property
     def members(self) -> list[ParetoMember]:
         return [ParetoMember(rid, f.copy()) for rid, f in zip(self._ids, self._F)]
@@ -147,9 +144,6 @@ class ParetoArchive:
         if not len(self._F):
             return 0.0
         return hypervolume(self._F, ref)
-
-    def crowding_distances(self) -> np.ndarray:
-        return crowding_distance(self._F) if len(self._F) else np.zeros(0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able; Python floats round-trip exactly through json."""

@@ -6,8 +6,9 @@ model and three reference merges, and records it all in `zoo.json` (see `Manifes
 stand-in for "a base model and its fine-tunes" on machines without hub access or a GPU, and the
 fixture of the tests and benchmarks. docs/zoo.md explains the recipe that makes the experts merge.
 """
-from evomerge.zoo._build import BASE, MANIFEST_NAME, Manifest, build_zoo, folder_files
+from evomerge.zoo._build import BASE, MANIFEST_NAME, Manifest, folder_files
 from evomerge.zoo._sizes import SIZES, ZooSize, get_size
+from evomerge.zoo._stages import build_zoo
 from evomerge.zoo._tasks import TASKS, make_task_splits
 
 __all__ = [

@@ -1,6 +1,7 @@
-"""`build_zoo`: build (or reuse) the zoo's tokenizer, tasks, base, experts and reference merges.
+"""The zoo builder: manifest, component keys and reuse, and the reference-merge search.
 
-The zoo is a folder::
+`build_zoo` (in `_stages`) builds or reuses the zoo's tokenizer, tasks, base, experts and
+reference merges through the `_Builder` defined here. The zoo is a folder::
 
     zoo.json               the manifest (see `Manifest`)
     tokenizer/             Hugging Face tokenizer files
@@ -32,7 +33,7 @@ import torch
 
 from evomerge._atomic import atomic_directory, write_json_atomic
 from evomerge._device import default_device
-from evomerge.zoo._sizes import ZooSize, get_size
+from evomerge.zoo._sizes import ZooSize
 from evomerge.zoo._tasks import TASKS
 
 MANIFEST_NAME = "zoo.json"
@@ -277,77 +278,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def build_zoo(
-    out_dir: str | os.PathLike, size: str = "small", seed: int = 0, progress: bool = True
-) -> Manifest:
-    """Build the zoo into `out_dir/size` (or reuse what is already there) and return its manifest.
-
-    `out_dir/small` and `out_dir/tiny` can live side by side; the manifest is `out_dir/size/zoo.json`.
-    Deterministic for a given (size, seed) on one machine, torch version and thread count.
-    """
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    spec = get_size(size)
-    root = Path(out_dir) / spec.name
-    root.mkdir(parents=True, exist_ok=True)
-    # per-file loading and saving bars would drown the build's own progress lines
-    hf_bars, ds_bars = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    try:
-        return _build(root, spec, int(seed), progress)
-    finally:
-        if hf_bars:
-            hf_logging.enable_progress_bar()
-        if ds_bars:
-            datasets.enable_progress_bars()
-
-
-def _build(root: Path, spec: ZooSize, seed: int, progress: bool) -> Manifest:
-    from evomerge.zoo import _stages
-
-    builder = _Builder(root, spec, seed, progress)
-    builder.log(f"zoo size={spec.name} seed={seed} -> {root} (device {builder.device}, {torch.get_num_threads()} threads)")
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-    _stages.build_tokenizer_stage(builder)
-    _stages.build_task_stages(builder)
-    _stages.build_base_stage(builder)
-    _stages.build_expert_stages(builder)
-    _stages.evaluate_stage(builder)
-
-    data = builder.data
-    components = [data["tokenizer"]] + list(data["tasks"].values()) + list(data["models"].values())
-    data["content_hash"] = _hash_json(sorted(c["hash"] for c in components))
-    run_seconds = round(time.perf_counter() - builder.start, 2)
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    previous_build = builder.previous.get("build", {})
-    from_scratch = not builder.reused
-    components_seconds = sum(c["seconds"] for c in components) + data["evaluation"]["seconds"]
-    data["build"] = {
-        # wall-clock time of the last build from scratch (imports included), with the machine's
-        # 1-minute load average before and after it; a partial rebuild keeps those figures
-        "seconds": run_seconds if from_scratch else previous_build.get("seconds", round(components_seconds, 2)),
-        "load_average": [load_before, load_after] if from_scratch else previous_build.get("load_average"),
-        "threads": torch.get_num_threads() if from_scratch else previous_build.get("threads"),
-        "last_run": {"seconds": run_seconds, "built": builder.built, "reused": builder.reused},
-    }
-    _set_build_bar(data)
-    builder.save()
-    builder.log(f"done in {run_seconds:.1f}s: built {len(builder.built)}, reused {len(builder.reused)}")
-    return Manifest.load(root)  # exactly what a later reader sees (tuples become lists)
-
-
-def _set_build_bar(data: dict) -> None:
-    bars = [b for b in data["evaluation"]["quality_bars"] if b["bar"] != "build_seconds"]
-    seconds = data["build"]["seconds"]
-    limit = data["settings"]["max_build_seconds"]
-    bars.append({"bar": "build_seconds", "value": seconds, "threshold": limit, "passed": seconds <= limit,
-                 "detail": f"wall-clock build from scratch; 1-min load average before/after {data['build']['load_average']}"})
-    data["evaluation"]["quality_bars"] = bars
-
-
 # --------------------------------------------------------------------------- reference merges
 
 
@@ -401,4 +331,4 @@ def score_tasks(model, scorers: dict[str, Callable]) -> dict[str, float]:
     return scores
 
 
-__all__ = ["BASE", "MANIFEST_NAME", "Manifest", "TASKS", "build_zoo", "derive_seed", "folder_files", "GridResult", "grid_search"]
+__all__ = ["BASE", "MANIFEST_NAME", "Manifest", "TASKS", "derive_seed", "folder_files", "GridResult", "grid_search"]

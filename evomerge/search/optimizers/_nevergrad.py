@@ -3,8 +3,9 @@
 The parametrization is ``ng.p.Array(shape=(dim,), lower=..., upper=...)`` seeded through
 ``parametrization.random_state``; one ask() returns ``batch_size`` candidates (nevergrad's
 ``num_workers``). nevergrad minimises a single loss, so the loss is minus the scalarisation
-(weighted mean of the objectives). Checkpointing is by replay (nevergrad optimizers are not plain
-data).
+(weighted mean of the objectives). :class:`NevergradEngine` holds the nevergrad optimizer; each
+registered optimizer is a :class:`ReplayOptimizer` that names it. Checkpointing is by replay
+(nevergrad optimizers are not plain data).
 
 Limitations: nevergrad's MetaModel (which NGOpt may pick) stops its inner surrogate search after
 20 s of wall time; a replay is exact only while that limit is not reached. Under numpy >= 2.4 the
@@ -23,9 +24,17 @@ import numpy as np
 from nevergrad.optimization import optimizerlib
 from nevergrad.optimization.metamodel import MetaModelFailure
 
-from .base import BaseSettings, ReplayOptimizer
+from ._base import BaseSettings, Optimizer
+from ._replay import ReplayOptimizer
 
-__all__ = ["CMAOptimizer", "NGOptOptimizer", "NGOptSettings", "NevergradSettings", "TwoPointsDEOptimizer"]
+__all__ = [
+    "CMAOptimizer",
+    "NGOptOptimizer",
+    "NGOptSettings",
+    "NevergradEngine",
+    "NevergradSettings",
+    "TwoPointsDEOptimizer",
+]
 
 
 @dataclass(frozen=True)
@@ -56,48 +65,57 @@ def _metamodel_numpy24_shim() -> Iterator[None]:
         optimizerlib.learn_on_k_best = original
 
 
-class _NevergradOptimizer(ReplayOptimizer):
+class NevergradEngine:
+    """One nevergrad optimizer (``ng.optimizers.registry[ng_name]``) behind ask/tell, minimising
+    minus the weighted mean of the objectives."""
+
+    def __init__(self, ng_name: str, lower: np.ndarray, upper: np.ndarray, seed: int, weights: np.ndarray,
+                 batch_size: int, budget: int | None, initial_genomes: np.ndarray):
+        param = ng.p.Array(shape=(len(lower),), lower=lower, upper=upper)
+        param.random_state = np.random.RandomState(seed)
+        self.optimizer = ng.optimizers.registry[ng_name](parametrization=param, budget=budget, num_workers=batch_size)
+        # the first asks return the initial genomes; nevergrad hands suggestions out last-in
+        # first-out, so suggesting them in reverse keeps their order
+        for genome in initial_genomes[::-1]:
+            self.optimizer.suggest(genome)
+        self.weights, self.batch_size = weights, batch_size
+        self.candidates: list = []  # the last ask, until told
+
+    @classmethod
+    def for_optimizer(cls, opt: Optimizer, ng_name: str) -> "NevergradEngine":
+        s = opt.settings
+        if s.batch_size < 1:
+            raise ValueError(f"{opt.name}: batch_size must be >= 1, got {s.batch_size}")
+        return cls(ng_name, opt.lower, opt.upper, opt.seed, opt.weights, s.batch_size, s.budget, opt.initial_rows())
+
+    def ask(self) -> np.ndarray:
+        with _metamodel_numpy24_shim():
+            self.candidates = [self.optimizer.ask() for _ in range(self.batch_size)]
+        return np.stack([np.asarray(c.value, dtype=float) for c in self.candidates])  # (n, dim)
+
+    def tell(self, genomes: np.ndarray, objectives: np.ndarray) -> None:
+        losses = -(objectives @ self.weights)  # (n,) to minimise
+        for candidate, loss in zip(self.candidates, losses):
+            self.optimizer.tell(candidate, float(loss))
+        self.candidates = []
+
+
+class CMAOptimizer(ReplayOptimizer):
+    name = "cma"
     Settings = NevergradSettings
     single_objective = True
-    ng_name = ""
 
-    def _setup_engine(self) -> None:
-        s = self.settings
-        if s.batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be >= 1, got {s.batch_size}")
-        param = ng.p.Array(shape=(self.dim,), lower=self.lower, upper=self.upper)
-        param.random_state = np.random.RandomState(self.seed)
-        with self._global_rng.active():
-            self._engine = ng.optimizers.registry[self.ng_name](
-                parametrization=param, budget=s.budget, num_workers=s.batch_size
-            )
-            # the first asks return the initial genomes; nevergrad hands suggestions out last-in
-            # first-out, so suggesting them in reverse keeps their order
-            for genome in self.initial_rows()[::-1]:
-                self._engine.suggest(genome)
-        self._candidates: list = []
-
-    def _engine_ask(self) -> np.ndarray:
-        with self._global_rng.active(), _metamodel_numpy24_shim():
-            self._candidates = [self._engine.ask() for _ in range(self.settings.batch_size)]
-        return np.stack([np.asarray(c.value, dtype=float) for c in self._candidates])  # (n, dim)
-
-    def _engine_tell(self, genomes, objectives, failed) -> None:
-        losses = -self.scalarize(objectives)  # (n,) to minimise
-        with self._global_rng.active():
-            for candidate, loss in zip(self._candidates, losses):
-                self._engine.tell(candidate, float(loss))
-        self._candidates = []
+    def _make_engine(self) -> NevergradEngine:
+        return NevergradEngine.for_optimizer(self, "CMA")
 
 
-class CMAOptimizer(_NevergradOptimizer):
-    name = "cma"
-    ng_name = "CMA"
-
-
-class TwoPointsDEOptimizer(_NevergradOptimizer):
+class TwoPointsDEOptimizer(ReplayOptimizer):
     name = "twopointsde"
-    ng_name = "TwoPointsDE"
+    Settings = NevergradSettings
+    single_objective = True
+
+    def _make_engine(self) -> NevergradEngine:
+        return NevergradEngine.for_optimizer(self, "TwoPointsDE")
 
 
 @dataclass(frozen=True)
@@ -107,7 +125,10 @@ class NGOptSettings(NevergradSettings):
     budget: int | None = 200
 
 
-class NGOptOptimizer(_NevergradOptimizer):
+class NGOptOptimizer(ReplayOptimizer):
     name = "ngopt"
-    ng_name = "NGOpt"
     Settings = NGOptSettings
+    single_objective = True
+
+    def _make_engine(self) -> NevergradEngine:
+        return NevergradEngine.for_optimizer(self, "NGOpt")

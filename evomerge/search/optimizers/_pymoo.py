@@ -5,13 +5,16 @@ Follows pymoo 0.6's documented pattern: ``algorithm.setup(problem, seed=..., ter
 ``algorithm.tell(infills=pop)``. pymoo minimises, so objectives are negated. GA and DE are
 single-objective: they minimise the negated scalarisation (weighted mean of the objectives).
 
-Checkpointing is by replay (:class:`ReplayOptimizer`): pymoo's Algorithm/Population objects are
-not plain data, so the state is the seed plus the ask/tell history.
+Composition, not pymoo's hook hierarchy: :class:`PymooEngine` holds one configured pymoo algorithm
+and does the ask/evaluate/tell dance; each registered optimizer is a :class:`ReplayOptimizer` whose
+only code builds its algorithm. Checkpointing is by replay: pymoo's Algorithm/Population objects
+are not plain data, so the state is the seed plus the ask/tell history.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from math import comb
+from typing import Any
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -24,7 +27,8 @@ from pymoo.core.termination import NoTermination
 from pymoo.problems.static import StaticProblem
 from pymoo.util.ref_dirs import get_reference_directions
 
-from .base import BaseSettings, ReplayOptimizer
+from ._base import BaseSettings, Optimizer
+from ._replay import ReplayOptimizer
 
 __all__ = [
     "DEOptimizer",
@@ -33,6 +37,7 @@ __all__ = [
     "NSGA2Optimizer",
     "NSGA3Optimizer",
     "NSGA3Settings",
+    "PymooEngine",
     "PymooSettings",
 ]
 
@@ -54,66 +59,69 @@ class DESettings(PymooSettings):
     CR: float = 0.7
 
 
-class _PymooOptimizer(ReplayOptimizer):
-    Settings = PymooSettings
-    single_objective = False
+class PymooEngine:
+    """One pymoo algorithm behind ask/tell.
 
-    def _make_algorithm(self):
-        raise NotImplementedError
+    weights: ``None`` for a multi-objective algorithm (it minimises the negated objectives), else
+    the scalarisation weights ``(M,)`` of a single-objective one (it minimises the negated
+    weighted mean).
+    """
 
-    def _initial_population(self) -> dict:
-        """pymoo's `sampling` for the first generation: the initial genomes, then uniform samples
-        (from their own seeded stream) up to pop_size; {} (pymoo's own sampling) when there are none."""
-        seeds = self.initial_rows()
-        if not len(seeds):
-            return {}
-        fill = max(0, self.settings.pop_size - len(seeds))
-        unit = np.random.default_rng([self.seed, 2]).random((fill, self.dim))
-        return {"sampling": np.vstack([seeds, self.lower + unit * (self.upper - self.lower)])}
+    def __init__(self, algorithm: Any, lower: np.ndarray, upper: np.ndarray, n_objectives: int, seed: int,
+                 weights: np.ndarray | None = None):
+        self.algorithm, self.weights = algorithm, weights
+        n_obj = n_objectives if weights is None else 1
+        self.problem = Problem(n_var=len(lower), n_obj=n_obj, xl=lower, xu=upper)
+        self.algorithm.setup(self.problem, termination=NoTermination(), seed=seed, verbose=False)
+        self.population = None  # the last ask, until told
 
-    def _setup_engine(self) -> None:
-        if self.settings.pop_size < 2:
-            raise ValueError(f"{self.name}: pop_size must be >= 2, got {self.settings.pop_size}")
-        n_obj = 1 if self.single_objective else self.n_objectives
-        self._problem = Problem(n_var=self.dim, n_obj=n_obj, xl=self.lower, xu=self.upper)
-        self._algorithm = self._make_algorithm()
-        with self._global_rng.active():
-            self._algorithm.setup(self._problem, termination=NoTermination(), seed=self.seed, verbose=False)
-        self._population = None
+    @classmethod
+    def for_optimizer(cls, opt: Optimizer, algorithm: Any) -> "PymooEngine":
+        return cls(algorithm, opt.lower, opt.upper, opt.n_objectives, opt.seed,
+                   opt.weights if opt.single_objective else None)
 
-    def _engine_ask(self) -> np.ndarray:
-        with self._global_rng.active():
-            self._population = self._algorithm.ask()
-        return self._population.get("X")
+    def ask(self) -> np.ndarray:
+        self.population = self.algorithm.ask()
+        return self.population.get("X")  # (n, dim)
 
-    def _engine_tell(self, genomes, objectives, failed) -> None:
-        if self.single_objective:
-            F = -self.scalarize(objectives)[:, None]  # (n, 1) to minimise
-        else:
-            F = -objectives  # (n, M) to minimise
-        pop = self._population
-        pop.set("X", genomes)  # the clipped rows the caller evaluated
-        with self._global_rng.active():
-            Evaluator().eval(StaticProblem(self._problem, F=F), pop)
-            self._algorithm.tell(infills=pop)
-        self._population = None
+    def tell(self, genomes: np.ndarray, objectives: np.ndarray) -> None:
+        F = -objectives if self.weights is None else -(objectives @ self.weights)[:, None]  # to minimise
+        self.population.set("X", genomes)  # the clipped rows the caller evaluated
+        Evaluator().eval(StaticProblem(self.problem, F=F), self.population)
+        self.algorithm.tell(infills=self.population)
+        self.population = None
 
 
-class NSGA2Optimizer(_PymooOptimizer):
+def population_settings(opt: Optimizer) -> dict[str, Any]:
+    """``pop_size`` and, with initial genomes, pymoo's ``sampling`` for the first generation: the
+    initial genomes, then uniform samples (from their own seeded stream) up to pop_size."""
+    pop_size = opt.settings.pop_size
+    if pop_size < 2:
+        raise ValueError(f"{opt.name}: pop_size must be >= 2, got {pop_size}")
+    seeds = opt.initial_rows()
+    if not len(seeds):
+        return {"pop_size": pop_size}
+    unit = np.random.default_rng([opt.seed, 2]).random((max(0, pop_size - len(seeds)), opt.dim))
+    return {"pop_size": pop_size, "sampling": np.vstack([seeds, opt.lower + unit * (opt.upper - opt.lower)])}
+
+
+class NSGA2Optimizer(ReplayOptimizer):
     name = "nsga2"
+    Settings = PymooSettings
 
-    def _make_algorithm(self):
-        return NSGA2(pop_size=self.settings.pop_size, **self._initial_population())
+    def _make_engine(self) -> PymooEngine:
+        return PymooEngine.for_optimizer(self, NSGA2(**population_settings(self)))
 
 
-class NSGA3Optimizer(_PymooOptimizer):
+class NSGA3Optimizer(ReplayOptimizer):
     """NSGA-III with Das-Dennis reference directions (``get_reference_directions("das-dennis")``)."""
 
     name = "nsga3"
     Settings = NSGA3Settings
 
-    def _make_algorithm(self):
-        M, pop = self.n_objectives, self.settings.pop_size
+    def _make_engine(self) -> PymooEngine:
+        population = population_settings(self)
+        M, pop = self.n_objectives, population["pop_size"]
         p = self.settings.n_partitions
         if p is None:
             p = 1
@@ -127,26 +135,27 @@ class NSGA3Optimizer(_PymooOptimizer):
                 f"nsga3: {len(ref_dirs)} Das-Dennis directions (n_partitions={p}, {M} objectives) "
                 f"exceed pop_size={pop}; raise pop_size or lower n_partitions"
             )
-        return NSGA3(ref_dirs=ref_dirs, pop_size=pop, **self._initial_population())
+        return PymooEngine.for_optimizer(self, NSGA3(ref_dirs=ref_dirs, **population))
 
 
-class GAOptimizer(_PymooOptimizer):
+class GAOptimizer(ReplayOptimizer):
     """pymoo's single-objective GA on the weighted mean of the objectives."""
 
     name = "ga"
+    Settings = PymooSettings
     single_objective = True
 
-    def _make_algorithm(self):
-        return GA(pop_size=self.settings.pop_size, **self._initial_population())
+    def _make_engine(self) -> PymooEngine:
+        return PymooEngine.for_optimizer(self, GA(**population_settings(self)))
 
 
-class DEOptimizer(_PymooOptimizer):
+class DEOptimizer(ReplayOptimizer):
     """pymoo's differential evolution on the weighted mean of the objectives."""
 
     name = "de"
     Settings = DESettings
     single_objective = True
 
-    def _make_algorithm(self):
+    def _make_engine(self) -> PymooEngine:
         s = self.settings
-        return DE(pop_size=s.pop_size, variant=s.variant, CR=s.CR, **self._initial_population())
+        return PymooEngine.for_optimizer(self, DE(variant=s.variant, CR=s.CR, **population_settings(self)))

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import qmc
 
-from .base import BaseSettings, Optimizer, OptimizerState
+from ._base import BaseSettings, Optimizer, OptimizerState
 
-__all__ = ["RandomSearch", "RandomSettings"]
+__all__ = ["RandomSearch", "RandomSearchState", "RandomSettings"]
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,17 @@ class RandomSettings(BaseSettings):
     sampler: str = "uniform"  # "uniform" or "sobol"
 
 
+@dataclass
+class RandomSearchState:
+    n_generated: int = 0  # rows asked so far, initial genomes included
+
+
 class RandomSearch(Optimizer):
     """Ignores the objectives; the baseline every other optimizer must beat."""
 
     name = "random"
     Settings = RandomSettings
+    State = RandomSearchState
 
     def _setup(self) -> None:
         s = self.settings
@@ -32,7 +38,7 @@ class RandomSearch(Optimizer):
         if s.sampler not in ("uniform", "sobol"):
             raise ValueError(f"random: sampler must be 'uniform' or 'sobol', got {s.sampler!r}")
         self._initial = self.initial_rows()
-        self._n_generated = 0
+        self.strategy_state = RandomSearchState()
         self._sobol = self._new_sobol() if s.sampler == "sobol" else None
 
     def _new_sobol(self) -> qmc.Sobol:
@@ -40,8 +46,8 @@ class RandomSearch(Optimizer):
         return qmc.Sobol(self.dim, scramble=True, rng=np.random.default_rng([self.seed, 1]))
 
     def _ask(self) -> np.ndarray:
-        n = self.settings.batch_size
-        seeds = self._initial[self._n_generated : self._n_generated + n]  # the initial genomes come first
+        n, done = self.settings.batch_size, self.strategy_state.n_generated
+        seeds = self._initial[done : done + n]  # the initial genomes come first
         n_random = n - len(seeds)
         if self._sobol is None:
             unit = self._rng.random((n_random, self.dim))  # (n_random, dim) in [0, 1)
@@ -51,18 +57,14 @@ class RandomSearch(Optimizer):
                 # a whole is still low-discrepancy, which is what a search over many batches uses.
                 warnings.simplefilter("ignore", UserWarning)
                 unit = self._sobol.random(n_random)
-        self._n_generated += n
+        self.strategy_state.n_generated += n
         return np.vstack([seeds, self.lower + unit * (self.upper - self.lower)])
 
     def _tell(self, genomes, objectives, responses, failed) -> None:
         pass
 
-    def _strategy_state(self) -> dict[str, Any]:
-        return {"n_generated": self._n_generated}
-
-    def _load_strategy_state(self, strategy: dict[str, Any], state: OptimizerState) -> None:
-        self._n_generated = int(strategy.pop("n_generated"))
-        super()._load_strategy_state(strategy, state)
-        if self._sobol is not None:
-            self._sobol = self._new_sobol()
-            self._sobol.fast_forward(self._n_generated - min(self._n_generated, len(self._initial)))
+    def _restore_strategy(self, strategy: Any, state: OptimizerState) -> None:
+        super()._restore_strategy(strategy, state)
+        if self._sobol is not None:  # the Sobol points drawn so far, i.e. those not from initial_genomes
+            done = self.strategy_state.n_generated
+            self._sobol.fast_forward(done - min(done, len(self._initial)))

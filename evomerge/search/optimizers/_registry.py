@@ -1,8 +1,8 @@
 """The registry of optimizers by name.
 
-Entries are ``"module:Class"`` paths imported on first use, so importing evomerge.search does not
-import pymoo or nevergrad, and M2N2 / MAP (which live beside this package and import its base) do
-not create an import cycle.
+Entries are ``"module:Class"`` paths imported on first use, so importing the protocol does not
+import pymoo, nevergrad or scipy. The registry imports no optimizer module itself: the strategies
+import the protocol (:mod:`._base`), the protocol imports this table, and nothing points back.
 
 Wrappers (``prescreen``: surrogate pre-screening around another optimizer) resolve by name, so
 ``make_optimizer("prescreen", ..., inner="nsga2", factor=4)`` and ``Optimizer.from_state`` work,
@@ -12,26 +12,28 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import Optimizer, OptimizerState
+if TYPE_CHECKING:
+    from ._base import Optimizer, OptimizerState
 
 __all__ = ["OPTIMIZERS", "make_optimizer", "register_optimizer", "restore_optimizer"]
 
+_HERE = "evomerge.search.optimizers"
 _BUILTIN: dict[str, str] = {
-    "random": "evomerge.search.optimizers._random:RandomSearch",
-    "nsga2": "evomerge.search.optimizers._pymoo:NSGA2Optimizer",
-    "nsga3": "evomerge.search.optimizers._pymoo:NSGA3Optimizer",
-    "ga": "evomerge.search.optimizers._pymoo:GAOptimizer",
-    "de": "evomerge.search.optimizers._pymoo:DEOptimizer",
-    "cma": "evomerge.search.optimizers._nevergrad:CMAOptimizer",
-    "twopointsde": "evomerge.search.optimizers._nevergrad:TwoPointsDEOptimizer",
-    "ngopt": "evomerge.search.optimizers._nevergrad:NGOptOptimizer",
-    "m2n2": "evomerge.search.m2n2:M2N2Optimizer",
-    "map": "evomerge.search.map_surrogate:MAPOptimizer",
+    "random": f"{_HERE}._random:RandomSearch",
+    "nsga2": f"{_HERE}._pymoo:NSGA2Optimizer",
+    "nsga3": f"{_HERE}._pymoo:NSGA3Optimizer",
+    "ga": f"{_HERE}._pymoo:GAOptimizer",
+    "de": f"{_HERE}._pymoo:DEOptimizer",
+    "cma": f"{_HERE}._nevergrad:CMAOptimizer",
+    "twopointsde": f"{_HERE}._nevergrad:TwoPointsDEOptimizer",
+    "ngopt": f"{_HERE}._nevergrad:NGOptOptimizer",
+    "m2n2": f"{_HERE}._m2n2:M2N2Optimizer",
+    "map": f"{_HERE}._map:MAPOptimizer",
 }
 _WRAPPERS: dict[str, str] = {
-    "prescreen": "evomerge.search.prescreen:Prescreened",
+    "prescreen": f"{_HERE}._prescreen:Prescreened",
 }
 
 

@@ -4,7 +4,7 @@ Pre-screening as in Emmerich, Giannakoglou & Naujoks, "Single- and multiobjectiv
 optimization assisted by Gaussian random field metamodels" (IEEE TEVC 2006): each generation the
 optimizer proposes ``factor`` times more offspring than the budget evaluates, a metamodel fitted to
 every evaluation so far predicts them, and only the most promising are evaluated. The metamodel is
-MAP's quadratic surrogate (:class:`~evomerge.search.map_surrogate.QuadraticSurrogate`, one output
+MAP's quadratic surrogate (:class:`~evomerge.search.optimizers.QuadraticSurrogate`, one output
 per objective, logit link for accuracies).
 
     opt = make_prescreened("nsga2", dim, bounds, n_objectives, seed=0, factor=4, pop_size=16)
@@ -13,7 +13,7 @@ per objective, logit link for accuracies).
 
 :class:`Prescreened` is an :class:`~evomerge.search.optimizers.Optimizer`, so the call-order and
 shape checks, NaN handling, best tracking and the ``state()`` / ``Optimizer.from_state`` round trip
-are the base class's; the inner optimizer's state is nested in the wrapper's.
+are the base class's; the inner optimizer's state is nested in the wrapper's (:class:`PrescreenState`).
 
 Batch sizes. When the inner optimizer asks ``m`` genomes, the wrapper evaluates
 ``n = max(1, floor(m / factor))`` of them (or ``batch_size`` when set): the inner algorithm keeps its
@@ -66,15 +66,17 @@ from typing import Any
 
 import numpy as np
 
-from .map_surrogate import TieredQuadratic
-from .optimizers._registry import make_optimizer
-from .optimizers.base import BaseSettings, Optimizer, OptimizerState
-from .pareto import hypervolume, non_dominated_mask
+from ..pareto import hypervolume, non_dominated_mask
+from ._base import BaseSettings, Optimizer, OptimizerState
+from ._map import TieredQuadratic
+from ._registry import make_optimizer
 
 __all__ = [
     "PRESCREEN_DEFAULTS",
     "PrescreenSettings",
+    "PrescreenState",
     "Prescreened",
+    "ScreenPlan",
     "fit_screen",
     "make_prescreened",
     "select_proposals",
@@ -179,11 +181,30 @@ class PrescreenSettings(BaseSettings):
     min_r2: float = 0.0                  # screen only when the mean leave-one-out R² exceeds this
 
 
+@dataclass
+class ScreenPlan:
+    """How the pending ask maps onto the inner optimizer's last batch."""
+
+    positions: np.ndarray     # (n,) row of the inner batch each asked genome is; -1: an earlier batch
+    told: np.ndarray | None   # (m, M) what the inner batch's rows not evaluated are told; None: nothing screened
+
+
+@dataclass
+class PrescreenState:
+    inner: OptimizerState | None  # the wrapped optimizer, in a checkpoint (while running: `Prescreened.inner`)
+    X: np.ndarray                 # (n, dim) every evaluated genome
+    F: np.ndarray                 # (n, M) their objectives, failures filled
+    failed: np.ndarray            # (n,) bool
+    plan: ScreenPlan | None       # for the pending ask
+    last_screen: dict[str, Any]   # what the last ask did: screened or not, proposals, chosen models
+
+
 class Prescreened(Optimizer):
     """Surrogate pre-screening around another optimizer (see the module docstring)."""
 
     name = "prescreen"
     Settings = PrescreenSettings
+    State = PrescreenState
 
     def _setup(self) -> None:
         s = self.settings
@@ -210,11 +231,8 @@ class Prescreened(Optimizer):
         self.criterion = s.criterion
         if s.criterion == "auto":
             self.criterion = "hvi" if self.n_objectives > 1 and not self.inner.single_objective else "scalarized"
-        self._X = np.zeros((0, self.dim))
-        self._F = np.zeros((0, self.n_objectives))
-        self._failed = np.zeros(0, dtype=bool)
-        self._plan: dict[str, Any] | None = None  # for the pending ask: positions in the inner batch, told rows
-        self.last_screen: dict[str, Any] = {}
+        self.strategy_state = PrescreenState(inner=None, X=np.zeros((0, self.dim)), F=np.zeros((0, self.n_objectives)),
+                                             failed=np.zeros(0, dtype=bool), plan=None, last_screen={})
         self.last_proposals: np.ndarray | None = None    # (N, dim) every proposal of the last ask
         self.last_predictions: np.ndarray | None = None  # (N, M) the surrogate's predictions of them
         self.last_selected: np.ndarray | None = None     # (n,) rows of last_proposals that were asked
@@ -229,10 +247,15 @@ class Prescreened(Optimizer):
         return cls(inner.dim, (inner.lower, inner.upper), inner.n_objectives, inner.seed, inner=inner.name,
                    inner_settings=inner_settings, factor=factor, weights=weights, **settings)
 
+    @property
+    def last_screen(self) -> dict[str, Any]:
+        return self.strategy_state.last_screen
+
     # -- data
     def _data(self) -> tuple[np.ndarray, np.ndarray]:
-        ok = ~self._failed
-        return self._X[ok], self._F[ok]
+        st = self.strategy_state
+        ok = ~st.failed
+        return st.X[ok], st.F[ok]
 
     def surrogate(self) -> TieredQuadratic | None:
         """The screen fitted to every successful evaluation so far, or None when not usable yet."""
@@ -257,9 +280,10 @@ class Prescreened(Optimizer):
         first = self.inner.ask()  # (m, dim)
         self.last_selected = self.last_predictions = None
         self.last_proposals = first
+        st = self.strategy_state
         if screen is None:  # evaluate the inner batch as asked
-            self._plan = {"positions": np.arange(len(first)), "told": None}
-            self.last_screen = {"screened": False, "proposals": len(first)}
+            st.plan = ScreenPlan(positions=np.arange(len(first)), told=None)
+            st.last_screen = {"screened": False, "proposals": len(first)}
             return first
         n = s.batch_size or max(1, int(len(first) / s.factor))
         need = math.ceil(s.factor * n - 1e-9)
@@ -275,11 +299,11 @@ class Prescreened(Optimizer):
         ref = 0.0 if screen.link == "logit" else F.min(axis=0) - 0.1 * (np.ptp(F, axis=0) + 1e-12)
         selected = select_proposals(predicted, n, self.weights, criterion=self.criterion, front=front, ref=ref)
         offset = len(proposals) - len(batches[-1])
-        self._plan = {"positions": np.where(selected >= offset, selected - offset, -1),
-                      "told": self._told_values(predicted[offset:])}
+        st.plan = ScreenPlan(positions=np.where(selected >= offset, selected - offset, -1),
+                             told=self._told_values(predicted[offset:]))
         self.last_proposals, self.last_predictions, self.last_selected = proposals, predicted, selected
-        self.last_screen = {"screened": True, "proposals": len(proposals), "inner_asks": len(batches),
-                            "terms": list(screen.terms_), "r2_loo": [float(r) for r in screen.r2_loo_]}
+        st.last_screen = {"screened": True, "proposals": len(proposals), "inner_asks": len(batches),
+                          "terms": list(screen.terms_), "r2_loo": [float(r) for r in screen.r2_loo_]}
         return proposals[selected]
 
     def _tell_inner(self, genomes: np.ndarray, objectives: np.ndarray, responses: np.ndarray | None) -> None:
@@ -289,48 +313,31 @@ class Prescreened(Optimizer):
 
     # -- tell
     def _tell(self, genomes, objectives, responses, failed) -> None:
-        self._X = np.vstack([self._X, genomes])
-        self._F = np.vstack([self._F, objectives])
-        self._failed = np.concatenate([self._failed, failed])
+        st = self.strategy_state
+        st.X = np.vstack([st.X, genomes])
+        st.F = np.vstack([st.F, objectives])
+        st.failed = np.concatenate([st.failed, failed])
         batch = self.inner.pending  # (m, dim), the last inner ask
-        told = self._plan["told"]
+        told = st.plan.told
         T = np.full((len(batch), self.n_objectives), np.nan) if told is None else np.array(told, dtype=float)
         R = None if responses is None else np.full((len(batch), responses.shape[1]), np.nan)
         real = np.where(failed[:, None], np.nan, objectives)  # the inner optimizer handles failures itself
-        for row, position in enumerate(self._plan["positions"]):
+        for row, position in enumerate(st.plan.positions):
             if position >= 0:
                 T[position] = real[row]
                 if R is not None:
                     R[position] = responses[row]
         self._tell_inner(batch, T, R)
-        self._plan = None
+        st.plan = None
 
-    # -- checkpoint
-    def _strategy_state(self) -> dict[str, Any]:
-        plan = None if self._plan is None else {
-            "positions": np.asarray(self._plan["positions"], dtype=np.int64).copy(),
-            "told": None if self._plan["told"] is None else np.array(self._plan["told"], dtype=float),
-        }
-        return {"inner": dataclasses.asdict(self.inner.state()), "X": self._X.copy(), "F": self._F.copy(),
-                "failed": self._failed.copy(), "plan": plan, "last_screen": _plain_report(self.last_screen)}
+    # -- checkpoint: the live inner optimizer travels as its own state
+    def _strategy_snapshot(self) -> PrescreenState:
+        return dataclasses.replace(super()._strategy_snapshot(), inner=self.inner.state())
 
-    def _load_strategy_state(self, strategy: dict[str, Any], state: OptimizerState) -> None:
-        self.inner = Optimizer.from_state(OptimizerState(**strategy.pop("inner")))
-        self._X = np.asarray(strategy.pop("X"), dtype=float).reshape(-1, self.dim)
-        self._F = np.asarray(strategy.pop("F"), dtype=float).reshape(-1, self.n_objectives)
-        self._failed = np.asarray(strategy.pop("failed"), dtype=bool).reshape(-1)
-        plan = strategy.pop("plan")
-        if plan is not None:
-            told = plan["told"]
-            plan = {"positions": np.asarray(plan["positions"], dtype=int),
-                    "told": None if told is None else np.asarray(told, dtype=float)}
-        self._plan = plan
-        self.last_screen = dict(strategy.pop("last_screen"))
-        super()._load_strategy_state(strategy, state)
-
-
-def _plain_report(report: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in report.items()}
+    def _restore_strategy(self, strategy: Any, state: OptimizerState) -> None:
+        super()._restore_strategy(strategy, state)
+        self.inner = Optimizer.from_state(self.strategy_state.inner)
+        self.strategy_state.inner = None
 
 
 def make_prescreened(name: str, dim: int, bounds: Any, n_objectives: int, seed: int = 0,

@@ -32,12 +32,13 @@ from typing import Any
 import numpy as np
 from scipy.stats import qmc
 
-from .optimizers.base import BaseSettings, Optimizer, OptimizerState, PrivateGlobalRNG
-from .pareto import non_dominated_mask
+from ..pareto import non_dominated_mask
+from ._base import BaseSettings, Optimizer, PrivateGlobalRNG
 
 __all__ = [
     "MAPOptimizer",
     "MAPSettings",
+    "MAPState",
     "QUADRATIC_TERMS",
     "QuadraticSurrogate",
     "TieredQuadratic",
@@ -315,6 +316,17 @@ class MAPSettings(BaseSettings):
     terms: str = "full"                # "full" (the paper), "diagonal", or "auto": see MAPOptimizer
 
 
+@dataclass
+class MAPState:
+    n_design_asked: int                      # rows of the design asked so far
+    round: int                               # surrogate rounds so far (seeds each round's NSGA)
+    X: np.ndarray                            # (n, dim) every told genome
+    F: np.ndarray                            # (n, M) their objectives, failures filled
+    failed: np.ndarray                       # (n,) bool
+    predicted_front_genomes: np.ndarray      # (P, dim) the surrogates' front, last round
+    predicted_front_objectives: np.ndarray   # (P, M) its predicted objectives
+
+
 class MAPOptimizer(Optimizer):
     """MAP behind the ask/tell protocol.
 
@@ -328,6 +340,7 @@ class MAPOptimizer(Optimizer):
 
     name = "map"
     Settings = MAPSettings
+    State = MAPState
 
     def _setup(self) -> None:
         s = self.settings
@@ -374,18 +387,29 @@ class MAPOptimizer(Optimizer):
             # known merges (e.g. the task-level corners) are evaluated first and join the design:
             # the surrogate learns their neighbourhood and the archive holds them
             self.design = np.vstack([seeds, self.design])
-        self._n_design_asked = 0
-        self._round = 0
-        self._X = np.zeros((0, self.dim))
-        self._F = np.zeros((0, self.n_objectives))
-        self._failed = np.zeros(0, dtype=bool)
-        self.predicted_front_genomes = np.zeros((0, self.dim))
-        self.predicted_front_objectives = np.zeros((0, self.n_objectives))
+        self.strategy_state = MAPState(
+            n_design_asked=0,
+            round=0,
+            X=np.zeros((0, self.dim)),
+            F=np.zeros((0, self.n_objectives)),
+            failed=np.zeros(0, dtype=bool),
+            predicted_front_genomes=np.zeros((0, self.dim)),
+            predicted_front_objectives=np.zeros((0, self.n_objectives)),
+        )
+
+    @property
+    def predicted_front_genomes(self) -> np.ndarray:
+        return self.strategy_state.predicted_front_genomes
+
+    @property
+    def predicted_front_objectives(self) -> np.ndarray:
+        return self.strategy_state.predicted_front_objectives
 
     # -- data
     def _data(self) -> tuple[np.ndarray, np.ndarray]:
-        ok = ~self._failed
-        return self._X[ok], self._F[ok]
+        st = self.strategy_state
+        ok = ~st.failed
+        return st.X[ok], st.F[ok]
 
     def surrogate(self) -> QuadraticSurrogate | TieredQuadratic:
         """The surrogates fitted to every successful evaluation so far."""
@@ -429,11 +453,11 @@ class MAPOptimizer(Optimizer):
 
     # -- ask
     def _ask(self) -> np.ndarray:
-        n_design = len(self.design)
-        if self._n_design_asked < n_design:
-            start = self._n_design_asked
+        st, n_design = self.strategy_state, len(self.design)
+        if st.n_design_asked < n_design:
+            start = st.n_design_asked
             stop = min(n_design, start + self.settings.batch_size)
-            self._n_design_asked = stop
+            st.n_design_asked = stop
             return self.design[start:stop]
         return self._surrogate_round()
 
@@ -441,13 +465,13 @@ class MAPOptimizer(Optimizer):
         s = self.settings
         width = self.upper - self.lower
         X, F = self._data()
-        self._round += 1
+        self.strategy_state.round += 1
         if len(X) < max(self.n_terms, self.dim + 3 if s.terms == "auto" else 0):  # too many failures: keep filling
             return self.lower + self._rng.random((s.batch_size, self.dim)) * width
         surrogate = self._new_surrogate().fit(X, F)
         front_X, front_Z = self._predicted_front(surrogate)
-        self.predicted_front_genomes = front_X
-        self.predicted_front_objectives = surrogate.from_link(front_Z)
+        self.strategy_state.predicted_front_genomes = front_X
+        self.strategy_state.predicted_front_objectives = surrogate.from_link(front_Z)
         n_explore = int(round(s.explore_fraction * s.batch_size))
         picked = self._spread_subset(front_X, front_Z, s.batch_size - n_explore)
         n_explore = s.batch_size - len(picked)
@@ -483,7 +507,7 @@ class MAPOptimizer(Optimizer):
             algorithm = NSGA3(ref_dirs=ref_dirs, pop_size=max(s.front_pop_size, len(ref_dirs)))
         else:
             algorithm = NSGA2(pop_size=s.front_pop_size)
-        round_seed = int(np.random.SeedSequence([self.seed, 3, self._round]).generate_state(1)[0])
+        round_seed = int(np.random.SeedSequence([self.seed, 3, self.strategy_state.round]).generate_state(1)[0])
         with PrivateGlobalRNG(round_seed).active():
             res = minimize(problem, algorithm, ("n_gen", s.front_generations), seed=round_seed, verbose=False)
         front_X = np.atleast_2d(res.X).reshape(-1, self.dim)
@@ -495,8 +519,9 @@ class MAPOptimizer(Optimizer):
         width = self.upper - self.lower
         if k <= 0 or len(front_X) == 0:
             return np.zeros(0, dtype=int)
-        if len(self._X):
-            gap = np.abs(front_X[:, None, :] - self._X[None, :, :]) / width  # (P, n, dim)
+        told = self.strategy_state.X  # (n, dim)
+        if len(told):
+            gap = np.abs(front_X[:, None, :] - told[None, :, :]) / width  # (P, n, dim)
             fresh = np.flatnonzero(gap.max(axis=2).min(axis=1) > 1e-3)
         else:
             fresh = np.arange(len(front_X))
@@ -525,30 +550,7 @@ class MAPOptimizer(Optimizer):
             )
 
     def _tell(self, genomes, objectives, responses, failed) -> None:
-        self._X = np.vstack([self._X, genomes])
-        self._F = np.vstack([self._F, objectives])
-        self._failed = np.concatenate([self._failed, failed])
-
-    # -- checkpoint
-    def _strategy_state(self) -> dict[str, Any]:
-        return {
-            "n_design_asked": self._n_design_asked,
-            "round": self._round,
-            "X": self._X.copy(),
-            "F": self._F.copy(),
-            "failed": self._failed.copy(),
-            "predicted_front_genomes": self.predicted_front_genomes.copy(),
-            "predicted_front_objectives": self.predicted_front_objectives.copy(),
-        }
-
-    def _load_strategy_state(self, strategy: dict[str, Any], state: OptimizerState) -> None:
-        self._n_design_asked = int(strategy.pop("n_design_asked"))
-        self._round = int(strategy.pop("round"))
-        self._X = np.asarray(strategy.pop("X"), dtype=float).reshape(-1, self.dim)
-        self._F = np.asarray(strategy.pop("F"), dtype=float).reshape(-1, self.n_objectives)
-        self._failed = np.asarray(strategy.pop("failed"), dtype=bool)
-        self.predicted_front_genomes = np.asarray(strategy.pop("predicted_front_genomes"), float).reshape(-1, self.dim)
-        self.predicted_front_objectives = np.asarray(strategy.pop("predicted_front_objectives"), float).reshape(
-            -1, self.n_objectives
-        )
-        super()._load_strategy_state(strategy, state)
+        st = self.strategy_state
+        st.X = np.vstack([st.X, genomes])
+        st.F = np.vstack([st.F, objectives])
+        st.failed = np.concatenate([st.failed, failed])

@@ -34,15 +34,15 @@ never enter the archive; NaN item responses count as 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from .optimizers.base import BaseSettings, Optimizer, OptimizerState
+from ._base import BaseSettings, Optimizer
 
 __all__ = [
     "M2N2Optimizer",
     "M2N2Settings",
+    "M2N2State",
     "allowed_splits",
     "attraction",
     "crossover",
@@ -152,6 +152,16 @@ class M2N2Settings(BaseSettings):
     #                                        None = archive_size
 
 
+@dataclass
+class M2N2State:
+    initialised: bool                     # the first (initial population) ask has been made
+    archive_genomes: np.ndarray           # (k, dim)
+    archive_objectives: np.ndarray        # (k, M)
+    archive_responses: np.ndarray | None  # (k, items): the rows the competition is over
+    response_source: str | None           # "responses" or "objectives", once told
+    last_parents: np.ndarray              # (n, 2) archive rows of the pending children's parents; -1: sampled
+
+
 class M2N2Optimizer(Optimizer):
     """M2N2 behind the ask/tell protocol.
 
@@ -163,6 +173,7 @@ class M2N2Optimizer(Optimizer):
 
     name = "m2n2"
     Settings = M2N2Settings
+    State = M2N2State
 
     def _setup(self) -> None:
         s = self.settings
@@ -184,35 +195,55 @@ class M2N2Optimizer(Optimizer):
         self._n_initial = s.archive_size if s.n_initial is None else int(s.n_initial)
         if self._n_initial < 1:
             raise ValueError("m2n2: n_initial must be >= 1")
-        self._initialised = False
-        self.archive_genomes = np.zeros((0, self.dim))
-        self.archive_objectives = np.zeros((0, self.n_objectives))
-        self.archive_responses: np.ndarray | None = None  # (k, items)
-        self._response_source: str | None = None  # "responses" or "objectives"
-        self.last_parents = np.zeros((0, 2), dtype=int)  # (n, 2) parents of the pending children
+        self.strategy_state = M2N2State(
+            initialised=False,
+            archive_genomes=np.zeros((0, self.dim)),
+            archive_objectives=np.zeros((0, self.n_objectives)),
+            archive_responses=None,
+            response_source=None,
+            last_parents=np.zeros((0, 2), dtype=int),
+        )
+
+    @property
+    def archive_genomes(self) -> np.ndarray:
+        return self.strategy_state.archive_genomes
+
+    @property
+    def archive_objectives(self) -> np.ndarray:
+        return self.strategy_state.archive_objectives
+
+    @property
+    def archive_responses(self) -> np.ndarray | None:
+        return self.strategy_state.archive_responses
+
+    @property
+    def last_parents(self) -> np.ndarray:
+        return self.strategy_state.last_parents
 
     # -- ask
     def _ask(self) -> np.ndarray:
-        if not self._initialised:
-            self._initialised = True
+        st = self.strategy_state
+        if not st.initialised:
+            st.initialised = True
             n_rand = max(0, self._n_initial - len(self._initial))
             unit = self._rng.random((n_rand, self.dim))
-            self.last_parents = np.full((len(self._initial) + n_rand, 2), -1)
+            st.last_parents = np.full((len(self._initial) + n_rand, 2), -1)
             return np.vstack([self._initial, self.lower + unit * (self.upper - self.lower)])
-        if len(self.archive_genomes) == 0:  # every evaluation so far failed: keep sampling
+        if len(st.archive_genomes) == 0:  # every evaluation so far failed: keep sampling
             n = self.settings.batch_size
-            self.last_parents = np.full((n, 2), -1)
+            st.last_parents = np.full((n, 2), -1)
             return self.lower + self._rng.random((n, self.dim)) * (self.upper - self.lower)
         children, parents = [], []
         for _ in range(self.settings.batch_size):
             child, a, b = self._make_child()
             children.append(child)
             parents.append((a, b))
-        self.last_parents = np.asarray(parents, dtype=int)
+        st.last_parents = np.asarray(parents, dtype=int)
         return np.stack(children)
 
     def _make_child(self) -> tuple[np.ndarray, int, int]:
-        s, S = self.settings, self.archive_responses
+        s, st = self.settings, self.strategy_state
+        S = st.archive_responses  # (k, items)
         k = len(S)
         a = int(self._rng.choice(k, p=parent_a_probabilities(S, s.alpha)))
         if s.use_attraction:
@@ -220,7 +251,7 @@ class M2N2Optimizer(Optimizer):
         else:
             p_b = parent_a_probabilities(S, s.alpha)
         b = int(self._rng.choice(k, p=p_b))
-        A, B = self.archive_genomes[a], self.archive_genomes[b]
+        A, B = st.archive_genomes[a], st.archive_genomes[b]
         split = self._rng.choice(self.splits)
         ratio = self._rng.random()
         child = crossover(A, B, split, ratio, self.layer_index)
@@ -231,59 +262,31 @@ class M2N2Optimizer(Optimizer):
 
     # -- tell
     def _check_tell(self, objectives, responses, failed) -> None:
-        source = "objectives" if responses is None else "responses"
-        if self._response_source is not None and source != self._response_source:
+        source, told = "objectives" if responses is None else "responses", self.strategy_state.response_source
+        if told is not None and source != told:
             raise ValueError(
-                f"m2n2: this run was told {self._response_source} so far; pass responses "
-                + ("every time" if self._response_source == "responses" else "never")
+                f"m2n2: this run was told {told} so far; pass responses "
+                + ("every time" if told == "responses" else "never")
                 + " so the competition is over the same items"
             )
 
     def _tell(self, genomes, objectives, responses, failed) -> None:
-        self._response_source = "objectives" if responses is None else "responses"
+        self.strategy_state.response_source = "objectives" if responses is None else "responses"
         rows = np.clip(objectives, 0.0, 1.0) if responses is None else np.nan_to_num(responses, nan=0.0)
         for i in np.flatnonzero(~failed):
             self._insert(genomes[i], objectives[i], rows[i])
 
     def _insert(self, genome: np.ndarray, objectives: np.ndarray, row: np.ndarray) -> None:
-        if self.archive_responses is None:
-            self.archive_responses = np.zeros((0, len(row)))
-        if len(self.archive_genomes) < self.settings.archive_size:
-            self.archive_genomes = np.vstack([self.archive_genomes, genome])
-            self.archive_objectives = np.vstack([self.archive_objectives, objectives])
-            self.archive_responses = np.vstack([self.archive_responses, row])
+        st = self.strategy_state
+        if st.archive_responses is None:
+            st.archive_responses = np.zeros((0, len(row)))
+        if len(st.archive_genomes) < self.settings.archive_size:
+            st.archive_genomes = np.vstack([st.archive_genomes, genome])
+            st.archive_objectives = np.vstack([st.archive_objectives, objectives])
+            st.archive_responses = np.vstack([st.archive_responses, row])
             return
-        i = replacement_index(self.archive_responses, row, self.settings.alpha)
+        i = replacement_index(st.archive_responses, row, self.settings.alpha)
         if i is not None:
-            self.archive_genomes[i] = genome
-            self.archive_objectives[i] = objectives
-            self.archive_responses[i] = row
-
-    def archive_fitness(self) -> np.ndarray:
-        """Shared fitness of the current members, shape (k,)."""
-        if self.archive_responses is None:
-            return np.zeros(0)
-        return shared_fitness(self.archive_responses, self.settings.alpha)
-
-    # -- checkpoint
-    def _strategy_state(self) -> dict[str, Any]:
-        return {
-            "initialised": self._initialised,
-            "archive_genomes": self.archive_genomes.copy(),
-            "archive_objectives": self.archive_objectives.copy(),
-            "archive_responses": None if self.archive_responses is None else self.archive_responses.copy(),
-            "response_source": self._response_source,
-            "last_parents": self.last_parents.copy(),
-        }
-
-    def _load_strategy_state(self, strategy: dict[str, Any], state: OptimizerState) -> None:
-        self._initialised = bool(strategy.pop("initialised"))
-        self.archive_genomes = np.asarray(strategy.pop("archive_genomes"), dtype=float).reshape(-1, self.dim)
-        self.archive_objectives = np.asarray(strategy.pop("archive_objectives"), dtype=float).reshape(
-            -1, self.n_objectives
-        )
-        R = strategy.pop("archive_responses")
-        self.archive_responses = None if R is None else np.asarray(R, dtype=float)
-        self._response_source = strategy.pop("response_source")
-        self.last_parents = np.asarray(strategy.pop("last_parents"), dtype=int).reshape(-1, 2)
-        super()._load_strategy_state(strategy, state)
+            st.archive_genomes[i] = genome
+            st.archive_objectives[i] = objectives
+            st.archive_responses[i] = row

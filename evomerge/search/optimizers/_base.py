@@ -8,35 +8,38 @@ The protocol follows pyribs' scheduler and evosax's strategies:
 * The base class does the shared work once: call-order checks (ask twice, tell without ask),
   shape checks against the last ask, clipping to the bounds, NaN handling (a NaN objective is a
   failed evaluation and is replaced by the worst value seen so far for that objective), the
-  scalarisation used by single-objective back-ends, and best-so-far tracking. Each strategy
-  implements only ``_ask`` / ``_tell`` (its maths) and how its own state is written and read.
-* ``state()`` returns an :class:`OptimizerState` (a plain dataclass of numbers, strings, lists and
-  numpy arrays) that round-trips exactly through :mod:`._checkpoint` JSON files;
-  ``Optimizer.from_state(state)`` rebuilds an optimizer whose next asks equal the uninterrupted
-  one's.
-* Back-ends whose internal objects cannot be written as plain data (pymoo, nevergrad) derive from
-  :class:`ReplayOptimizer`: their state is the seed plus the full history of asks and told
-  objectives, and restoring re-runs that history on a fresh engine, asserting that every ask
-  reproduces exactly. Their hidden use of numpy's / Python's *global* RNG is confined to a private
-  generator (:class:`PrivateGlobalRNG`) so that replay does not depend on what else the process did.
+  scalarisation used by single-objective back-ends, best-so-far tracking and checkpoints. Each
+  strategy implements only ``_ask`` / ``_tell`` (its maths) and declares its ``State``.
+* A strategy keeps everything that changes while it runs in ``self.strategy_state``, an instance
+  of its ``State`` dataclass (numbers, strings, numpy arrays, lists, nested dataclasses).
+  ``state()`` returns an :class:`OptimizerState` holding a copy of it, which one generic function
+  turns into JSON and back exactly (:mod:`._checkpoint`); ``Optimizer.from_state(state)``
+  rebuilds an optimizer whose next asks equal the uninterrupted one's.
+* Back-ends whose internal objects cannot be written as plain data (pymoo, nevergrad) are
+  :class:`~._replay.ReplayOptimizer` subclasses: their state is the ask/tell history, replayed
+  on restore. Their hidden use of numpy's / Python's *global* RNG is confined to a private
+  generator (:class:`PrivateGlobalRNG`) so that replay does not depend on what else the process
+  did.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import dataclasses
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
+
+from ._registry import OPTIMIZERS
 
 __all__ = [
     "BaseSettings",
     "Optimizer",
     "OptimizerState",
     "PrivateGlobalRNG",
-    "ReplayOptimizer",
     "parse_bounds",
 ]
 
@@ -61,7 +64,8 @@ class BaseSettings:
 
 @dataclass
 class OptimizerState:
-    """Everything needed to resume an optimizer; plain data only (see ``_checkpoint``)."""
+    """Everything needed to resume an optimizer: the protocol's counters and the strategy's own
+    ``State``; plain data only (see ``_checkpoint``)."""
 
     name: str                                  # registry name, e.g. "nsga2"
     dim: int
@@ -81,7 +85,7 @@ class OptimizerState:
     best_genome: np.ndarray | None = None      # (dim,) best by the scalarisation
     best_objectives: np.ndarray | None = None  # (M,)
     best_score: float | None = None
-    strategy: dict[str, Any] = field(default_factory=dict)  # the strategy's own plain data
+    strategy: Any = None                       # the strategy's `State` dataclass (None: it has none)
     format_version: int = STATE_FORMAT_VERSION
 
 
@@ -136,12 +140,15 @@ class PrivateGlobalRNG:
 class Optimizer(abc.ABC):
     """Base class: the ask/tell protocol with order and shape checks.
 
-    Subclasses set ``name`` and ``Settings`` and implement ``_ask`` and ``_tell``; strategies with
-    state of their own override ``_strategy_state`` / ``_load_strategy_state``.
+    Subclasses set ``name`` and ``Settings``, implement ``_ask`` and ``_tell``, and, when they
+    carry state from one ask to the next, set ``State`` (a dataclass) and keep that state in
+    ``self.strategy_state`` (built in ``_setup``). Checkpoints copy it; nothing else is saved, so
+    whatever ``_setup`` derives from the settings and the seed is simply derived again.
     """
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type[BaseSettings]] = BaseSettings
+    State: ClassVar[type | None] = None  # the strategy's own state dataclass
     single_objective: ClassVar[bool] = False  # True: optimises only the scalarisation (GA, DE, CMA, ...)
 
     def __init__(self, dim: int, bounds: Any, n_objectives: int, seed: int = 0, **settings: Any):
@@ -168,7 +175,10 @@ class Optimizer(abc.ABC):
         self.best_genome: np.ndarray | None = None
         self.best_objectives: np.ndarray | None = None
         self.best_score: float | None = None
+        self.strategy_state: Any = None
         self._setup()
+        if self.State is not None and not isinstance(self.strategy_state, self.State):
+            raise TypeError(f"{self.name}: _setup() must set strategy_state to a {self.State.__name__}")
 
     # ------------------------------------------------------------------ settings
     def _parse_settings(self, settings: dict[str, Any]) -> BaseSettings:
@@ -367,12 +377,19 @@ class Optimizer(abc.ABC):
         failed rows already filled with the worst value, responses ``(n, items)`` or None,
         failed ``(n,)`` bool."""
 
-    def _strategy_state(self) -> dict[str, Any]:
-        return {}
+    def _strategy_snapshot(self) -> Any:
+        """The strategy's state for a checkpoint: a copy of ``strategy_state``."""
+        return copy.deepcopy(self.strategy_state)
 
-    def _load_strategy_state(self, strategy: dict[str, Any], state: OptimizerState) -> None:
-        if strategy:
-            raise ValueError(f"{self.name}: unexpected strategy state keys {sorted(strategy)}")
+    def _restore_strategy(self, strategy: Any, state: OptimizerState) -> None:
+        """Put a snapshot back into a freshly built optimizer. Strategies that derive objects from
+        their state (a Sobol engine, a replayed back-end, a wrapped optimizer) extend this."""
+        expected = type(None) if self.State is None else self.State
+        if not isinstance(strategy, expected):
+            raise ValueError(
+                f"{self.name}: the state's strategy part is a {type(strategy).__name__}, expected {expected.__name__}"
+            )
+        self.strategy_state = copy.deepcopy(strategy)
 
     # ------------------------------------------------------------------ checkpoint
     def state(self) -> OptimizerState:
@@ -396,7 +413,7 @@ class Optimizer(abc.ABC):
             best_genome=None if self.best_genome is None else self.best_genome.copy(),
             best_objectives=None if self.best_objectives is None else self.best_objectives.copy(),
             best_score=self.best_score,
-            strategy=self._strategy_state(),
+            strategy=self._strategy_snapshot(),
         )
 
     @classmethod
@@ -410,11 +427,9 @@ class Optimizer(abc.ABC):
         if cls.name != state.name:
             if cls is not Optimizer:
                 raise ValueError(f"state is for optimizer {state.name!r}, not {cls.name!r}")
-            from ._registry import OPTIMIZERS
-
             target = OPTIMIZERS[state.name]
         opt = target(state.dim, (state.lower, state.upper), state.n_objectives, state.seed, **state.settings)
-        opt._load_strategy_state(dict(state.strategy), state)
+        opt._restore_strategy(state.strategy, state)
         opt._rng.bit_generator.state = state.rng
         opt.n_asks, opt.n_tells = state.n_asks, state.n_tells
         opt.n_evaluations, opt.n_failed = state.n_evaluations, state.n_failed
@@ -431,70 +446,6 @@ class Optimizer(abc.ABC):
             f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, n_objectives={self.n_objectives}, "
             f"seed={self.seed}, evaluations={self.n_evaluations})"
         )
-
-
-class ReplayOptimizer(Optimizer):
-    """Checkpoint by deterministic replay, for back-ends whose objects are not plain data.
-
-    State = seed + settings + every ask and every told (NaN-filled) objective matrix. Restoring
-    builds a fresh engine from the seed and re-runs the asks and tells in order, raising if any
-    replayed ask differs from the recorded one (e.g. a different pymoo / nevergrad version).
-    The engine must touch global RNGs only inside ``self._global_rng.active()``.
-    """
-
-    def _setup(self) -> None:
-        self._global_rng = PrivateGlobalRNG(self.seed)
-        self._history_asks: list[np.ndarray] = []
-        self._history_objectives: list[np.ndarray] = []
-        self._history_failed: list[np.ndarray] = []
-        self._setup_engine()
-
-    @abc.abstractmethod
-    def _setup_engine(self) -> None: ...
-
-    @abc.abstractmethod
-    def _engine_ask(self) -> np.ndarray: ...
-
-    @abc.abstractmethod
-    def _engine_tell(self, genomes: np.ndarray, objectives: np.ndarray, failed: np.ndarray) -> None: ...
-
-    def _ask(self) -> np.ndarray:
-        return self._engine_ask()
-
-    def _tell(self, genomes, objectives, responses, failed) -> None:
-        self._engine_tell(genomes, objectives, failed)
-        self._history_asks.append(genomes.copy())
-        self._history_objectives.append(objectives.copy())
-        self._history_failed.append(failed.copy())
-
-    def _strategy_state(self) -> dict[str, Any]:
-        return {
-            "replay_asks": [a.copy() for a in self._history_asks],
-            "replay_objectives": [f.copy() for f in self._history_objectives],
-            "replay_failed": [f.copy() for f in self._history_failed],
-        }
-
-    def _load_strategy_state(self, strategy: dict[str, Any], state: OptimizerState) -> None:
-        asks = strategy.pop("replay_asks")
-        objectives = strategy.pop("replay_objectives")
-        failed = strategy.pop("replay_failed")
-        super()._load_strategy_state(strategy, state)
-        if self._history_asks:
-            raise RuntimeError(f"{self.name}: replay needs a fresh optimizer")
-        for k, (X, F, fl) in enumerate(zip(asks, objectives, failed)):
-            self._replay_ask(k, np.asarray(X, dtype=float))
-            self._tell(np.asarray(X, dtype=float), np.asarray(F, dtype=float), None, np.asarray(fl, dtype=bool))
-        if state.pending is not None:
-            self._replay_ask(len(asks), np.asarray(state.pending, dtype=float))
-
-    def _replay_ask(self, k: int, expected: np.ndarray) -> None:
-        got = np.clip(np.asarray(self._engine_ask(), dtype=float), self.lower, self.upper)
-        if got.shape != expected.shape or not np.array_equal(got, expected):
-            raise RuntimeError(
-                f"{self.name}: checkpoint replay diverged at ask #{k} (shape {got.shape} vs recorded "
-                f"{expected.shape}); the checkpoint was written with different settings or a different "
-                "version of the back-end library, so the run cannot be resumed exactly."
-            )
 
 
 def _tupleize(value: Any) -> Any:
