@@ -272,11 +272,11 @@ def ensure_fitness(manifest, work: Path, args: argparse.Namespace) -> Path:
     return calibrate_from_config(path, out_dir=target, overwrite=True)
 
 
-def optimizer_block(strategy: str, factor: float | None, budget: int, gene_slots: list[int]) -> dict[str, Any]:
+def optimizer_block(strategy: str, factor: float | None, budget: int, gene_blocks: list[int]) -> dict[str, Any]:
     """The run config's `optimizer` entry; `prescreen` 1 turns the surrogate pre-screening off."""
     settings = strategy_settings(strategy, budget)
     if optimizer_name(strategy) == "m2n2":
-        settings["gene_layer_index"] = list(gene_slots)  # crossover splits between layers
+        settings["gene_layer_index"] = list(gene_blocks)  # crossover splits between layers
     return {"name": optimizer_name(strategy), "settings": settings, "prescreen": 1 if factor is None else float(factor)}
 
 
@@ -309,8 +309,8 @@ def run_strategy(strategy: str, seed: int, manifest, fitness_path: Path, work: P
         "seed": seed,
         "runs_dir": str(work / "runs"),
     }
-    gene_slots = bind_space(load_run_config(data, root=work)).gene_slots.tolist()
-    data["optimizer"] = optimizer_block(strategy, factor, args.budget, gene_slots)
+    gene_blocks = bind_space(load_run_config(data, root=work)).gene_blocks.tolist()
+    data["optimizer"] = optimizer_block(strategy, factor, args.budget, gene_blocks)
     config = load_run_config(data, root=work)
     started = time.perf_counter()
     path = start_search(config, overwrite=True, progress=args.progress, echo=lambda *a, **k: None)

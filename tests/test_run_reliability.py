@@ -163,12 +163,18 @@ def test_a_failed_resume_keeps_the_salvaged_evaluations(run_workspace, monkeypat
     assert log_of(run_dir) == log_of(ref) and pareto_of(run_dir) == pareto_of(ref)
 
 
+def _ctrl_c_as_in_a_shell() -> None:
+    """In the child: SIGINT handled and not blocked, whatever the test runner's process inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _sigint_run(root: Path, name: str, **changes) -> Path:
     """A real `evomerge search` process, sent SIGINT (Ctrl-C) in the middle of its third generation."""
     path = write_run_config(root, name, **changes)
     env = {**os.environ, "EVOMERGE_TEST_EVAL_DELAY": "0.3"}
     proc = subprocess.Popen([*EVOMERGE, "search", str(path), "--quiet"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_ctrl_c_as_in_a_shell)
     log = root / "runs" / name / "evaluations.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 14):

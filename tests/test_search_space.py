@@ -31,17 +31,17 @@ def test_presets_load():
 
 def test_layout_block_granularity():
     bound = SearchSpace.load("dare_ties_per_block").bind(num_layers=5, num_experts=3)
-    assert bound.num_slots == 3  # layers (0,1), (2,3), (4)
-    assert bound.dim == 3 * 2 * 3  # slots x params x experts
-    assert list(bound.gene_slots) == sorted(bound.gene_slots)
+    assert bound.num_blocks == 3  # layers (0,1), (2,3), (4)
+    assert bound.dim == 3 * 2 * 3  # blocks x params x experts
+    assert list(bound.gene_blocks) == sorted(bound.gene_blocks)
     genome = np.linspace(0.1, 0.9, bound.dim)
     per_layer = bound.per_layer(genome)
     weight = per_layer["weight"][0]  # (K, L)
     assert np.array_equal(weight[:, 0], weight[:, 1]) and np.array_equal(weight[:, 2], weight[:, 3])
     assert not np.array_equal(weight[:, 1], weight[:, 2])
-    # Gene order: slot-major, then group, then parameter, then expert.
+    # Gene order: block-major, then group, then parameter, then expert.
     assert weight[1, 4] == genome[bound._gene_index(2, 0, 0, 1)]
-    assert bound.gene_names()[bound._gene_index(2, 0, 1, 1)] == "slot2.all.density.expert1"
+    assert bound.gene_names()[bound._gene_index(2, 0, 1, 1)] == "block2.all.density.expert1"
 
 
 def test_corner_genomes_decode_to_the_obvious_task_level_merges():
@@ -80,7 +80,8 @@ def test_genome_yaml_evomerge_merge_reproduces_materializer(tmp_path, family, na
 
     mat = Materializer.from_folders(base, experts, device="cpu", seed=3, compile=False,
                                     order_stats_grid=None)  # exact top-k, as the file path
-    mat.apply(space.space.method, space.coefficients(genome, mat.layer_map), **space.shared_settings())
+    decoded = space.decode(genome)
+    mat.apply(decoded.method, decoded.coefficients(mat.layer_map), **decoded.materializer_settings())
     on_disk = ModelFolder.open(out)
     for tensor_name, tensor in mat.merged_state().items():
         torch.testing.assert_close(tensor, on_disk.get_tensor(tensor_name), rtol=1e-6, atol=1e-7,
@@ -92,9 +93,9 @@ def test_component_filters_reach_the_right_tensors(family):
     space = SearchSpace.load("task_arithmetic_attn_mlp_per_block").bind(num_layers=4, num_experts=2)
     assert space.groups == ("attention", "mlp", "rest")
     genome = np.zeros(space.dim)
-    genome[space._gene_index(0, 1, 0, 0)] = 1.0  # slot 0, mlp, weight, expert 0
+    genome[space._gene_index(0, 1, 0, 0)] = 1.0  # block 0, mlp, weight, expert 0
     mat = Materializer.from_folders(base, experts, device="cpu", compile=False)
-    coeffs = space.coefficients(genome, mat.layer_map)
+    coeffs = space.decode(genome).coefficients(mat.layer_map)
     pos = mat.layer_map.position
     assert coeffs("model.layers.1.mlp.up_proj.weight", pos("model.layers.1.mlp.up_proj.weight")).weight == (1.0, 0.0)
     assert coeffs("model.layers.2.mlp.up_proj.weight", pos("model.layers.2.mlp.up_proj.weight")).weight == (0.0, 0.0)
@@ -143,7 +144,36 @@ def test_unknown_preset_and_out_of_bounds_genome():
     bound = SearchSpace.load("ties_per_layer").bind(num_layers=2, num_experts=2)
     genome = np.full(bound.dim, 0.5)
     genome[3] = 1.2  # a density gene
-    with pytest.raises(SearchSpaceError, match="slot0.all.density.expert1 = 1.2 is outside \\[0.1, 1.0\\]"):
+    with pytest.raises(SearchSpaceError, match="block0.all.density.expert1 = 1.2 is outside \\[0.1, 1.0\\]"):
         bound.per_layer(genome)
     with pytest.raises(SearchSpaceError, match="genome has shape"):
         bound.per_layer(np.zeros(3))
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_decode_equals_the_recipe_path_it_replaced(family, name):
+    """The one decode (genome -> recipe settings -> `resolve_setting` per tensor) gives, for every
+    tensor, exactly the coefficients the disk engine resolves from the validated YAML recipe."""
+    from evomerge.merge.engine import resolve_tensor_params
+    from evomerge.merge.layers import LayerMap
+    from evomerge.merge.recipe import load_recipe
+
+    base, experts = family
+    space = SearchSpace.load(name).bind(num_layers=4, num_experts=2)
+    folder = ModelFolder.open(base)
+    layer_map = LayerMap.from_config(folder.config)
+    rng = np.random.default_rng(11)
+    for genome in (rng.uniform(space.bounds[:, 0], space.bounds[:, 1]), space.corner_genomes()[-1]):
+        decoded = space.decode(genome)
+        recipe = load_recipe(yaml.safe_load(yaml.safe_dump(decoded.recipe(str(base), [str(e) for e in experts]))),
+                             source="decoded").recipe
+        coefficients = decoded.coefficients(layer_map)
+        for tensor_name in folder.tensor_names():
+            ours = coefficients(tensor_name, layer_map.position(tensor_name))
+            theirs = resolve_tensor_params(recipe, tensor_name, layer_map.depth_fraction(tensor_name))
+            for param in ("weight", "density", "gamma", "epsilon"):
+                expected = getattr(theirs, param) if param in space.param_names or param == "weight" else None
+                got = getattr(ours, param)
+                assert (None if expected is None else tuple(expected)) == got, (tensor_name, param)
+        assert decoded.materializer_settings() == {("lambda_" if k == "lambda" else k): v
+                                                    for k, v in space.space.settings.items()}

@@ -3,8 +3,9 @@ from the optimizer and the stopping rule).
 
 A `MergeProblem` lives once per worker: it loads the base and the task vectors once (the
 materializer), tokenizes the fitness subset once (the scorers), and then each `evaluate(genome)`
-writes the candidate into the live model and scores it on the subset items only, returning the
-estimated full-split accuracy per task with its uncertainty and the raw subset answers.
+decodes the genome once, writes the candidate into the live model and scores it on the subset
+items only, returning the estimated full-split accuracy per task with its uncertainty, the raw
+subset answers, and the recipe it scored (the log's and `export`'s record of the candidate).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from evomerge.runs.config import RunConfig
-from evomerge.search.space import BoundSpace, SearchSpace
+from evomerge.search.space import BoundSpace, DecodedGenome, SearchSpace
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Evaluation:
     worker: str = ""
     status: str = "ok"  # "ok" or "failed"
     error: str | None = None
+    recipe: dict[str, Any] | None = None  # the mergekit-style recipe that was scored (None when decoding failed)
 
 
 def bind_space(config: RunConfig) -> BoundSpace:
@@ -65,14 +67,20 @@ class MergeProblem:
         self.tokenizer = AutoTokenizer.from_pretrained(config.models.base, trust_remote_code=False)
         self.scorers = fitness.subset_scorers(self.tokenizer, device=self.materializer.device)
 
-    def materialize(self, genome: np.ndarray) -> torch.nn.Module:
-        coefficients = self.space.coefficients(np.asarray(genome, dtype=np.float64), self.materializer.layer_map)
-        return self.materializer.apply(self.space.space.method, coefficients, **self.space.shared_settings())
+    def materialize(self, genome: np.ndarray | DecodedGenome) -> torch.nn.Module:
+        decoded = genome if isinstance(genome, DecodedGenome) else self.space.decode(genome)
+        return self.materializer.apply(decoded.method, decoded.coefficients(self.materializer.layer_map),
+                                       **decoded.materializer_settings())
+
+    def recipe(self, decoded: DecodedGenome) -> dict[str, Any]:
+        models = self.config.models
+        return decoded.recipe(models.base, models.experts, dtype=self.config.dtype, seed=self.config.seed)
 
     def evaluate(self, candidate_id: int, genome: np.ndarray) -> Evaluation:
         _test_hooks(candidate_id)
         t0 = time.perf_counter()
-        model = self.materialize(genome)
+        decoded = self.space.decode(genome)
+        model = self.materialize(decoded)
         t1 = time.perf_counter()
         objectives, stderr, responses, items = {}, {}, {}, 0
         for task, scorer in self.scorers.items():
@@ -84,7 +92,7 @@ class MergeProblem:
             items += int(answers.size)
         t2 = time.perf_counter()
         return Evaluation(candidate_id, objectives, stderr, responses, items,
-                          {"materialize": t1 - t0, "score": t2 - t1}, worker=self.worker)
+                          {"materialize": t1 - t0, "score": t2 - t1}, worker=self.worker, recipe=self.recipe(decoded))
 
 
 def _test_hooks(candidate_id: int) -> None:

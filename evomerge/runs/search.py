@@ -210,7 +210,7 @@ def _new_state(config: RunConfig, space, n_objectives: int):
     dim, bounds = space.dim, space.bounds
     settings = dict(config.optimizer.settings)
     if config.optimizer.name == "m2n2":
-        settings.setdefault("gene_layer_index", space.gene_slots.tolist())
+        settings.setdefault("gene_layer_index", space.gene_blocks.tolist())
     if settings.get("initial_genomes") == "corners":  # the seed models and their obvious merges
         try:
             # at most one archive (M2N2) or population (pymoo) of them
@@ -259,11 +259,10 @@ def _budget_left(config: RunConfig, counters: dict, started: float) -> bool:
     return not (b.wall_time is not None and elapsed >= b.wall_time)
 
 
-def _record(evaluation: Evaluation, genome: np.ndarray, generation: int, recipe: dict) -> dict:
+def _record(evaluation: Evaluation, genome: np.ndarray, generation: int) -> dict:
     record = asdict(evaluation)
     record["id"] = record.pop("candidate_id")
-    record.update({"generation": generation, "genome": [float(x) for x in genome], "recipe": recipe,
-                   "time": time.time()})
+    record.update({"generation": generation, "genome": [float(x) for x in genome], "time": time.time()})
     return record
 
 
@@ -339,10 +338,7 @@ def _loop(store: RunStore, config: RunConfig, fitness_path: str, *, progress: bo
             def log_result(evaluation: Evaluation) -> None:
                 # Each evaluation is logged the moment it finishes: an interruption loses only those in flight.
                 cid = evaluation.candidate_id
-                genome = genome_of[cid]
-                recipe = space.recipe(genome, config.models.base, config.models.experts, dtype=config.dtype,
-                                      seed=config.seed).model_dump(exclude_none=True)
-                written[cid] = _record(evaluation, genome, counters["generation"], recipe)
+                written[cid] = _record(evaluation, genome_of[cid], counters["generation"])
                 store.append(written[cid])
 
             if todo:

@@ -5,15 +5,18 @@ network, one per block of N layers, or one per layer), which parameters are sear
 density, gamma, epsilon) with their bounds, optional tensor-name components (attention vs MLP vs
 the rest, as mergekit `filter` entries) and fixed method settings (normalize, lambda, ...).
 
-Decoding goes one way, through a mergekit-style recipe: genome -> `MergeRecipe` (per-expert
-gradient lists, one anchor per layer, wrapped in filters when components are searched). The
-in-memory materializer's coefficients are then *resolved from that recipe* with the same code
-`evomerge merge` uses, so the model the search scores and the model a user rebuilds from the
-exported YAML (with `evomerge merge` or `mergekit-yaml`) are the same by construction.
+A genome is decoded once per candidate, on the worker, into a `DecodedGenome`: per parameter and
+expert, the setting exactly as a mergekit recipe writes it (a scalar, or one gradient anchor per
+layer, inside `filter` entries when components are searched). Both products come from that one
+structure: the materializer's per-tensor coefficients, resolved by the same pure function
+`evomerge merge` uses (`merge.params.resolve_setting`), and the recipe that travels back in the
+evaluation record for the log and `export`. So the model the search scores and the model a user
+rebuilds from the exported YAML (with `evomerge merge` or `mergekit-yaml`) are the same by
+construction, with no YAML or validation on the per-candidate path.
 
-Genes are laid out layer-major: all genes of slot 0 (the first block), then slot 1, ... so a
-split point between slots (M2N2 crossover) exchanges whole depth ranges; `gene_slots` gives each
-gene's slot.
+Genes are laid out block-major: all genes of block 0, then block 1, ... (a block is one layer,
+a group of `block_size` layers, or the whole stack), so a split point between blocks (M2N2
+crossover) exchanges whole depth ranges; `gene_blocks` gives each gene's block.
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
-from evomerge.merge.engine import resolve_tensor_params
 from evomerge.merge.layers import LayerMap, TensorPosition
 from evomerge.merge.materializer import CoefficientFn, TensorCoefficients
+from evomerge.merge.params import resolve_setting, to_float
 from evomerge.merge.recipe import GLOBAL_PARAMETERS, MODEL_PARAMETERS, MergeRecipe, load_recipe
 
 SEARCHABLE = ("weight", "density", "gamma", "epsilon")
@@ -149,26 +152,86 @@ class SearchSpace:
         if self.method == "slerp" and num_experts != 1:
             raise SearchSpaceError(f"search space {self.name!r}: slerp merges the base with exactly one expert")
         if self.granularity == "global":
-            slot_of_layer = [0] * num_layers
+            block_of_layer = [0] * num_layers
         elif self.granularity == "block":
-            slot_of_layer = [layer // self.block_size for layer in range(num_layers)]
+            block_of_layer = [layer // self.block_size for layer in range(num_layers)]
         else:
-            slot_of_layer = list(range(num_layers))
-        return BoundSpace(self, num_layers, num_experts, tuple(slot_of_layer))
+            block_of_layer = list(range(num_layers))
+        return BoundSpace(self, num_layers, num_experts, tuple(block_of_layer))
+
+
+@dataclass(frozen=True)
+class DecodedGenome:
+    """One candidate, decoded once: what the materializer needs and what the log and `export` record.
+
+    `settings[param][k]` is expert k's setting for `param`, exactly as the recipe writes it (a
+    scalar, or one gradient anchor per layer, inside {filter, value} entries when components are
+    searched); `shared` holds the space's fixed method settings (normalize, lambda, ...)."""
+
+    method: str
+    num_experts: int
+    settings: Mapping[str, tuple[Any, ...]]
+    shared: Mapping[str, Any]
+
+    def coefficients(self, layer_map: LayerMap) -> CoefficientFn:
+        """Per-tensor coefficients, resolved as `evomerge merge` resolves the recipe (`resolve_setting`
+        at the tensor's depth fraction), each tensor once."""
+        cache: dict[str, TensorCoefficients] = {}
+        unit = (1.0,) * self.num_experts
+
+        def resolve(tensor_name: str, position: TensorPosition) -> TensorCoefficients:
+            if tensor_name not in cache:
+                t = layer_map.depth_fraction(tensor_name)
+                values = {param: tuple(resolve_setting(setting, tensor_name, t, field=param, cast=to_float)
+                                       for setting in per_expert)
+                          for param, per_expert in self.settings.items()}
+                cache[tensor_name] = TensorCoefficients(weight=values.get("weight", unit), density=values.get("density"),
+                                                        gamma=values.get("gamma"), epsilon=values.get("epsilon"))
+            return cache[tensor_name]
+
+        return resolve
+
+    def materializer_settings(self) -> dict[str, Any]:
+        """The fixed method settings as `Materializer.apply` keywords (`lambda` is `lambda_` there)."""
+        return {("lambda_" if key == "lambda" else key): value for key, value in self.shared.items()}
+
+    def recipe(self, base_model: str, experts: Sequence[str], *, dtype: str | None = None,
+               seed: int = 0) -> dict[str, Any]:
+        """The mergekit-style recipe (plain data) this candidate stands for."""
+        if len(experts) != self.num_experts:
+            raise SearchSpaceError(f"{len(experts)} expert paths for a genome of {self.num_experts} experts")
+        models: list[dict[str, Any]] = [{"model": str(base_model)}] if self.method != "linear" else []
+        for k, expert in enumerate(experts):
+            models.append({"model": str(expert),
+                           "parameters": {param: per_expert[k] for param, per_expert in self.settings.items()}})
+        data: dict[str, Any] = {"merge_method": self.method, "models": models}
+        if self.method != "linear":
+            data["base_model"] = str(base_model)
+        if self.shared:
+            data["parameters"] = dict(self.shared)
+        if dtype:
+            data["dtype"] = dtype
+        if seed:
+            data["seed"] = int(seed)
+        return data
 
 
 @dataclass(frozen=True)
 class BoundSpace:
-    """A search space for one concrete (depth, expert count): genome size, bounds and decoders."""
+    """A search space for one concrete (depth, expert count): genome size, bounds and the decoder."""
 
     space: SearchSpace
     num_layers: int
     num_experts: int
-    slot_of_layer: tuple[int, ...]
+    block_of_layer: tuple[int, ...]
 
     @property
-    def num_slots(self) -> int:
-        return max(self.slot_of_layer) + 1
+    def method(self) -> str:
+        return self.space.method
+
+    @property
+    def num_blocks(self) -> int:
+        return max(self.block_of_layer) + 1
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -180,38 +243,32 @@ class BoundSpace:
         return tuple(self.space.parameters)
 
     @property
-    def dim(self) -> int:
-        return self.num_slots * len(self.groups) * len(self.param_names) * self.num_experts
+    def _shape(self) -> tuple[int, int, int, int]:
+        """The genome as an array: (blocks, groups, parameters, experts), C order."""
+        return self.num_blocks, len(self.groups), len(self.param_names), self.num_experts
 
-    def _gene_index(self, slot: int, group: int, param: int, expert: int) -> int:
-        return ((slot * len(self.groups) + group) * len(self.param_names) + param) * self.num_experts + expert
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self._shape))
+
+    def _gene_index(self, block: int, group: int, param: int, expert: int) -> int:
+        return int(np.ravel_multi_index((block, group, param, expert), self._shape))
 
     @property
     def bounds(self) -> np.ndarray:
         """(dim, 2) array of [low, high] per gene."""
-        out = np.empty((self.dim, 2))
-        for slot in range(self.num_slots):
-            for g in range(len(self.groups)):
-                for p, pname in enumerate(self.param_names):
-                    b = self.space.parameters[pname]
-                    for k in range(self.num_experts):
-                        out[self._gene_index(slot, g, p, k)] = (b.low, b.high)
-        return out
+        per_param = np.array([[b.low, b.high] for b in self.space.parameters.values()])  # (P, 2)
+        return np.broadcast_to(per_param[None, None, :, None, :], (*self._shape, 2)).reshape(self.dim, 2).copy()
 
     @property
-    def gene_slots(self) -> np.ndarray:
-        """(dim,) slot (block / layer index) of each gene, non-decreasing: where crossovers may split."""
-        per_slot = len(self.groups) * len(self.param_names) * self.num_experts
-        return np.repeat(np.arange(self.num_slots), per_slot)
+    def gene_blocks(self) -> np.ndarray:
+        """(dim,) block (layer, group of layers, or 0 for the whole stack) of each gene, non-decreasing:
+        where crossovers may split."""
+        return np.repeat(np.arange(self.num_blocks), self.dim // self.num_blocks)
 
     def gene_names(self) -> list[str]:
-        names = [""] * self.dim
-        for slot in range(self.num_slots):
-            for g, group in enumerate(self.groups):
-                for p, pname in enumerate(self.param_names):
-                    for k in range(self.num_experts):
-                        names[self._gene_index(slot, g, p, k)] = f"slot{slot}.{group}.{pname}.expert{k}"
-        return names
+        return [f"block{b}.{self.groups[g]}.{self.param_names[p]}.expert{k}"
+                for b, g, p, k in np.ndindex(*self._shape)]
 
     def check(self, genome: np.ndarray) -> np.ndarray:
         genome = np.asarray(genome, dtype=np.float64)
@@ -227,9 +284,9 @@ class BoundSpace:
         return genome
 
     def task_level_genome(self, values: Mapping[str, Sequence[float]]) -> np.ndarray:
-        """The genome giving every slot and group the same per-expert values: {param: (K,)}.
+        """The genome giving every block and group the same per-expert values: {param: (K,)}.
         Parameters left out take the middle of their bounds; values are clipped to the bounds."""
-        genome = np.empty(self.dim)
+        genome = np.empty(self._shape)
         for p, pname in enumerate(self.param_names):
             b = self.space.parameters[pname]
             given = values.get(pname)
@@ -238,11 +295,8 @@ class BoundSpace:
             if per_expert.shape != (self.num_experts,):
                 raise SearchSpaceError(f"search space {self.space.name!r}: {pname} needs {self.num_experts} values, "
                                        f"got shape {per_expert.shape}")
-            for slot in range(self.num_slots):
-                for g in range(len(self.groups)):
-                    for k in range(self.num_experts):
-                        genome[self._gene_index(slot, g, p, k)] = np.clip(per_expert[k], b.low, b.high)
-        return genome
+            genome[:, :, p, :] = np.clip(per_expert, b.low, b.high)
+        return genome.reshape(self.dim)
 
     def corner_genomes(self, max_count: int | None = None) -> np.ndarray:
         """The merges a person tries first, as genomes: every expert subset at weight 1 (weight 0
@@ -258,77 +312,37 @@ class BoundSpace:
         return np.stack([self.task_level_genome({"weight": w}) for w in subsets])
 
     def per_layer(self, genome: np.ndarray) -> dict[str, np.ndarray]:
-        """{param: array (groups, K, L)}: each gene expanded to the layers of its slot."""
-        genome = self.check(genome)
-        out = {}
-        for p, pname in enumerate(self.param_names):
-            arr = np.empty((len(self.groups), self.num_experts, self.num_layers))
-            for g in range(len(self.groups)):
-                for layer, slot in enumerate(self.slot_of_layer):
-                    for k in range(self.num_experts):
-                        arr[g, k, layer] = genome[self._gene_index(slot, g, p, k)]
-            out[pname] = arr
-        return out
+        """{param: array (groups, K, L)}: each gene expanded to the layers of its block."""
+        genes = self.check(genome).reshape(self._shape)[list(self.block_of_layer)]  # (L, G, P, K)
+        return {pname: np.ascontiguousarray(genes[:, :, p, :].transpose(1, 2, 0))
+                for p, pname in enumerate(self.param_names)}
 
-    # ------------------------------------------------------------- decoders
+    # ------------------------------------------------------------- the decoder
+    def decode(self, genome: np.ndarray) -> DecodedGenome:
+        """The genome as recipe settings: per parameter and expert a scalar when constant across
+        depth, else one anchor per layer; per group a {filter, value} entry when components are searched."""
+        settings: dict[str, tuple[Any, ...]] = {}
+        for pname, values in self.per_layer(genome).items():  # (G, K, L)
+            per_expert = []
+            for k in range(self.num_experts):
+                by_group = [_gradient(values[g, k]) for g in range(len(self.groups))]
+                if self.space.components:
+                    entries = [{"filter": COMPONENT_FILTERS[c], "value": by_group[g]}
+                               for g, c in enumerate(self.space.components)]
+                    per_expert.append([*entries, {"value": by_group[-1]}])
+                else:
+                    per_expert.append(by_group[0])
+            settings[pname] = tuple(per_expert)
+        return DecodedGenome(self.space.method, self.num_experts, settings, dict(self.space.settings))
+
     def recipe(self, genome: np.ndarray, base_model: str, experts: Sequence[str], *, dtype: str | None = None,
                seed: int = 0) -> MergeRecipe:
-        """The mergekit-style recipe this genome stands for (per-layer gradient lists, filters per component)."""
-        if len(experts) != self.num_experts:
-            raise SearchSpaceError(f"{len(experts)} expert paths for a space bound to {self.num_experts} experts")
-        values = self.per_layer(genome)
-        models: list[dict[str, Any]] = [{"model": str(base_model)}] if self.space.method != "linear" else []
-        for k, expert in enumerate(experts):
-            params = {}
-            for pname, arr in values.items():
-                settings = [_gradient(arr[g, k]) for g in range(len(self.groups))]
-                if self.space.components:
-                    entries = [{"filter": COMPONENT_FILTERS[c], "value": settings[g]}
-                               for g, c in enumerate(self.space.components)]
-                    entries.append({"value": settings[-1]})
-                    params[pname] = entries
-                else:
-                    params[pname] = settings[0]
-            models.append({"model": str(expert), "parameters": params})
-        data: dict[str, Any] = {"merge_method": self.space.method, "models": models}
-        if self.space.method != "linear":
-            data["base_model"] = str(base_model)
-        if self.space.settings:
-            data["parameters"] = dict(self.space.settings)
-        if dtype:
-            data["dtype"] = dtype
-        if seed:
-            data["seed"] = int(seed)
+        """The validated mergekit-style recipe this genome stands for (for export and inspection)."""
+        data = self.decode(genome).recipe(base_model, experts, dtype=dtype, seed=seed)
         return load_recipe(data, source=f"search space {self.space.name!r}").recipe
 
     def recipe_yaml(self, genome: np.ndarray, base_model: str, experts: Sequence[str], **kwargs) -> str:
         return self.recipe(genome, base_model, experts, **kwargs).to_yaml()
-
-    def shared_settings(self) -> dict[str, Any]:
-        """Fixed method settings as materializer keywords (normalize, rescale, lambda_, t)."""
-        out = {}
-        for key, value in self.space.settings.items():
-            out["lambda_" if key == "lambda" else key] = value
-        return out
-
-    def coefficients(self, genome: np.ndarray, layer_map: LayerMap) -> CoefficientFn:
-        """Materializer coefficients resolved from `recipe(genome)`, exactly as `evomerge merge` resolves them."""
-        placeholders = [f"expert_{k}" for k in range(self.num_experts)]
-        recipe = self.recipe(genome, "base", placeholders)
-        cache: dict[str, TensorCoefficients] = {}
-
-        def resolve(tensor_name: str, position: TensorPosition) -> TensorCoefficients:
-            if tensor_name not in cache:
-                p = resolve_tensor_params(recipe, tensor_name, layer_map.depth_fraction(tensor_name))
-                cache[tensor_name] = TensorCoefficients(
-                    weight=tuple(p.weight) if p.weight is not None else (1.0,) * self.num_experts,
-                    density=tuple(p.density) if p.density is not None and "density" in self.param_names else None,
-                    gamma=tuple(p.gamma) if p.gamma is not None and "gamma" in self.param_names else None,
-                    epsilon=tuple(p.epsilon) if p.epsilon is not None and "epsilon" in self.param_names else None,
-                )
-            return cache[tensor_name]
-
-        return resolve
 
 
 def _gradient(values: np.ndarray) -> float | list[float]:
