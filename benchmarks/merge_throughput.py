@@ -1,18 +1,21 @@
 """Merge throughput: in-memory materialization vs a plain copy, and `evomerge merge` vs `mergekit-yaml`.
 
 Usage: .venv/bin/python benchmarks/merge_throughput.py [--reps 3] [--threads default,1] [--skip-disk]
+       [--json benchmarks/results/merge_throughput_<label>.json]
 
-(a) The search's per-candidate path: GB/s of weight bytes read and written by the materializer
+P1 The search's per-candidate path: GB/s of weight bytes read and written by the materializer
     for task_arithmetic, ties and dare_ties, next to a plain `torch` copy of the same number of
     bytes in the same process and with the same torch thread count (the hardware floor for
     touching those bytes). Rounds alternate between thread counts; each number is the best round.
-(b) The file-to-file path: wall time and peak resident memory of `evomerge merge` and
+P2 The file-to-file path: wall time and peak resident memory of `evomerge merge` and
     `mergekit-yaml` on the same YAML (ties and task_arithmetic, per-layer gradients), run with the
     same OMP_NUM_THREADS, and how their outputs differ. For ties the differences are classified:
     an entry whose |delta| equals an expert's top-k threshold value shared by several entries is
     a tie mergekit's unstable argsort orders arbitrarily; the rest must agree to 1e-6.
-Targets (issue 2): (a) >= 0.5 of copy bandwidth for task_arithmetic, >= 0.35 for ties;
-(b) >= 3x faster than mergekit end to end, with equal outputs.
+Targets (issue 2): P1 >= 0.5 of copy bandwidth for task_arithmetic, >= 0.35 for ties;
+P2 >= 3x faster than mergekit end to end, with equal outputs. Since issue 13 the materializer's
+magnitude thresholds are exact (the same tensors `evomerge merge` writes), so P1 includes that cost.
+`--json` writes every number (and the printed lines) to a file.
 Every section prints the 1-minute load average: on a shared machine the numbers move with it.
 """
 from __future__ import annotations
@@ -60,12 +63,15 @@ def build_family(n_experts: int = 3) -> tuple[Path, list[Path], int]:
     return folder / "base", [folder / f"expert_{i}" for i in range(n_experts)], n_params
 
 
-# ----------------------------------------------------------------------------- (a) materializer
+# ----------------------------------------------------------------------------- P1 materializer
 
 def copy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
     t0 = time.perf_counter()
     dst.copy_(src)
     return time.perf_counter() - t0
+
+
+RESULTS: dict = {"P1": {}, "P2": {}}
 
 
 def materializer_bandwidth(base: Path, experts: list[Path], reps: int, thread_counts: list[int]) -> list[str]:
@@ -111,20 +117,25 @@ def materializer_bandwidth(base: Path, experts: list[Path], reps: int, thread_co
     del src, dst, mat
 
     targets = {"task_arithmetic": 0.5, "ties": 0.35}
-    lines = [f"(a) best of {reps} rounds alternating torch thread counts {thread_counts}; "
+    lines = [f"P1 best of {reps} rounds alternating torch thread counts {thread_counts}; "
              f"load {min(loads):.1f}-{max(loads):.1f} during the rounds"]
     for threads in thread_counts:
         floor = n_bytes / best[threads, "copy"] / 1e9
-        lines.append(f"(a) threads={threads}: plain torch copy of the same bytes: {floor:6.2f} GB/s")
+        RESULTS["P1"][f"threads={threads}"] = {
+            "copy_gbps": floor,
+            **{method: {"ms_per_candidate": best[threads, method] * 1e3,
+                        "ratio_to_copy": n_bytes / best[threads, method] / 1e9 / floor} for method in methods},
+        }
+        lines.append(f"P1 threads={threads}: plain torch copy of the same bytes: {floor:6.2f} GB/s")
         for method in methods:
             gbps = n_bytes / best[threads, method] / 1e9
             target = f" (target >= {targets[method]})" if method in targets else ""
-            lines.append(f"(a) threads={threads}: materialize {method:16s} {gbps:6.2f} GB/s  "
+            lines.append(f"P1 threads={threads}: materialize {method:16s} {gbps:6.2f} GB/s  "
                          f"{best[threads, method] * 1e3:5.0f} ms/candidate  ratio to copy {gbps / floor:.2f}{target}")
     return lines
 
 
-# ----------------------------------------------------------------------------- (b) file to file
+# ----------------------------------------------------------------------------- P2 file to file
 
 def timed(cmd: list[str], env: dict) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of a subprocess, via GNU time."""
@@ -160,7 +171,7 @@ def compare_outputs(ours: Path, theirs: Path, recipe_path: Path | None = None) -
         spec = loaded.recipe
         base = ModelFolder.open(resolve_model_path(spec.base_model, loaded))
         layer_map = LayerMap.from_config(base.config, spec.layer_pattern)
-        params = resolve_tensor_params(spec, name, layer_map.depth_fraction(name))
+        params = resolve_tensor_params(spec, name, layer_map.depth_fraction(name))  # noqa: the density lists
         b = base.get_tensor(name).float().reshape(-1)
         at_tie = torch.zeros_like(differ)
         for entry, density in zip(spec.experts(), params.density):
@@ -229,17 +240,19 @@ def disk_merge(base: Path, experts: list[Path], thread_settings: list[str]) -> l
                             "--no-write-model-card", "--quiet"], env)
             load_after = os.getloadavg()[0]
             diff = compare_outputs(work / "evomerge_out", work / "mergekit_out", path if name == "ties" else None)
-            lines.append(f"(b) {label}: load {load_before:.1f} -> {load_after:.1f}")
-            lines.append(f"(b)   evomerge merge: {ours[0]:6.1f} s   peak RSS {ours[1]:.2f} GB")
-            lines.append(f"(b)   mergekit-yaml:  {theirs[0]:6.1f} s   peak RSS {theirs[1]:.2f} GB")
-            lines.append(f"(b)   speed-up {theirs[0] / ours[0]:.2f}x (target >= 3x); one model is {model_gb:.2f} GB")
+            RESULTS["P2"][label] = {"evomerge_s": ours[0], "evomerge_rss_gb": ours[1], "mergekit_s": theirs[0],
+                                    "mergekit_rss_gb": theirs[1], "speedup": theirs[0] / ours[0], "outputs": diff}
+            lines.append(f"P2 {label}: load {load_before:.1f} -> {load_after:.1f}")
+            lines.append(f"P2   evomerge merge: {ours[0]:6.1f} s   peak RSS {ours[1]:.2f} GB")
+            lines.append(f"P2   mergekit-yaml:  {theirs[0]:6.1f} s   peak RSS {theirs[1]:.2f} GB")
+            lines.append(f"P2   speed-up {theirs[0] / ours[0]:.2f}x (target >= 3x); one model is {model_gb:.2f} GB")
             if name == "ties":
-                lines.append(f"(b)   outputs: {diff['differing']} entries differ, {diff['at_tie']} of them at a tied "
+                lines.append(f"P2   outputs: {diff['differing']} entries differ, {diff['at_tie']} of them at a tied "
                              f"top-k threshold (mergekit's argsort order among equal |delta| is unspecified); "
                              f"max relative difference {diff['max_rel']:.2e} overall, "
                              f"{diff['max_rel_rest']:.2e} over the rest (target <= 1e-6)")
             else:
-                lines.append(f"(b)   outputs: max relative difference {diff['max_rel']:.2e} (target <= 1e-6)")
+                lines.append(f"P2   outputs: max relative difference {diff['max_rel']:.2e} (target <= 1e-6)")
             print("\n".join(lines[-5:]), flush=True)
     return lines
 
@@ -248,20 +261,27 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", default="default,1",
-                        help="torch thread counts for (a) and OMP_NUM_THREADS for (b), comma-separated")
+                        help="torch thread counts for P1 and OMP_NUM_THREADS for P2, comma-separated")
     parser.add_argument("--skip-disk", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the results here (e.g. benchmarks/results/merge_throughput_after.json)")
     args = parser.parse_args()
     settings = list(dict.fromkeys(s.strip() for s in args.threads.split(",")))
     torch.manual_seed(0)
     base, experts, n_params = build_family()
     print(f"model: Llama, {n_params / 1e6:.0f}M parameters, {len(experts)} experts; "
           f"torch threads {DEFAULT_THREADS}; {load()}", flush=True)
+    lines = []
     if not args.skip_memory:
         counts = list(dict.fromkeys(DEFAULT_THREADS if s == "default" else int(s) for s in settings))
-        print("\n".join(materializer_bandwidth(base, experts, args.reps, counts)), flush=True)
+        lines += materializer_bandwidth(base, experts, args.reps, counts)
+        print("\n".join(lines), flush=True)
     if not args.skip_disk:
-        disk_merge(base, experts, settings)  # prints each comparison as it finishes
+        lines += disk_merge(base, experts, settings)  # prints each comparison as it finishes
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.update(command=" ".join(sys.argv), torch_threads=DEFAULT_THREADS, cpus=os.cpu_count(), lines=lines)
+        args.json.write_text(json.dumps(RESULTS, indent=2) + "\n")
 
 
 if __name__ == "__main__":

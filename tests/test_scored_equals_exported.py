@@ -22,10 +22,11 @@ def family(tmp_path_factory):
     return make_family(tmp_path_factory.mktemp("big"), n_experts=3, seed=5, delta_scale=0.3, config=config)
 
 
-@pytest.fixture(scope="module")
-def materializer(family):
+@pytest.fixture(scope="module", params=[None, 65536], ids=["full-stats", "grid-stats"])
+def materializer(family, request):
     base, experts = family
-    return Materializer.from_folders(base, experts, device="cpu", seed=11, compile=False)
+    return Materializer.from_folders(base, experts, device="cpu", seed=11, compile=False,
+                                     order_stats_grid=request.param)
 
 
 def test_the_family_has_tensors_far_above_the_grid(family):

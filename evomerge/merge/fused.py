@@ -5,7 +5,7 @@ and writes K full-size temporaries. Here the same maths (sparsify by thresholds 
 weight, TIES sign election, sum, normalize, add to base) runs in one pass over the K stored
 task vectors, in one of two forms:
 
-* compiled (`fused_sum`, `fused_masked`, `masked_l1`): elementwise maths over the K expert
+* compiled (`fused_sum`, `fused_masked`): elementwise maths over the K expert
   rows, compiled by `torch.compile` (Inductor: one OpenMP/SIMD loop on CPU, one Triton kernel
   on GPU) that reads each stored element once and writes straight into the output buffer.
   Dynamic shapes, so one graph per (K, variant: draws or not, consensus, normalize), not per tensor.
@@ -16,10 +16,11 @@ task vectors, in one of two forms:
   a small thread pool with single-threaded torch ops: OpenMP's static split stalls on every op
   when the machine is shared, a pool of workers taking chunks does not.
 
-The magnitude masks use thresholds the caller looked up (order statistics in the search, exact
-rank windows in `evomerge merge`), random masks use draws made with the kernels' own generators
-(an explicit mask is passed as draws of 0 = keep / 1 = drop against keep_p 0.5), so the result
-equals the pure kernel's for the same masks. Without a working compiler the eager form runs.
+The magnitude masks use the exact rank windows the planner found (`masked.merge_masked`), random
+masks use draws made with the kernels' own generators (an explicit mask is passed as draws of
+0 = keep / 1 = drop against keep_p 0.5), so the result equals the pure kernel's for the same masks.
+The L1 norms of the rescale are always summed eagerly (`masked_l1_block`, float32 chunk sums added
+in float64), so both executors get the same factors. Without a working compiler the eager form runs.
 
 Non-finite input (models opened with `allow_nonfinite=True`) is treated as the pure kernels treat
 it, so both paths give the same tensor: IEEE arithmetic per entry (a NaN or inf delta makes its own
@@ -117,17 +118,6 @@ def fused_masked(
     else:
         mixed = total / plain_divisor if normalize else total
     out.copy_(base + lambda_ * mixed)
-
-
-def masked_l1(rows: tuple[torch.Tensor, ...], draws: tuple[torch.Tensor, ...] | None, lo: torch.Tensor,
-              hi: torch.Tensor, keep_p: torch.Tensor, use_hi: bool = True) -> torch.Tensor:
-    """(K,) L1 norms of each row after masking: the denominator of the L1 rescale."""
-    norms = []
-    for k, row in enumerate(rows):
-        magnitude = row.abs()
-        finite = torch.where(magnitude < INF, magnitude, 0.0)  # NaN and inf count 0, as in sparsify.finite_l1
-        norms.append((finite * _keep(magnitude, k, draws, lo, hi, keep_p, use_hi)).sum())
-    return torch.stack(norms)
 
 
 # ----------------------------------------------------------------------------- the constants of one merge
@@ -379,23 +369,6 @@ class FusedOps:
                          None if draws is None else draws[:, start:stop], out[start:stop], scratch)
 
         self.map_chunks(block, base.numel())
-
-    def l1(self, plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None, *,
-           eager: bool = False) -> torch.Tensor:
-        """(K,) L1 norms of the masked task vectors (float32; the eager form sums chunks in float64)."""
-        if not eager:
-            rows_draws = tuple(draws) if draws is not None and plan.keep_p is not None else None
-            _, lo, hi, keep_p = plan.row_args()[1:5]
-            done, norms = self._try_compiled(masked_l1, tuple(tvs), rows_draws, lo, hi, keep_p, plan.hi is not None)
-            if done:
-                return norms
-
-        def block(start: int, stop: int, scratch: _Scratch) -> torch.Tensor:
-            return masked_l1_block(plan, tvs[:, start:stop], None if draws is None else draws[:, start:stop],
-                                   scratch).double()
-
-        parts = self.map_chunks(block, tvs.shape[1])
-        return torch.stack(parts).sum(0).float()
 
 
 def rescale_factors(before: torch.Tensor, after: torch.Tensor, eps: float) -> torch.Tensor:

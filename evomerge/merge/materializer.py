@@ -122,7 +122,7 @@ class Materializer:
     device: torch.device
     num_experts: int
     seed: int = 0
-    order_stats_grid: int | None = 65536
+    order_stats_grid: int | None = None
     compile: bool = False
     cache_random_draws: bool | str = "auto"
     random_draws_budget_bytes: int = DEFAULT_RANDOM_DRAWS_BUDGET
@@ -149,7 +149,7 @@ class Materializer:
         allow_nonfinite: bool = False,
         layer_pattern: str | None = None,
         seed: int = 0,
-        order_stats_grid: int | None = 65536,
+        order_stats_grid: int | None = None,
         compile: bool | str = "auto",
         cache_random_draws: bool | str = "auto",
         random_draws_budget_bytes: int = DEFAULT_RANDOM_DRAWS_BUDGET,
@@ -159,8 +159,10 @@ class Materializer:
 
         `compile="auto"` compiles the fused paths with `torch.compile` when the model is large
         enough for that to pay off; `order_stats_grid` is how many ranks of each expert's sorted
-        |task vector| are kept per tensor (None: all): fewer cost less memory, more make each
-        candidate's exact threshold selection cheaper (see `MagnitudeOrderStats`).
+        |task vector| are kept per tensor (None, the default: all, as much memory again as the
+        task vectors, and a candidate's thresholds are binary searches; a grid costs little memory
+        but a selection pass over each pruned expert per candidate, about 8x the candidate's cost).
+        Thresholds are exact either way (see `MagnitudeOrderStats`).
         A NaN / inf in any model raises `NonFiniteError` naming the file and tensor, unless
         `allow_nonfinite`.
         """
@@ -365,8 +367,8 @@ class Materializer:
             stored.magnitude_stats = [built[id(stored), k] for k in range(self.num_experts)]
 
     def _small(self, stored: _StoredTensor) -> bool:
-        """Tensors the order-statistics grid holds whole take the eager pass: a compiled call costs more."""
-        return self.order_stats_grid is not None and stored.base.numel() <= self.order_stats_grid
+        """Tensors below 65,536 entries (or the grid) take the eager pass: a compiled call costs more."""
+        return stored.base.numel() <= (self.order_stats_grid or 1 << 16)
 
     def _output_buffer(self, stored: _StoredTensor) -> torch.Tensor:
         if stored.param.dtype == torch.float32 and stored.param.is_contiguous():

@@ -91,18 +91,11 @@ def apply_mask(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch
 
 # ----------------------------------------------------------------------------- order statistics
 
-def _rank_window_mask(
-    magnitudes: torch.Tensor,
-    start: int,
-    stop: int,
-    lo: float | torch.Tensor | None = None,
-    hi: float | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Flat bool mask of the entries whose ascending rank lies in [start, stop).
+def _rank_window_mask(magnitudes: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Flat bool mask of the entries whose ascending rank lies in [start, stop), by selection.
 
-    Rank order is (magnitude, flat index), so ties at either end are resolved by index. `lo`/`hi`
-    are the values at ranks `start` and `stop - 1` when already known (exact order stats);
-    otherwise `torch.kthvalue` selects them, with no full sort.
+    Rank order is (magnitude, flat index), so ties at either end are resolved by index;
+    `torch.kthvalue` selects the two threshold values, with no full sort.
     """
     n = magnitudes.numel()
     keep = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
@@ -110,16 +103,14 @@ def _rank_window_mask(
         return keep
     keep.fill_(True)
     if start > 0:
-        if lo is None:
-            lo = torch.kthvalue(magnitudes, start + 1).values
+        lo = torch.kthvalue(magnitudes, start + 1).values
         below = magnitudes < lo
         keep &= ~below
         ties = torch.nonzero(magnitudes == lo).squeeze(1)  # ascending flat index
         n_ties_below_window = max(0, start - int(below.sum()))
         keep[ties[:n_ties_below_window]] = False
     if stop < n:
-        if hi is None:
-            hi = torch.kthvalue(magnitudes, stop).values
+        hi = torch.kthvalue(magnitudes, stop).values
         keep &= ~(magnitudes > hi)
         ties = torch.nonzero(magnitudes == hi).squeeze(1)
         n_ties_in_window = max(0, stop - int((magnitudes < hi).sum()))
