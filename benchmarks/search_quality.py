@@ -272,11 +272,9 @@ def ensure_fitness(manifest, work: Path, args: argparse.Namespace) -> Path:
     return calibrate_from_config(path, out_dir=target, overwrite=True)
 
 
-def optimizer_block(strategy: str, factor: float | None, budget: int, gene_blocks: list[int]) -> dict[str, Any]:
+def optimizer_block(strategy: str, factor: float | None, budget: int) -> dict[str, Any]:
     """The run config's `optimizer` entry; `prescreen` 1 turns the surrogate pre-screening off."""
     settings = strategy_settings(strategy, budget)
-    if optimizer_name(strategy) == "m2n2":
-        settings["gene_layer_index"] = list(gene_blocks)  # crossover splits between layers
     return {"name": optimizer_name(strategy), "settings": settings, "prescreen": 1 if factor is None else float(factor)}
 
 
@@ -291,7 +289,6 @@ def prescreen_factor(strategy: str, option: str) -> float | None:
 def run_strategy(strategy: str, seed: int, manifest, fitness_path: Path, work: Path, args: argparse.Namespace,
                  tasks: list[str], calibration_items: int, fitness_split_items: int) -> dict[str, Any]:
     from evomerge.runs.config import load_run_config
-    from evomerge.runs.problem import bind_space
     from evomerge.runs.run import Run
     from evomerge.runs.search import start_search
     from evomerge.search.pareto import hypervolume, non_dominated_mask
@@ -303,14 +300,12 @@ def run_strategy(strategy: str, seed: int, manifest, fitness_path: Path, work: P
         "models": {"base": str(manifest.base_path), "experts": [str(p) for p in manifest.expert_paths]},
         "search_space": args.search_space,
         "fitness": {"name": str(fitness_path)},
-        "optimizer": {"name": optimizer_name(strategy)},
+        "optimizer": optimizer_block(strategy, factor, args.budget),
         "budget": {"evaluations": args.budget},
         "workers": {"backend": "inprocess", "threads_per_worker": args.threads, "device": args.device},
         "seed": seed,
         "runs_dir": str(work / "runs"),
     }
-    gene_blocks = bind_space(load_run_config(data, root=work)).gene_blocks.tolist()
-    data["optimizer"] = optimizer_block(strategy, factor, args.budget, gene_blocks)
     config = load_run_config(data, root=work)
     started = time.perf_counter()
     path = start_search(config, overwrite=True, progress=args.progress, echo=lambda *a, **k: None)

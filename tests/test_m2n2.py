@@ -102,7 +102,7 @@ def test_crossover_of_genomes_equals_crossover_of_linearly_merged_weights():
 def test_children_never_split_inside_a_layer_block():
     layers = [0, 0, 0, 1, 1, 2, 2, 2]
     opt = M2N2Optimizer(8, (0.0, 1.0), 1, seed=1, archive_size=2, batch_size=50, mutation_std=0.0,
-                        gene_layer_index=layers, initial_genomes=[[0.0] * 8, [1.0] * 8])
+                        gene_blocks=layers, initial_genomes=[[0.0] * 8, [1.0] * 8])
     X = opt.ask()
     opt.tell(X, [[0.5], [0.5]], responses=[[1, 0], [0, 1]])
     children = opt.ask()  # each gene is the weight on the all-ones parent (or its complement)

@@ -423,3 +423,25 @@ def test_a_run_that_calibrates_first_reuses_what_it_calibrated(run_workspace, mo
                                       budget={"evaluations": 6}), **QUIET)
     assert len(calibrations) == 1
     assert (cal_dir / "fitness" / "mc_again" / "fitness.json").is_file()
+
+
+def test_a_search_steps_one_generation_at_a_time(run_workspace, monkeypatch):
+    """`Search.step()` from Python: generation by generation, the same log and Pareto set as `run()`;
+    a step interrupted after its ask starts that generation again from the checkpoint."""
+    from evomerge.runs.search import Search
+
+    ref = reference(run_workspace, "nsga2")
+    with Search.create(_config(run_workspace, "stepped", "nsga2")) as search:
+        first = search.step()
+        assert (first.index, len(first.records), first.reused, first.failed) == (0, 6, 0, 0)
+        assert search.progress.evaluations == 6 and not search.finished
+        with monkeypatch.context() as mp:
+            _interrupt_once(mp, MergeProblem, "evaluate", lambda self, cid, g: cid == 8)
+            with pytest.raises(KeyboardInterrupt):
+                search.step()
+        second = search.step()
+        assert (second.index, second.reused) == (1, 2)  # ids 6 and 7 were logged before the interrupt
+        assert search.finished
+        with pytest.raises(RunLockedError):
+            Search.resume(search.root)
+    assert log_of(search.root) == log_of(ref) and pareto_of(search.root) == pareto_of(ref)

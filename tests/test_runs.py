@@ -294,12 +294,12 @@ def test_every_optimizer_starts_from_the_corner_merges(workspace, optimizer):
     first genomes asked, whatever the optimizer (pymoo's first population, nevergrad's
     suggestions, random search's first rows)."""
     from evomerge.runs.problem import bind_space
-    from evomerge.runs.search import _new_state
+    from evomerge.runs.search import new_optimizer
 
     settings = {**optimizer["settings"], "initial_genomes": "corners"}
     config = load_run_config(write_config(workspace, "corners", optimizer={**optimizer, "settings": settings}))
     space = bind_space(config)
-    opt, _, _ = _new_state(config, space, 2)
+    opt = new_optimizer(config, space, 2)
     asked = []
     while len(asked) < 4:
         genomes = opt.ask()

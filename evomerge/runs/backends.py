@@ -38,12 +38,10 @@ def failed_evaluation(candidate_id: int, tasks: Sequence[str], error: str, worke
 class InProcessBackend:
     """Scores candidates in this process, one after another."""
 
-    def __init__(self, config: RunConfig, fitness_path: str):
-        from evomerge.fitness.compressed import CompressedFitness
-
+    def __init__(self, config: RunConfig, fitness):
         self.config = config
-        self.fitness = CompressedFitness.load(fitness_path)
-        self.problem = MergeProblem(config, self.fitness, worker="inprocess")
+        self.fitness = fitness  # the driver's CompressedFitness: loaded and checked once per process
+        self.problem = MergeProblem(config, fitness, worker="inprocess")
 
     @property
     def tasks(self) -> list[str]:
@@ -75,7 +73,8 @@ class _Worker:
 
         config = RunConfig.model_validate(config_data)
         self.name = f"ray-{index}-pid{os.getpid()}"
-        self.problem = MergeProblem(config, CompressedFitness.load(fitness_path), worker=self.name)
+        # The driver checked the fitness's data hashes before starting the pool: load, don't re-hash.
+        self.problem = MergeProblem(config, CompressedFitness.load(fitness_path, check_data=False), worker=self.name)
 
     def evaluate(self, candidate_id: int, genome: list[float]) -> dict:
         try:
@@ -153,14 +152,13 @@ def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
 class RayBackend:
     """A pool of Ray actors, each holding the base and task vectors once."""
 
-    def __init__(self, config: RunConfig, fitness_path: str):
+    def __init__(self, config: RunConfig, fitness):
         import ray
         import torch
 
-        from evomerge.fitness.compressed import CompressedFitness
-
         self.config = config
-        self.tasks = list(CompressedFitness.load(fitness_path).task_names)
+        self.tasks = list(fitness.task_names)
+        fitness_path = str(fitness.path)
         workers = config.workers
         init_ray(workers.address, num_cpus=None if workers.address else max(
             os.cpu_count() or 1, workers.num_workers * workers.threads_per_worker))
@@ -240,10 +238,11 @@ class RayBackend:
             ray.shutdown()
 
 
-def make_backend(config: RunConfig, fitness_path: str):
+def make_backend(config: RunConfig, fitness):
+    """The worker pool the config asks for, scoring with `fitness` (a loaded CompressedFitness)."""
     if config.workers.backend == "inprocess":
-        return InProcessBackend(config, fitness_path)
+        return InProcessBackend(config, fitness)
     started = time.perf_counter()
-    backend = RayBackend(config, fitness_path)
+    backend = RayBackend(config, fitness)
     log.info("Ray pool of %d workers ready in %.1fs", config.workers.num_workers, time.perf_counter() - started)
     return backend

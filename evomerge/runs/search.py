@@ -1,28 +1,35 @@
-"""The search loop: ask the optimizer, score the batch on the workers, log, tell, checkpoint.
+"""A search run as one object: `Search.create(config)` / `Search.resume(run_dir)`, then `.step()` one
+generation at a time or `.run()` to the budget (optuna's `Study`, Ray's `Tuner`). `Run` is the read side.
 
-One generation at a time:
+One generation (`step`):
     genomes = optimizer.ask()                 ids next_id .. next_id + n - 1
-    evaluations = backend.evaluate(batch)     ordered by id, whatever ran them
-    append each record to evaluations.jsonl (fsynced)
+    evaluations = backend.evaluate(batch)     decoded, materialised and scored on the workers,
+                                              each logged (fsynced) the moment it finishes
     optimizer.tell(...); Pareto archive update
-    checkpoint (optimizer, archive, counters) atomically; rewrite pareto.json
+    checkpoint (optimizer, archive, progress) atomically; rewrite pareto.json
 
-A resumed run restores the newest good checkpoint, re-asks the generation that was in flight
-(the restored optimizer asks the same genomes) and reuses every evaluation of it already in the
-log, so an interruption costs at most the evaluations that were running. Because evaluation is
-deterministic, an interrupted-and-resumed run ends with the same Pareto set as an uninterrupted
-one. Budgets are counted in candidate evaluations and in item evaluations; the loop stops after
+A resumed search restores the newest good checkpoint (the state after the last finished
+generation: an interrupt never writes one), re-asks the generation that was in flight (the
+restored optimizer asks the same genomes) and reuses every evaluation of it already in the log,
+so an interruption costs at most the evaluations that were running; a logged evaluation that
+cannot be reused (a failure, or another genome) is dropped only when its replacement is about to
+be computed. Because evaluation is deterministic, an interrupted-and-resumed run ends with the
+same log and Pareto set as an uninterrupted one. The log is read once, when the search is
+opened. Budgets are counted in candidate evaluations and in item evaluations; `run` stops after
 the generation that reaches `budget.evaluations` or `budget.wall_time`.
+
+The search talks to its optimizer only through the ask/tell protocol: the search space's
+structure (`gene_blocks`) and known genomes (`initial_genomes: corners`, as many as the
+optimizer's first population holds) are settings every optimizer accepts.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,233 +37,345 @@ import numpy as np
 import yaml
 
 from evomerge._atomic import write_json_atomic, write_text_atomic
+from evomerge.runs import preflight
 from evomerge.runs.config import ConfigError, RunConfig, load_run_config
 from evomerge.runs.problem import Evaluation, bind_space
 from evomerge.runs.store import RunStore, RunStoreError
-from evomerge.search.optimizers import Optimizer, state_from_dict, state_to_dict
+from evomerge.search.optimizers import (OPTIMIZERS, Optimizer, decode_plain, encode_plain, make_prescreened,
+                                        state_from_dict, state_to_dict)
 from evomerge.search.pareto import ParetoArchive, crowding_distance
 
 log = logging.getLogger(__name__)
 RUN_META = "run.json"
+MAX_CORNERS = 20  # known genomes given to an optimizer whose first population sets no limit
 
 
 class SearchInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a search: the state is checkpointed; `evomerge resume` continues."""
+    """Ctrl-C during a search: the last checkpoint and the log hold everything; `evomerge resume` continues."""
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+class SearchFailed(RunStoreError):
+    """Every candidate of a generation failed: the run stops with the reason (resume retries it)."""
 
 
-def resolve_fitness(config: RunConfig) -> str:
-    """The compressed fitness to use, calibrating it first when the config asks for that.
+@dataclass
+class Progress:
+    """The counters a checkpoint records after each generation."""
 
-    A fitness that exists is checked, before anything runs, against the task data on disk (data
-    hashes) and against the run's models (weights fingerprints): either changing makes it stale.
+    generation: int = 0
+    next_id: int = 0
+    evaluations: int = 0
+    failed: int = 0
+    item_evaluations: int = 0
+    elapsed: float = 0.0  # seconds spent in generations
+
+
+@dataclass
+class Generation:
+    """What one `Search.step()` did: the generation's index and its evaluation records, by id."""
+
+    index: int
+    records: list[dict[str, Any]]
+    reused: int  # evaluations taken from the log of an interrupted process
+
+    @property
+    def failed(self) -> int:
+        return sum(r["status"] != "ok" for r in self.records)
+
+
+class Search:
+    """One search in its run folder, held (locked) by this process until `close()`.
+
+        with Search.create("run.yaml") as search:     # or Search.resume("runs/NAME")
+            while not search.finished:
+                generation = search.step()
+            # or: search.run()
     """
-    from evomerge.fitness.compressed import resolve_fitness_path
 
-    fit = config.fitness
-    if fit.calibrate:
-        from evomerge.fitness.calibrate import calibrate_from_config, calibration_output_path
-        from evomerge.fitness.compressed import FITNESS_FILE
+    def __init__(self, store: RunStore, config: RunConfig, fitness, *, echo=print, space=None,
+                 optimizer: Optimizer | None = None):
+        """Use `create` or `resume`. Takes over `store`'s lock; `optimizer`: the new one to start
+        with when the folder holds no checkpoint."""
+        self.store = store
+        self.config = config
+        self.fitness = fitness
+        self.echo = echo
+        self.tasks = list(fitness.task_names)
+        self.space = space or bind_space(config)
+        self._results_hash = preflight.results_hash(store.config_text)
+        self._backend = None
+        self._load_state(optimizer)
 
-        # Where calibrating saves (beside the calibration config, or `name`): made once, then reused.
-        target = calibration_output_path(fit.calibrate, name=fit.name)
-        if (target / FITNESS_FILE).is_file():
-            return _checked_fitness(target, config)
-        return str(calibrate_from_config(fit.calibrate, name=fit.name))
-    return _checked_fitness(resolve_fitness_path(fit.name), config)
-
-
-def _checked_fitness(path: Path, config: RunConfig) -> str:
-    from evomerge.fitness.compressed import CompressedFitness
-
-    fitness = CompressedFitness.load(path)  # a stale source-data hash is an error here
-    models = config.models
-    mismatches = fitness.model_mismatches(models.base, models.experts, allow_pickle=models.allow_pickle)
-    if mismatches:
-        raise ConfigError(f"field `fitness`: {path} was calibrated on other models than this run's `models` "
-                          f"({'; '.join(mismatches)}); recalibrate it for these models "
-                          "(`evomerge fitness calibrate CONFIG --overwrite`) or name a fitness made for them")
-    return str(path)
-
-
-# ------------------------------------------------------------------------------- config identity
-def results_hash(config_text: str) -> str:
-    """SHA-256 of what decides a run's results: the config snapshot less `workers.address`.
-
-    Where the workers run does not change what they compute, so a resume may point at another
-    Ray cluster; every other field (models, space, fitness, optimizer, budget, seed, ...) is fixed."""
-    data = yaml.safe_load(config_text) or {}
-    (data.get("workers") or {}).pop("address", None)
-    return _sha(json.dumps(data, sort_keys=True, default=str))
-
-
-def _same_run(meta: dict, config_text: str) -> bool:
-    if "results_sha256" in meta:
-        return meta["results_sha256"] == results_hash(config_text)
-    return meta.get("config_sha256") == _sha(config_text)  # runs started before the address could change
-
-
-def _check_ray_address(config: RunConfig) -> None:
-    if config.workers.backend == "ray" and config.workers.address:
-        from evomerge.runs.backends import check_ray_address
-
-        check_ray_address(config.workers.address)
-
-
-def _check_estimator(config: RunConfig, fitness_path: str) -> None:
-    from evomerge.fitness.estimators import ESTIMATORS
-
-    name = config.fitness.estimator
-    if name is not None and name not in ESTIMATORS:
-        raise ConfigError(f"field `fitness.estimator`: unknown estimator {name!r}; valid: {sorted(ESTIMATORS)} "
-                          f"(or leave it out for the one {fitness_path} recommends)")
-
-
-# ------------------------------------------------------------------------------- starting
-def start_search(config: str | os.PathLike | RunConfig, *, overwrite: bool = False, progress: bool = True,
-                 echo=print) -> Path:
-    """Validate the config, create `runs/<name>/`, and run the search to its budget."""
-    source = None
-    if not isinstance(config, RunConfig):
-        source = str(Path(config).resolve())
-        config = load_run_config(config)
-    run_dir = Path(config.runs_dir) / config.name
-    _check_ray_address(config)  # an unreachable cluster fails now, before anything is written
-    _check_run_dir_is_no_input(run_dir, config, source)
-    fitness_path = resolve_fitness(config)
-    _check_estimator(config, fitness_path)
-    # Fail on a bad space or optimizer before anything is written.
-    from evomerge.fitness.compressed import CompressedFitness
-
-    space = bind_space(config)
-    _new_state(config, space, len(CompressedFitness.load(fitness_path, check_data=False).task_names))
-    snapshot = config.to_yaml()
-    store = RunStore.create(run_dir, snapshot, overwrite=overwrite)  # locked by this process from here on
-    try:
-        meta = {"config_sha256": _sha(snapshot), "results_sha256": results_hash(snapshot), "source": source,
-                "fitness": fitness_path, "created": time.time()}
-        write_json_atomic(run_dir / RUN_META, meta)
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def create(cls, config: str | os.PathLike | RunConfig, *, overwrite: bool = False, echo=print) -> "Search":
+        """Validate the config and everything it names, then create (and lock) `runs/<name>/`."""
+        source = None
+        if not isinstance(config, RunConfig):
+            source = str(Path(config).resolve())
+            config = load_run_config(config)
+        run_dir = Path(config.runs_dir) / config.name
+        preflight.check_ray_address(config)  # an unreachable cluster fails now, before anything is written
+        preflight.check_run_dir_is_no_input(run_dir, config, source)
+        fitness = preflight.load_fitness(config)
+        space = bind_space(config)
+        optimizer = new_optimizer(config, space, len(fitness.task_names))  # a bad space or optimizer fails here
+        snapshot = config.to_yaml()
+        store = RunStore.create(run_dir, snapshot, overwrite=overwrite)  # locked by this process from here on
+        try:
+            meta = {"config_sha256": preflight.sha256_text(snapshot), "results_sha256": preflight.results_hash(snapshot),
+                    "source": source, "fitness": str(fitness.path), "created": time.time()}
+            write_json_atomic(run_dir / RUN_META, meta)
+            search = cls(store, config, fitness, echo=echo, space=space, optimizer=optimizer)
+        except BaseException:
+            store.unlock()
+            raise
         echo(f"run folder: {run_dir}")
         echo(f"resume after an interruption with: evomerge resume {run_dir}")
-        return _run(store, config, fitness_path, progress=progress, echo=echo)
-    finally:
-        store.unlock()
+        return search
+
+    @classmethod
+    def resume(cls, run_dir: str | os.PathLike, *, address: str | None = None, echo=print) -> "Search":
+        """Open a run to continue it from its newest good checkpoint; refuses a run whose config changed.
+
+        `address`: run the workers on this Ray cluster instead of the one the run used (where the
+        workers run does not change the results; "" for a local pool)."""
+        store = RunStore.open(run_dir)
+        meta_path = store.root / RUN_META
+        if not meta_path.is_file():
+            raise RunStoreError(f"{store.root}: {RUN_META} missing (the run was interrupted while it was created); "
+                                "start it again with `evomerge search CONFIG --overwrite`")
+        meta = json.loads(meta_path.read_text())
+        if not preflight.same_run(meta, store.config_text):
+            raise RunStoreError(f"{store.root / 'config.yaml'} was edited after the run started; resuming would mix "
+                                "two searches. Start a new run with the new config instead.")
+        source = meta.get("source")
+        if source and Path(source).is_file() and not preflight.source_unchanged(meta, source, store.config_text):
+            raise RunStoreError(f"{source} changed since this run started (the run's snapshot is "
+                                f"{store.root / 'config.yaml'}); start a new run, or restore the file to resume.")
+        try:
+            config = RunConfig.model_validate(yaml.safe_load(store.config_text))
+        except Exception as exc:
+            raise ConfigError(f"{store.root / 'config.yaml'}: {exc}") from exc
+        if address is not None and address != config.workers.address:
+            config = config.model_copy(update={"workers": config.workers.model_copy(update={"address": address or None})})
+        preflight.check_ray_address(config)
+        from evomerge.fitness.compressed import CompressedFitness
+
+        fitness = CompressedFitness.load(meta["fitness"])
+        preflight.check_estimator(config, meta["fitness"])
+        store.lock()  # refuses while another process searches in this folder
+        try:
+            if config.to_yaml() != store.config_text:  # a new worker address: the snapshot says where it runs now
+                write_text_atomic(store.root / "config.yaml", config.to_yaml())
+            search = cls(store, config, fitness, echo=echo)
+        except BaseException:
+            store.unlock()
+            raise
+        echo(f"resuming {store.root}")
+        if search._salvage:
+            echo(f"reusing {sum(r['status'] == 'ok' for r in search._salvage.values())} evaluations of the "
+                 "interrupted generation")
+        return search
+
+    def _load_state(self, optimizer: Optimizer | None = None) -> None:
+        """Optimizer, archive and progress from the newest good checkpoint (or new ones), and the log
+        once: records of finished generations, and those logged after the checkpoint to reuse."""
+        self.store.repair_log()
+        restored = self.store.load_latest_checkpoint()
+        if restored is None:
+            self.optimizer = optimizer or new_optimizer(self.config, self.space, len(self.tasks))
+            self.archive, self.progress = ParetoArchive(len(self.tasks)), Progress()
+        else:
+            generation, state = restored
+            self.optimizer, self.archive, self.progress = _restore(state, self.store, self._results_hash,
+                                                                   self.store.checkpoint_path(generation))
+        self._records: dict[int, dict] = {}  # finished generations' records, by id
+        self._salvage: dict[int, dict] = {}  # logged past the checkpoint: the generation(s) in flight
+        for r in self.store.records():
+            (self._records if r["id"] < self.progress.next_id else self._salvage)[r["id"]] = r
+        self._in_generation = False
+
+    # ---------------------------------------------------------------- running
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    @property
+    def finished(self) -> bool:
+        """The budget is spent (evaluations or wall time)."""
+        b, p = self.config.budget, self.progress
+        return ((b.evaluations is not None and p.evaluations >= b.evaluations)
+                or (b.wall_time is not None and p.elapsed >= b.wall_time))
+
+    def step(self) -> Generation:
+        """Run one generation: ask, evaluate (reusing logged evaluations), log, tell, checkpoint."""
+        if self._in_generation:  # the last step was interrupted after its ask: start again from the checkpoint
+            self._load_state()
+        if self._backend is None:
+            from evomerge.runs.backends import make_backend
+
+            self._backend = make_backend(self.config, self.fitness)
+        started = time.perf_counter()
+        self._in_generation = True
+        genomes = self.optimizer.ask()
+        ids = list(range(self.progress.next_id, self.progress.next_id + len(genomes)))
+        genome_of = dict(zip(ids, genomes))
+        reused, todo, stale = {}, [], set()
+        for cid, genome in genome_of.items():
+            old = self._salvage.pop(cid, None)
+            if old is not None and old["status"] == "ok" and np.array_equal(np.asarray(old["genome"]), genome):
+                reused[cid] = old
+            else:
+                todo.append((cid, genome))
+                if old is not None:
+                    stale.add(cid)
+        if stale:
+            self.store.drop_records(stale)
+        written: dict[int, dict] = {}
+
+        def log_result(evaluation: Evaluation) -> None:
+            # Each evaluation is logged the moment it finishes: an interruption loses only those in flight.
+            cid = evaluation.candidate_id
+            written[cid] = _record(evaluation, genome_of[cid], self.progress.generation)
+            self.store.append(written[cid])
+
+        if todo:
+            self._backend.evaluate(todo, on_result=log_result)
+        records = [reused[cid] if cid in reused else written[cid] for cid in ids]
+        n_ok = sum(r["status"] == "ok" for r in records)
+        if n_ok == 0:
+            first = (records[0].get("error") or "unknown").strip().splitlines()[0]
+            raise SearchFailed(
+                f"every candidate of generation {self.progress.generation} failed ({len(records)} of {len(records)}); "
+                f"the search stops (the failures are in {self.store.root / 'evaluations.jsonl'}; `evomerge resume` "
+                f"retries them once the cause is fixed). First error: {first}")
+        objectives = np.array([[r["objectives"].get(t, np.nan) if r["status"] == "ok" else np.nan for t in self.tasks]
+                               for r in records], dtype=np.float64)
+        self.optimizer.tell(genomes, objectives, _response_matrix(records, self.tasks, self.fitness))
+        for r, row in zip(records, objectives):
+            if r["status"] == "ok":
+                self.archive.add(r["id"], row)
+        self._records.update((r["id"], r) for r in records)
+        p = self.progress
+        p.generation += 1
+        p.next_id += len(genomes)
+        p.evaluations += len(genomes)
+        p.failed += len(genomes) - n_ok
+        p.item_evaluations += sum(int(r["item_evaluations"]) for r in records)
+        p.elapsed += time.perf_counter() - started
+        self.store.save_checkpoint(p.generation, self._checkpoint_state())
+        self._in_generation = False
+        self.store.write_pareto(self.pareto_summary())
+        return Generation(p.generation - 1, records, len(reused))
+
+    def run(self, *, progress: bool = True) -> Path:
+        """Generations until the budget is spent; Ctrl-C raises `SearchInterrupted` (resume continues)."""
+        from tqdm.auto import tqdm
+
+        total = self.config.budget.evaluations
+        bar = tqdm(total=total, initial=min(self.progress.evaluations, total or 0), disable=not progress, unit="eval",
+                   desc="search", dynamic_ncols=True, file=sys.stderr)
+        best = {t: max((m.objectives[i] for m in self.archive.members), default=float("nan"))
+                for i, t in enumerate(self.tasks)}
+        try:
+            while not self.finished:
+                generation = self.step()
+                for r in generation.records:
+                    for t in self.tasks:
+                        if r["status"] == "ok" and np.isfinite(r["objectives"][t]):
+                            best[t] = float(np.nanmax([best[t], r["objectives"][t]]))
+                bar.update(len(generation.records))
+                bar.set_postfix_str(f"gen {self.progress.generation} | "
+                                    f"{self.progress.evaluations / max(self.progress.elapsed, 1e-9):.2f} eval/s | "
+                                    + " ".join(f"{t}={v:.3f}" for t, v in best.items()))
+        except KeyboardInterrupt:
+            bar.close()
+            last = max((int(p.stem.split("-")[1]) for p in self.store.checkpoints()), default=0)
+            self.echo(f"\ninterrupted: the last checkpoint is after generation {last}; evaluations finished since "
+                      f"are kept in the log. Continue with: evomerge resume {self.store.root}")
+            raise SearchInterrupted() from None
+        finally:
+            bar.close()
+        if self._salvage:  # logged past the budget by an earlier process (a wall-time budget): not part of this run
+            self.store.drop_records(set(self._salvage))
+            self._salvage.clear()
+        # Written again even when no generation ran: an interrupt may have come between checkpoint and Pareto file.
+        self.store.write_pareto(self.pareto_summary())
+        p = self.progress
+        self.echo(f"done: {p.evaluations} candidates ({p.failed} failed), {p.item_evaluations} item evaluations, "
+                  f"Pareto set of {len(self.archive)} in {self.store.root / 'pareto.json'}")
+        return self.store.root
+
+    def close(self) -> None:
+        """Stop the workers and release the run folder."""
+        backend, self._backend = self._backend, None
+        try:
+            if backend is not None:
+                backend.close()
+        finally:
+            self.store.unlock()
+
+    def __enter__(self) -> "Search":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- state
+    def _checkpoint_state(self) -> dict:
+        return {"optimizer": state_to_dict(self.optimizer.state()), "archive": encode_plain(self.archive.to_dict()),
+                "counters": asdict(self.progress), "results_sha256": self._results_hash}
+
+    def pareto_summary(self) -> dict[str, Any]:
+        return pareto_summary(self.archive, self._records, self.tasks, asdict(self.progress))
 
 
-def _check_run_dir_is_no_input(run_dir: Path, config: RunConfig, source: str | None) -> None:
-    """A run folder must not be, hold, or sit inside one of the run's inputs (`--overwrite` would delete it)."""
-    target = run_dir.resolve()
-    inputs = {"models.base": config.models.base, "config": source,
-              **{f"models.experts[{i}]": e for i, e in enumerate(config.models.experts)}}
-    for field_name, value in inputs.items():
-        if not value:
-            continue
-        path = Path(value).resolve()
-        if path == target or target in path.parents or path in target.parents:
-            raise ConfigError(f"the run folder {run_dir} (`runs_dir`/`name`) overlaps the run's input {field_name} "
-                              f"({path}); choose another `runs_dir` or `name`")
+# ------------------------------------------------------------------------------- module API
+def start_search(config: str | os.PathLike | RunConfig, *, overwrite: bool = False, progress: bool = True,
+                 echo=print) -> Path:
+    """`evomerge search`: create the run and search to its budget; returns the run folder."""
+    with Search.create(config, overwrite=overwrite, echo=echo) as search:
+        return search.run(progress=progress)
 
 
 def resume_search(run_dir: str | os.PathLike, *, address: str | None = None, progress: bool = True,
                   echo=print) -> Path:
-    """Continue a run from its newest good checkpoint; refuses a run whose config changed.
+    """`evomerge resume`: continue a run to its budget; returns the run folder."""
+    with Search.resume(run_dir, address=address, echo=echo) as search:
+        return search.run(progress=progress)
 
-    `address`: run the workers on this Ray cluster instead of the one the run used (where the
-    workers run does not change the results)."""
-    store = RunStore.open(run_dir)
-    meta_path = store.root / RUN_META
-    if not meta_path.is_file():
-        raise RunStoreError(f"{store.root}: {RUN_META} missing (the run was interrupted while it was created); "
-                            "start it again with `evomerge search CONFIG --overwrite`")
-    meta = json.loads(meta_path.read_text())
-    if not _same_run(meta, store.config_text):
-        raise RunStoreError(f"{store.root / 'config.yaml'} was edited after the run started; resuming would mix two "
-                            "searches. Start a new run with the new config instead.")
-    source = meta.get("source")
-    if source and Path(source).is_file() and not _source_unchanged(meta, source, store.config_text):
-        raise RunStoreError(f"{source} changed since this run started (the run's snapshot is "
-                            f"{store.root / 'config.yaml'}); start a new run, or restore the file to resume.")
+
+def new_optimizer(config: RunConfig, space, n_objectives: int) -> Optimizer:
+    """The configured optimizer for this space, through the protocol's shared settings: the genome's
+    block structure, and `initial_genomes: corners` as many as its first population holds."""
+    settings = {"gene_blocks": space.gene_blocks.tolist(), **config.optimizer.settings}
+    name = config.optimizer.name
     try:
-        config = RunConfig.model_validate(yaml.safe_load(store.config_text))
-    except Exception as exc:
-        raise ConfigError(f"{store.root / 'config.yaml'}: {exc}") from exc
-    if address is not None and address != config.workers.address:
-        config = config.model_copy(update={"workers": config.workers.model_copy(update={"address": address or None})})
-    _check_ray_address(config)
-    store.lock()  # refuses while another process searches in this folder
-    try:
-        if config.to_yaml() != store.config_text:  # a new worker address: the snapshot says where it runs now
-            write_text_atomic(store.root / "config.yaml", config.to_yaml())
-        echo(f"resuming {store.root}")
-        return _run(store, config, meta["fitness"], progress=progress, echo=echo)
-    finally:
-        store.unlock()
-
-
-def _source_unchanged(meta: dict, source: str, snapshot: str) -> bool:
-    if "results_sha256" not in meta:
-        return _sha(Path(source).read_text()) == meta.get("source_sha256")
-    try:
-        return results_hash(load_run_config(source).to_yaml()) == results_hash(snapshot)
-    except ConfigError:
-        return False
-
-
-# ------------------------------------------------------------------------------- the loop
-def _new_state(config: RunConfig, space, n_objectives: int):
-    dim, bounds = space.dim, space.bounds
-    settings = dict(config.optimizer.settings)
-    if config.optimizer.name == "m2n2":
-        settings.setdefault("gene_layer_index", space.gene_blocks.tolist())
-    if settings.get("initial_genomes") == "corners":  # the seed models and their obvious merges
-        try:
-            # at most one archive (M2N2) or population (pymoo) of them
-            corners = space.corner_genomes(settings.get("archive_size", settings.get("pop_size", 20)))
-        except ValueError as exc:
-            raise ConfigError(f"field `optimizer.settings.initial_genomes`: {exc}") from None
-        settings["initial_genomes"] = [tuple(g) for g in corners.tolist()]
-    from evomerge.search.optimizers import make_prescreened
-
-    try:
-        optimizer = make_prescreened(config.optimizer.name, dim, bounds, n_objectives, seed=config.seed,
-                                     factor=config.optimizer.prescreen, **settings)
+        if settings.get("initial_genomes") == "corners":  # the seed models and their obvious merges
+            capacity = OPTIMIZERS[name].initial_capacity(settings) or MAX_CORNERS
+            try:
+                corners = space.corner_genomes(capacity)
+            except ValueError as exc:
+                raise ConfigError(f"field `optimizer.settings.initial_genomes`: {exc}") from None
+            settings["initial_genomes"] = [tuple(g) for g in corners.tolist()]
+        return make_prescreened(name, space.dim, space.bounds, n_objectives, seed=config.seed,
+                                factor=config.optimizer.prescreen, **settings)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"field `optimizer`: {exc}") from None
-    return optimizer, ParetoArchive(n_objectives), {"generation": 0, "next_id": 0, "evaluations": 0,
-                                                     "failed": 0, "item_evaluations": 0, "elapsed": 0.0}
 
 
-def _checkpoint_state(optimizer: Optimizer, archive: ParetoArchive, counters: dict, config_hash: str) -> dict:
-    from evomerge.search.optimizers import encode_plain
-
-    return {"optimizer": state_to_dict(optimizer.state()), "archive": encode_plain(archive.to_dict()),
-            "counters": dict(counters), "results_sha256": config_hash}
-
-
-def _restore(state: dict, store: RunStore, config_hash: str, path: Path) -> tuple[Optimizer, ParetoArchive, dict]:
-    from evomerge.search.optimizers import decode_plain
-
+def _restore(state: dict, store: RunStore, config_hash: str, path: Path) -> tuple[Optimizer, ParetoArchive, Progress]:
     saved = state.get("results_sha256")
     if saved is None:  # checkpoints written before the address could change hash the whole snapshot
-        ok = state.get("config_sha256") in (None, _sha(store.config_text))
+        ok = state.get("config_sha256") in (None, preflight.sha256_text(store.config_text))
     else:
         ok = saved == config_hash
     if not ok:
         raise RunStoreError(f"{path} was written by a search with another config than {store.root / 'config.yaml'}; "
                             "two searches have shared this folder. Start a new run (another `name`).")
     optimizer = Optimizer.from_state(state_from_dict(state["optimizer"]))
-    return optimizer, ParetoArchive.from_dict(decode_plain(state["archive"])), dict(state["counters"])
-
-
-def _budget_left(config: RunConfig, counters: dict, started: float) -> bool:
-    b = config.budget
-    if b.evaluations is not None and counters["evaluations"] >= b.evaluations:
-        return False
-    elapsed = counters["elapsed"] + (time.perf_counter() - started)
-    return not (b.wall_time is not None and elapsed >= b.wall_time)
+    return optimizer, ParetoArchive.from_dict(decode_plain(state["archive"])), Progress(**state["counters"])
 
 
 def _record(evaluation: Evaluation, genome: np.ndarray, generation: int) -> dict:
@@ -264,128 +383,6 @@ def _record(evaluation: Evaluation, genome: np.ndarray, generation: int) -> dict
     record["id"] = record.pop("candidate_id")
     record.update({"generation": generation, "genome": [float(x) for x in genome], "time": time.time()})
     return record
-
-
-class SearchFailed(RunStoreError):
-    """Every candidate of a generation failed: the run stops with the reason (resume retries it)."""
-
-
-def _run(store: RunStore, config: RunConfig, fitness_path: str, *, progress: bool, echo) -> Path:
-    """The generation loop, for a store this process holds locked.
-
-    Nothing already on disk is destroyed on the way in: the newest checkpoint is the state after
-    the last finished generation (an interrupt never writes one), and the log's evaluations past
-    it are reused when the restored optimizer asks the same genomes again. A logged evaluation
-    that cannot be reused (a failure, or another genome) is dropped only when its replacement is
-    about to be computed."""
-    try:
-        return _loop(store, config, fitness_path, progress=progress, echo=echo)
-    except KeyboardInterrupt:
-        generation = max((int(p.stem.split("-")[1]) for p in store.checkpoints()), default=0)
-        echo(f"\ninterrupted: the last checkpoint is after generation {generation}; evaluations finished since are "
-             f"kept in the log. Continue with: evomerge resume {store.root}")
-        raise SearchInterrupted() from None
-
-
-def _loop(store: RunStore, config: RunConfig, fitness_path: str, *, progress: bool, echo) -> Path:
-    from tqdm.auto import tqdm
-
-    from evomerge.fitness.compressed import CompressedFitness
-    from evomerge.runs.backends import make_backend
-
-    fitness = CompressedFitness.load(fitness_path)
-    tasks = list(fitness.task_names)
-    space = bind_space(config)
-    config_hash = results_hash(store.config_text)
-    store.repair_log()
-    restored = store.load_latest_checkpoint()
-    if restored is None:
-        optimizer, archive, counters = _new_state(config, space, len(tasks))
-    else:
-        generation, state = restored
-        optimizer, archive, counters = _restore(state, store, config_hash, store.checkpoint_path(generation))
-    done: dict[int, dict] = {}  # the log's records of finished generations, by id
-    salvage: dict[int, dict] = {}  # evaluations logged after the checkpoint: the generation(s) in flight
-    for r in store.records():
-        (done if r["id"] < counters["next_id"] else salvage)[r["id"]] = r
-    if salvage:
-        echo(f"reusing {sum(r['status'] == 'ok' for r in salvage.values())} evaluations of the interrupted generation")
-
-    backend = make_backend(config, fitness_path)
-    started = time.perf_counter()
-    total = config.budget.evaluations
-    bar = tqdm(total=total, initial=min(counters["evaluations"], total or 0), disable=not progress, unit="eval",
-               desc="search", dynamic_ncols=True, file=sys.stderr)
-    best = {t: max((m.objectives[i] for m in archive.members), default=float("nan")) for i, t in enumerate(tasks)}
-    try:
-        while _budget_left(config, counters, started):
-            genomes = optimizer.ask()
-            ids = list(range(counters["next_id"], counters["next_id"] + len(genomes)))
-            reused, todo, stale = {}, [], set()
-            for cid, genome in zip(ids, genomes):
-                old = salvage.pop(cid, None)
-                if old is not None and old["status"] == "ok" and np.array_equal(np.asarray(old["genome"]), genome):
-                    reused[cid] = old
-                else:
-                    todo.append((cid, genome))
-                    if old is not None:
-                        stale.add(cid)
-            if stale:
-                store.drop_records(stale)
-            genome_of = dict(zip(ids, genomes))
-            written: dict[int, dict] = {}
-
-            def log_result(evaluation: Evaluation) -> None:
-                # Each evaluation is logged the moment it finishes: an interruption loses only those in flight.
-                cid = evaluation.candidate_id
-                written[cid] = _record(evaluation, genome_of[cid], counters["generation"])
-                store.append(written[cid])
-
-            if todo:
-                backend.evaluate(todo, on_result=log_result)
-            records = [reused[cid] if cid in reused else written[cid] for cid in ids]
-            n_ok = sum(r["status"] == "ok" for r in records)
-            if records and n_ok == 0:
-                raise SearchFailed(
-                    f"every candidate of generation {counters['generation']} failed ({len(records)} of "
-                    f"{len(records)}); the search stops (the failures are in {store.root / 'evaluations.jsonl'}; "
-                    f"`evomerge resume` retries them once the cause is fixed). First error: "
-                    f"{(records[0].get('error') or '').strip().splitlines()[0] if records[0].get('error') else 'unknown'}")
-            objectives = np.array([[r["objectives"].get(t, np.nan) if r["status"] == "ok" else np.nan for t in tasks]
-                                   for r in records], dtype=np.float64)
-            responses = _response_matrix(records, tasks, fitness)
-            optimizer.tell(genomes, objectives, responses)
-            for r, row in zip(records, objectives):
-                if r["status"] == "ok":
-                    archive.add(r["id"], row)
-            done.update((r["id"], r) for r in records)
-            counters["generation"] += 1
-            counters["next_id"] += len(genomes)
-            counters["evaluations"] += len(genomes)
-            counters["failed"] += len(genomes) - n_ok
-            counters["item_evaluations"] += sum(int(r["item_evaluations"]) for r in records)
-            now = time.perf_counter()
-            counters["elapsed"] += now - started
-            started = now
-            store.save_checkpoint(counters["generation"], _checkpoint_state(optimizer, archive, counters, config_hash))
-            store.write_pareto(pareto_summary(archive, done, tasks, counters))
-            for i, t in enumerate(tasks):
-                column = objectives[:, i][np.isfinite(objectives[:, i])]
-                if column.size:
-                    best[t] = float(np.nanmax([best[t], column.max()]))
-            bar.update(len(genomes))
-            bar.set_postfix_str(f"gen {counters['generation']} | {counters['evaluations'] / max(counters['elapsed'], 1e-9):.2f} eval/s | "
-                                + " ".join(f"{t}={v:.3f}" for t, v in best.items()))
-    finally:
-        bar.close()
-        backend.close()
-    if salvage:  # logged past the budget by an earlier process (a wall-time budget): not part of this run
-        store.drop_records(set(salvage))
-    # Written again even when no generation ran: an interrupt may have come between checkpoint and Pareto file.
-    store.write_pareto(pareto_summary(archive, done, tasks, counters))
-    echo(f"done: {counters['evaluations']} candidates ({counters['failed']} failed), "
-         f"{counters['item_evaluations']} item evaluations, Pareto set of {len(archive)} in {store.root / 'pareto.json'}")
-    return store.root
 
 
 def _response_matrix(records: list[dict], tasks: list[str], fitness) -> np.ndarray:

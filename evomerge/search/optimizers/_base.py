@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 STATE_FORMAT_VERSION = 1
+_RENAMED_SETTINGS = {"gene_layer_index": "gene_blocks"}  # old name -> current name
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class BaseSettings:
     # return them, inside the strategy's own first population (pymoo's initial sampling, nevergrad
     # suggestions, M2N2's archive, MAP's design, random search's first rows).
     initial_genomes: tuple[tuple[float, ...], ...] | None = None
+    # The genome's structure, from the search space: (dim,) non-decreasing block (layer or group of
+    # layers) of each gene. A strategy that recombines genomes (M2N2) splits them only between
+    # blocks; the others ignore it.
+    gene_blocks: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -149,6 +154,8 @@ class Optimizer(abc.ABC):
     name: ClassVar[str] = ""
     Settings: ClassVar[type[BaseSettings]] = BaseSettings
     State: ClassVar[type | None] = None  # the strategy's own state dataclass
+    # The setting that sizes the first population (pymoo's pop_size, M2N2's archive_size), if any.
+    population_setting: ClassVar[str | None] = None
     single_objective: ClassVar[bool] = False  # True: optimises only the scalarisation (GA, DE, CMA, ...)
 
     def __init__(self, dim: int, bounds: Any, n_objectives: int, seed: int = 0, **settings: Any):
@@ -181,7 +188,16 @@ class Optimizer(abc.ABC):
             raise TypeError(f"{self.name}: _setup() must set strategy_state to a {self.State.__name__}")
 
     # ------------------------------------------------------------------ settings
+    @classmethod
+    def initial_capacity(cls, settings: dict[str, Any]) -> int | None:
+        """How many `initial_genomes` the first population holds with these settings (None: the
+        strategy sets no limit of its own), so a caller can choose which known genomes to give."""
+        if cls.population_setting is None:
+            return None
+        return int(settings.get(cls.population_setting, getattr(cls.Settings, cls.population_setting)))
+
     def _parse_settings(self, settings: dict[str, Any]) -> BaseSettings:
+        settings = {_RENAMED_SETTINGS.get(k, k): v for k, v in settings.items()}  # checkpoints of older versions
         valid = {f.name for f in dataclasses.fields(self.Settings)}
         unknown = sorted(set(settings) - valid)
         if unknown:

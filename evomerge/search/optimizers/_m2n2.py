@@ -15,7 +15,7 @@ scores over items ``j``):
   a split ``s`` and a ratio ``r ~ U(0, 1)``; genes whose layer index is ``< s`` become
   ``(1 - r) * A + r * B`` and the others ``r * A + (1 - r) * B``. The reference draws ``s`` from
   ``randint(0, P)`` over parameter positions; here ``s`` is drawn uniformly from the distinct layer
-  indices (``gene_layer_index``, default ``arange(dim)`` = the reference), so a split never cuts a
+  indices (``gene_blocks``, default ``arange(dim)`` = the reference), so a split never cuts a
   layer block. Linear interpolation keeps children inside the box and commutes with affine genome
   decoders, which is what makes :func:`crossover` on genomes equal :func:`crossover` on merged
   weights for linear merge methods (see the tests).
@@ -147,7 +147,6 @@ class M2N2Settings(BaseSettings):
     mutation_std: float = 0.01             # relative to (upper - lower); 0 disables
     clone_mutation_std: float = 0.05       # used when both parents have the same genome
     use_attraction: bool = True            # False: B ~ fitness too (the paper's ablation)
-    gene_layer_index: tuple[int, ...] | None = None  # (dim,) layer of each gene; None = arange(dim)
     n_initial: int | None = None           # size of the first ask (at least len(initial_genomes));
     #                                        None = archive_size
 
@@ -174,6 +173,7 @@ class M2N2Optimizer(Optimizer):
     name = "m2n2"
     Settings = M2N2Settings
     State = M2N2State
+    population_setting = "archive_size"
 
     def _setup(self) -> None:
         s = self.settings
@@ -181,13 +181,13 @@ class M2N2Optimizer(Optimizer):
             raise ValueError("m2n2: archive_size and batch_size must be >= 1")
         if s.alpha < 0 or s.mutation_std < 0 or s.clone_mutation_std < 0:
             raise ValueError("m2n2: alpha, mutation_std and clone_mutation_std must be >= 0")
-        if s.gene_layer_index is None:
+        if s.gene_blocks is None:
             self.layer_index = np.arange(self.dim)
         else:
-            self.layer_index = np.asarray(s.gene_layer_index, dtype=int)
+            self.layer_index = np.asarray(s.gene_blocks, dtype=int)
             if self.layer_index.shape != (self.dim,):
                 raise ValueError(
-                    f"m2n2: gene_layer_index must have {self.dim} entries (one per gene); got "
+                    f"m2n2: gene_blocks must have {self.dim} entries (one per gene); got "
                     f"{self.layer_index.shape}"
                 )
         self.splits = allowed_splits(self.layer_index)

@@ -108,6 +108,7 @@ def population_settings(opt: Optimizer) -> dict[str, Any]:
 class NSGA2Optimizer(ReplayOptimizer):
     name = "nsga2"
     Settings = PymooSettings
+    population_setting = "pop_size"
 
     def _make_engine(self) -> PymooEngine:
         return PymooEngine.for_optimizer(self, NSGA2(**population_settings(self)))
@@ -118,6 +119,7 @@ class NSGA3Optimizer(ReplayOptimizer):
 
     name = "nsga3"
     Settings = NSGA3Settings
+    population_setting = "pop_size"
 
     def _make_engine(self) -> PymooEngine:
         population = population_settings(self)
@@ -143,6 +145,7 @@ class GAOptimizer(ReplayOptimizer):
 
     name = "ga"
     Settings = PymooSettings
+    population_setting = "pop_size"
     single_objective = True
 
     def _make_engine(self) -> PymooEngine:
@@ -154,6 +157,7 @@ class DEOptimizer(ReplayOptimizer):
 
     name = "de"
     Settings = DESettings
+    population_setting = "pop_size"
     single_objective = True
 
     def _make_engine(self) -> PymooEngine:
