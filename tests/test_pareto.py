@@ -38,7 +38,7 @@ def test_archive_matches_brute_force_non_dominated_sort(M, decimals):
     assert len(archive) == len(expected)  # duplicates of a member are not added twice
     assert {tuple(f) for f in F[non_dominated_mask(F)]} == expected
     for member in archive.members:  # ids stay linked to their own objectives
-        np.testing.assert_array_equal(member.objectives, F[int(member.record_id[3:])])
+        np.testing.assert_array_equal(member.objectives, F[int(member.candidate_id[3:])])
 
 
 def test_add_reports_membership_and_evicts_dominated_members():
@@ -48,9 +48,9 @@ def test_add_reports_membership_and_evicts_dominated_members():
     assert not archive.add("c", [0.4, 0.4])  # dominated
     assert not archive.add("d", [0.5, 0.5])  # equal to a member
     assert archive.add("e", [0.6, 0.5])  # dominates "a"
-    assert archive.record_ids == ["b", "e"]
+    assert archive.candidate_ids == ["b", "e"]
     assert not archive.add("f", [np.nan, 1.0])  # failed evaluation
-    with pytest.raises(ValueError, match="record 'b' is already a member"):
+    with pytest.raises(ValueError, match="candidate 'b' is already a member"):
         archive.add("b", [1.0, 1.0])
     with pytest.raises(ValueError, match="3 objectives, but this archive holds 2"):
         archive.add("g", [1, 1, 1])
@@ -86,6 +86,6 @@ def test_archive_round_trips_through_json():
     for i, f in enumerate(np.random.default_rng(1).random((40, 2))):
         archive.add(i, f)
     again = ParetoArchive.from_dict(json.loads(json.dumps(archive.to_dict())))
-    assert again.record_ids == archive.record_ids
+    assert again.candidate_ids == archive.candidate_ids
     np.testing.assert_array_equal(again.objectives, archive.objectives)
     assert again.add(100, [2.0, 2.0]) and len(again) == 1

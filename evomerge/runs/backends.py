@@ -50,12 +50,12 @@ class InProcessBackend:
     def evaluate(self, candidates: Sequence[Candidate], on_result=None) -> list[Evaluation]:
         """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes."""
         out = []
-        for cid, genome in sorted(candidates, key=lambda c: c[0]):
+        for candidate_id, genome in sorted(candidates, key=lambda c: c[0]):
             try:
-                result = self.problem.evaluate(cid, genome)
+                result = self.problem.evaluate(candidate_id, genome)
             except Exception as exc:  # a candidate that breaks scoring must not end the run
-                log.error("candidate %d failed: %s", cid, exc)
-                result = failed_evaluation(cid, self.tasks, f"{type(exc).__name__}: {exc}", "inprocess")
+                log.error("candidate %d failed: %s", candidate_id, exc)
+                result = failed_evaluation(candidate_id, self.tasks, f"{type(exc).__name__}: {exc}", "inprocess")
             if on_result is not None:
                 on_result(result)
             out.append(result)
@@ -178,18 +178,19 @@ class RayBackend:
         from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         pending = list(sorted(candidates, key=lambda c: c[0]))
-        attempts = {cid: 0 for cid, _ in pending}
-        genomes = {cid: g for cid, g in pending}
+        attempts = {candidate_id: 0 for candidate_id, _ in pending}
+        genomes = {candidate_id: g for candidate_id, g in pending}
         results: dict[int, Evaluation] = {}
         idle = list(range(len(self.actors)))
         running: dict = {}  # object ref -> ("eval", candidate id, actor) or ("ready", None, actor)
         while pending or any(kind == "eval" for kind, _, _ in running.values()):
             while pending and idle:
-                cid, genome = pending.pop(0)
+                candidate_id, genome = pending.pop(0)
                 actor = idle.pop(0)
-                running[self.actors[actor].evaluate.remote(cid, np.asarray(genome).tolist())] = ("eval", cid, actor)
+                ref = self.actors[actor].evaluate.remote(candidate_id, np.asarray(genome).tolist())
+                running[ref] = ("eval", candidate_id, actor)
             done, _ = ray.wait(list(running), num_returns=1)
-            kind, cid, actor = running.pop(done[0])
+            kind, candidate_id, actor = running.pop(done[0])
             try:
                 value = ray.get(done[0])
             except (RayActorError, RayTaskError) as exc:
@@ -198,25 +199,26 @@ class RayBackend:
                     continue
                 if isinstance(exc, ActorUnavailableError):
                     # The actor is between death and restart: not this candidate's fault, try again.
-                    log.debug("worker %d unavailable for candidate %d; waiting for its restart", actor, cid)
+                    log.debug("worker %d unavailable for candidate %d; waiting for its restart", actor, candidate_id)
                 else:
-                    attempts[cid] += 1
-                    log.warning("worker %d died while scoring candidate %d (attempt %d): %s", actor, cid,
-                                attempts[cid], type(exc).__name__)
+                    attempts[candidate_id] += 1
+                    log.warning("worker %d died while scoring candidate %d (attempt %d): %s", actor, candidate_id,
+                                attempts[candidate_id], type(exc).__name__)
                 # Ray restarts the actor (max_restarts); it takes work again once it answers.
                 running[self.actors[actor].ready.remote()] = ("ready", None, actor)
-                if attempts[cid] <= self.config.workers.max_retries:
-                    pending.insert(0, (cid, genomes[cid]))
+                if attempts[candidate_id] <= self.config.workers.max_retries:
+                    pending.insert(0, (candidate_id, genomes[candidate_id]))
                 else:
-                    results[cid] = failed_evaluation(cid, self.tasks, f"worker crashed {attempts[cid]} times",
-                                                     f"ray-{actor}")
+                    results[candidate_id] = failed_evaluation(candidate_id, self.tasks,
+                                                              f"worker crashed {attempts[candidate_id]} times",
+                                                              f"ray-{actor}")
                     if on_result is not None:
-                        on_result(results[cid])
+                        on_result(results[candidate_id])
                 continue
             if kind == "eval":
-                results[cid] = Evaluation(**value)
+                results[candidate_id] = Evaluation(**value)
                 if on_result is not None:
-                    on_result(results[cid])
+                    on_result(results[candidate_id])
             idle.append(actor)
         for ref, (kind, _, actor) in running.items():  # restarts still pending: they rejoin next batch
             try:
@@ -224,7 +226,7 @@ class RayBackend:
             except Exception:
                 pass
             idle.append(actor)
-        return [results[cid] for cid in sorted(results)]
+        return [results[candidate_id] for candidate_id in sorted(results)]
 
     def close(self) -> None:
         import ray

@@ -4,7 +4,7 @@
     run.pareto          # DataFrame: one row per Pareto member, a column per task
     run.evaluations     # DataFrame: the whole evaluation log
     run.plot_front()    # pairwise projections when there are more than two tasks
-    run.export(member_id, "merged/")   # Hugging Face folder + recipe.yaml (mergekit format)
+    run.export(candidate_id, "merged/")   # Hugging Face folder + recipe.yaml (mergekit format)
 """
 from __future__ import annotations
 
@@ -77,25 +77,25 @@ class Run:
             rows.append(row)
         return pd.DataFrame(rows).set_index("id") if rows else pd.DataFrame()
 
-    def record(self, member_id: int) -> dict[str, Any]:
+    def record(self, candidate_id: int) -> dict[str, Any]:
         for r in self.store.records():
-            if r["id"] == member_id:
+            if r["id"] == candidate_id:
                 return r
-        raise RunStoreError(f"{self.path}: no candidate with id {member_id}")
+        raise RunStoreError(f"{self.path}: no candidate with id {candidate_id}")
 
-    def genome(self, member_id: int) -> np.ndarray:
-        return np.asarray(self.record(member_id)["genome"], dtype=np.float64)
+    def genome(self, candidate_id: int) -> np.ndarray:
+        return np.asarray(self.record(candidate_id)["genome"], dtype=np.float64)
 
-    def recipe_yaml(self, member_id: int) -> str:
+    def recipe_yaml(self, candidate_id: int) -> str:
         from evomerge.merge.recipe import load_recipe
 
-        return load_recipe(self.record(member_id)["recipe"], source=f"{self.path} candidate {member_id}").recipe.to_yaml()
+        return load_recipe(self.record(candidate_id)["recipe"], source=f"{self.path} candidate {candidate_id}").recipe.to_yaml()
 
-    def coefficients(self, member_id: int) -> dict[str, np.ndarray]:
+    def coefficients(self, candidate_id: int) -> dict[str, np.ndarray]:
         """{parameter: (groups, experts, layers)} of one candidate, for heatmaps."""
         from evomerge.runs.problem import bind_space
 
-        return bind_space(self.config).per_layer(self.genome(member_id))
+        return bind_space(self.config).per_layer(self.genome(candidate_id))
 
     def verified(self) -> dict[str, dict[str, dict[str, float]]]:
         """{split role: {member id: {task: full-split accuracy}}} from verify.json."""
@@ -151,7 +151,7 @@ class Run:
         inputs = [("base model", models.base), *(("expert", path) for path in models.experts)]
         check_output_dir(out_dir, inputs=inputs, overwrite=overwrite, field="out_dir")
 
-    def export(self, member_id: int, out_dir: str | os.PathLike, *, overwrite: bool = False,
+    def export(self, candidate_id: int, out_dir: str | os.PathLike, *, overwrite: bool = False,
                max_shard_bytes: str | int = "5GB", progress: bool = False) -> Path:
         """Write the member as a Hugging Face folder plus `recipe.yaml` (mergekit format).
 
@@ -160,14 +160,14 @@ class Run:
         from evomerge.merge.recipe import load_recipe
 
         self.check_export(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
-        record = self.record(member_id)
+        record = self.record(candidate_id)
         if record["status"] != "ok":
-            raise RunStoreError(f"{self.path}: candidate {member_id} failed; nothing to export")
-        loaded = load_recipe(record["recipe"], source=f"{self.path} candidate {member_id}")
+            raise RunStoreError(f"{self.path}: candidate {candidate_id} failed; nothing to export")
+        loaded = load_recipe(record["recipe"], source=f"{self.path} candidate {candidate_id}")
         return merge_recipe(loaded, out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
                             allow_pickle=self.config.models.allow_pickle, progress=progress).out_dir
 
-    def verify(self, member_ids: list[int] | None = None, *, role: str = "test", device: str | None = None,
+    def verify(self, candidate_ids: list[int] | None = None, *, role: str = "test", device: str | None = None,
                echo=print) -> dict[str, dict[str, float]]:
         """Score Pareto members on the full `role` split ('test' or 'fitness') of every task and
         record it in verify.json, beside the other split's scores."""
@@ -178,12 +178,12 @@ class Run:
         fitness = CompressedFitness.load(meta["fitness"])
         problem = MergeProblem(self.config, fitness, device=device, worker="verify")
         scorers = fitness.full_scorers(problem.tokenizer, role=role, device=problem.materializer.device)
-        ids = member_ids if member_ids is not None else list(self.pareto.index)
+        ids = candidate_ids if candidate_ids is not None else list(self.pareto.index)
         results = {}
-        for member_id in ids:
-            model = problem.materialize(self.genome(member_id))
-            results[str(member_id)] = {task: float(np.mean(scorer(model))) for task, scorer in scorers.items()}
-            echo(f"  member {member_id}: " + " ".join(f"{t}={v:.3f}" for t, v in results[str(member_id)].items()))
+        for candidate_id in ids:
+            model = problem.materialize(self.genome(candidate_id))
+            results[str(candidate_id)] = {task: float(np.mean(scorer(model))) for task, scorer in scorers.items()}
+            echo(f"  member {candidate_id}: " + " ".join(f"{t}={v:.3f}" for t, v in results[str(candidate_id)].items()))
         splits = self.verified()
         splits.setdefault(role, {}).update(results)
         self.store.write_verify({"splits": splits})
@@ -230,19 +230,19 @@ class Run:
         ax.grid(alpha=0.3)
         return ax.figure
 
-    def plot_coefficients(self, member_id: int, parameter: str = "weight", ax=None):
+    def plot_coefficients(self, candidate_id: int, parameter: str = "weight", ax=None):
         """Heatmap of one member's per-layer `parameter`: a panel per tensor group (attention / MLP /
         rest, or all tensors), experts as rows, on the search space's range for that parameter."""
         from evomerge.runs.problem import bind_space
 
         space = bind_space(self.config)
-        values = space.per_layer(self.genome(member_id))
+        values = space.per_layer(self.genome(candidate_id))
         if parameter not in values:
             raise ValueError(f"search space {space.space.name!r} has no parameter {parameter!r}; it has {sorted(values)}")
         spec = space.space.parameters[parameter]
         return plot_coefficient_heatmap(values[parameter], space.groups, [Path(e).name for e in self.config.models.experts],
                                         parameter=parameter, bounds=(spec.low, spec.high),
-                                        title=f"member {member_id}: {parameter} per layer", axes=ax)
+                                        title=f"member {candidate_id}: {parameter} per layer", axes=ax)
 
 
 GROUP_TITLES = {"attention": "attention (self_attn)", "mlp": "MLP", "rest": "rest (norms, embeddings, lm_head)",

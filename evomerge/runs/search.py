@@ -222,27 +222,27 @@ class Search:
         ids = list(range(self.progress.next_id, self.progress.next_id + len(genomes)))
         genome_of = dict(zip(ids, genomes))
         reused, todo, stale = {}, [], set()
-        for cid, genome in genome_of.items():
-            old = self._salvage.pop(cid, None)
+        for candidate_id, genome in genome_of.items():
+            old = self._salvage.pop(candidate_id, None)
             if old is not None and old["status"] == "ok" and np.array_equal(np.asarray(old["genome"]), genome):
-                reused[cid] = old
+                reused[candidate_id] = old
             else:
-                todo.append((cid, genome))
+                todo.append((candidate_id, genome))
                 if old is not None:
-                    stale.add(cid)
+                    stale.add(candidate_id)
         if stale:
             self.store.drop_records(stale)
         written: dict[int, dict] = {}
 
         def log_result(evaluation: Evaluation) -> None:
             # Each evaluation is logged the moment it finishes: an interruption loses only those in flight.
-            cid = evaluation.candidate_id
-            written[cid] = _record(evaluation, genome_of[cid], self.progress.generation)
-            self.store.append(written[cid])
+            candidate_id = evaluation.candidate_id
+            written[candidate_id] = _record(evaluation, genome_of[candidate_id], self.progress.generation)
+            self.store.append(written[candidate_id])
 
         if todo:
             self._backend.evaluate(todo, on_result=log_result)
-        records = [reused[cid] if cid in reused else written[cid] for cid in ids]
+        records = [reused[candidate_id] if candidate_id in reused else written[candidate_id] for candidate_id in ids]
         n_ok = sum(r["status"] == "ok" for r in records)
         if n_ok == 0:
             first = (records[0].get("error") or "unknown").strip().splitlines()[0]
@@ -403,8 +403,8 @@ def pareto_summary(archive: ParetoArchive, records: dict[int, dict], tasks: list
     crowd = crowding_distance(F) if len(members) else np.zeros(0)
     out = []
     for m, c in zip(members, crowd):
-        r = records.get(m.record_id, {})
-        out.append({"id": int(m.record_id), "objectives": dict(zip(tasks, map(float, m.objectives))),
+        r = records.get(m.candidate_id, {})
+        out.append({"id": int(m.candidate_id), "objectives": dict(zip(tasks, map(float, m.objectives))),
                     "stderr": r.get("stderr", {}), "mean": float(np.mean(m.objectives)),
                     "crowding": float(c) if np.isfinite(c) else None, "generation": r.get("generation")})
     out.sort(key=lambda m: -m["mean"])

@@ -172,10 +172,6 @@ class RunStore:
     def config_text(self) -> str:
         return (self.root / CONFIG_FILE).read_text()
 
-    @property
-    def config_hash(self) -> str:
-        return _digest(self.config_text)
-
     # ----------------------------------------------------------------- log
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":"), allow_nan=True) + "\n"

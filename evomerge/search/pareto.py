@@ -1,6 +1,6 @@
 """Pareto archive over per-task objectives (all MAXIMISED), linked to evaluation record ids.
 
-The archive only sees ``(record_id, objectives)`` pairs, so it does not care how evaluations are
+The archive only sees ``(candidate_id, objectives)`` pairs, so it does not care how evaluations are
 budgeted or counted. Hypervolume uses pymoo's ``pymoo.indicators.hv.HV`` (which minimises, so the
 objectives and the reference point are negated); crowding distance follows pymoo's
 ``calc_crowding_distance`` (NSGA-II distance averaged over objectives, extremes infinite).
@@ -21,7 +21,7 @@ __all__ = [
     "non_dominated_mask",
 ]
 
-RecordId = Any  # str or int: whatever the run store uses; must be JSON-able
+CandidateId = Any  # str or int: whatever the run store uses; must be JSON-able
 
 
 def dominates(a: np.ndarray, b: np.ndarray) -> bool:
@@ -76,7 +76,7 @@ def hypervolume(F: np.ndarray, ref: Iterable[float] | float = 0.0) -> float:
 
 @dataclass(frozen=True)
 class ParetoMember:
-    record_id: RecordId
+    candidate_id: CandidateId
     objectives: np.ndarray  # (M,)
 
 
@@ -89,10 +89,10 @@ class ParetoArchive:
 
     def __init__(self, n_objectives: int | None = None):
         self.n_objectives = n_objectives
-        self._ids: list[RecordId] = []
+        self._ids: list[CandidateId] = []
         self._F = np.zeros((0, n_objectives or 0))
 
-    def add(self, record_id: RecordId, objectives: Iterable[float]) -> bool:
+    def add(self, candidate_id: CandidateId, objectives: Iterable[float]) -> bool:
         """Offer one evaluated candidate; True if it is now a member."""
         f = np.asarray(objectives, dtype=float).reshape(-1)
         if self.n_objectives is None:
@@ -100,12 +100,12 @@ class ParetoArchive:
             self._F = np.zeros((0, len(f)))
         if len(f) != self.n_objectives:
             raise ValueError(
-                f"record {record_id!r}: {len(f)} objectives, but this archive holds {self.n_objectives}"
+                f"candidate {candidate_id!r}: {len(f)} objectives, but this archive holds {self.n_objectives}"
             )
         if np.any(np.isinf(f)):
-            raise ValueError(f"record {record_id!r}: objectives must be finite or NaN; got {f.tolist()}")
-        if record_id in self._ids:
-            raise ValueError(f"record {record_id!r} is already a member of the archive")
+            raise ValueError(f"candidate {candidate_id!r}: objectives must be finite or NaN; got {f.tolist()}")
+        if candidate_id in self._ids:
+            raise ValueError(f"candidate {candidate_id!r} is already a member of the archive")
         if np.any(np.isnan(f)):
             return False
         if len(self._F):
@@ -117,7 +117,7 @@ class ParetoArchive:
             self._F = self._F[keep]
             self._ids = [i for i, k in zip(self._ids, keep) if k]
         self._F = np.vstack([self._F, f[None, :]])
-        self._ids.append(record_id)
+        self._ids.append(candidate_id)
         return True
 
     @property
@@ -125,7 +125,7 @@ class ParetoArchive:
         return [ParetoMember(rid, f.copy()) for rid, f in zip(self._ids, self._F)]
 
     @property
-    def record_ids(self) -> list[RecordId]:
+    def candidate_ids(self) -> list[CandidateId]:
         return list(self._ids)
 
     @property
@@ -136,8 +136,8 @@ class ParetoArchive:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def __contains__(self, record_id: object) -> bool:
-        return record_id in self._ids
+    def __contains__(self, candidate_id: object) -> bool:
+        return candidate_id in self._ids
 
     def hypervolume(self, ref: Iterable[float] | float = 0.0) -> float:
         """Hypervolume of the members above ``ref`` (default 0: accuracies)."""
@@ -149,15 +149,16 @@ class ParetoArchive:
         """JSON-able; Python floats round-trip exactly through json."""
         return {
             "n_objectives": self.n_objectives,
-            "record_ids": list(self._ids),
+            "candidate_ids": list(self._ids),
             "objectives": self._F.tolist(),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ParetoArchive":
         archive = cls(data["n_objectives"])
-        F = np.asarray(data["objectives"], dtype=float).reshape(len(data["record_ids"]), -1)
-        archive._ids = list(data["record_ids"])
+        ids = data["candidate_ids"] if "candidate_ids" in data else data["record_ids"]  # older checkpoints
+        F = np.asarray(data["objectives"], dtype=float).reshape(len(ids), -1)
+        archive._ids = list(ids)
         archive._F = F if len(F) else np.zeros((0, archive.n_objectives or 0))
         return archive
 
