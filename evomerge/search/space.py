@@ -172,22 +172,27 @@ class DecodedGenome:
     num_experts: int
     settings: Mapping[str, tuple[Any, ...]]
     shared: Mapping[str, Any]
+    components: tuple[str, ...] = ()  # the searched components, whose filters the settings hold
 
     def coefficients(self, layer_map: LayerMap) -> CoefficientFn:
         """Per-tensor coefficients, resolved as `evomerge merge` resolves the recipe (`resolve_setting`
         at the tensor's depth fraction), each tensor once."""
-        cache: dict[str, TensorCoefficients] = {}
+        # A setting's value depends on the tensor only through its depth fraction and the first
+        # component filter its name contains, so tensors sharing both share one resolution.
+        filters = [COMPONENT_FILTERS[c] for c in self.components]
+        cache: dict[tuple[float, int], TensorCoefficients] = {}
         unit = (1.0,) * self.num_experts
 
         def resolve(tensor_name: str, position: TensorPosition) -> TensorCoefficients:
-            if tensor_name not in cache:
-                t = layer_map.depth_fraction(tensor_name)
+            t = layer_map.depth_fraction(tensor_name)
+            key = (t, next((i for i, f in enumerate(filters) if f in tensor_name), len(filters)))
+            if key not in cache:
                 values = {param: tuple(resolve_setting(setting, tensor_name, t, field=param, cast=to_float)
                                        for setting in per_expert)
                           for param, per_expert in self.settings.items()}
-                cache[tensor_name] = TensorCoefficients(weight=values.get("weight", unit), density=values.get("density"),
-                                                        gamma=values.get("gamma"), epsilon=values.get("epsilon"))
-            return cache[tensor_name]
+                cache[key] = TensorCoefficients(weight=values.get("weight", unit), density=values.get("density"),
+                                                gamma=values.get("gamma"), epsilon=values.get("epsilon"))
+            return cache[key]
 
         return resolve
 
@@ -333,7 +338,8 @@ class BoundSpace:
                 else:
                     per_expert.append(by_group[0])
             settings[pname] = tuple(per_expert)
-        return DecodedGenome(self.space.method, self.num_experts, settings, dict(self.space.settings))
+        return DecodedGenome(self.space.method, self.num_experts, settings, dict(self.space.settings),
+                             self.space.components)
 
     def recipe(self, genome: np.ndarray, base_model: str, experts: Sequence[str], *, dtype: str | None = None,
                seed: int = 0) -> MergeRecipe:
