@@ -445,3 +445,12 @@ def test_a_search_steps_one_generation_at_a_time(run_workspace, monkeypatch):
         with pytest.raises(RunLockedError):
             Search.resume(search.root)
     assert log_of(search.root) == log_of(ref) and pareto_of(search.root) == pareto_of(ref)
+
+
+def test_a_run_folder_that_cannot_be_written_fails_before_anything_starts(run_workspace):
+    (run_workspace / "a_file").write_text("not a folder")
+    path = write_run_config(run_workspace, "unwritable", runs_dir="a_file/runs")
+    result = CliRunner().invoke(main, ["search", str(path), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "field `runs_dir`: " in result.output and "a_file is not a folder" in result.output
+    assert "Traceback" not in result.output

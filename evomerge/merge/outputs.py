@@ -131,7 +131,13 @@ def check_output_dir(out_dir: str | os.PathLike, *, inputs: Sequence[tuple[str, 
         if why is not None:
             raise OutputError(field, f"{out} was not written by evomerge ({why}); --overwrite only replaces a model "
                                      "folder evomerge wrote. Remove it yourself or choose another folder")
-    parent = _nearest_existing(out.parent)
+    check_can_write(out, field=field)
+    return out
+
+
+def check_can_write(out: Path, *, field: str) -> None:
+    """OutputError naming `field` unless `out` (a folder, existing or not) can be created or written in."""
+    parent = out if out.is_dir() else _nearest_existing(out.parent)
     if not parent.is_dir():
         raise OutputError(field, f"{out}: cannot create it, {parent} is not a folder")
     try:  # os.access says yes to root on a read-only mount or chmod 555: try it
@@ -140,7 +146,6 @@ def check_output_dir(out_dir: str | os.PathLike, *, inputs: Sequence[tuple[str, 
         os.unlink(probe)
     except OSError as exc:
         raise OutputError(field, f"{out}: cannot write in {parent} ({exc.strerror or exc})") from None
-    return out
 
 
 def check_free_space(out_dir: str | os.PathLike, needed_bytes: int, *, field: str = "out_dir") -> None:

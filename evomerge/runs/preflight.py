@@ -95,6 +95,16 @@ def check_ray_address(config: RunConfig) -> None:
         probe(config.workers.address)
 
 
+def check_run_dir_writable(run_dir: Path) -> None:
+    """The run folder (or the nearest folder above it that exists) can be written in."""
+    from evomerge.merge.outputs import OutputError, check_can_write
+
+    try:
+        check_can_write(run_dir, field="runs_dir")
+    except OutputError as exc:
+        raise ConfigError(f"field `runs_dir`: {exc.message}") from None
+
+
 def check_run_dir_is_no_input(run_dir: Path, config: RunConfig, source: str | None) -> None:
     """A run folder must not be, hold, or sit inside one of the run's inputs (`--overwrite` would delete it)."""
     target = run_dir.resolve()

@@ -117,6 +117,7 @@ class Search:
         run_dir = Path(config.runs_dir) / config.name
         preflight.check_ray_address(config)  # an unreachable cluster fails now, before anything is written
         preflight.check_run_dir_is_no_input(run_dir, config, source)
+        preflight.check_run_dir_writable(run_dir)
         fitness = preflight.load_fitness(config)
         space = bind_space(config)
         optimizer = new_optimizer(config, space, len(fitness.task_names))  # a bad space or optimizer fails here
