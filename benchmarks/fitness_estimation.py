@@ -17,8 +17,8 @@ from its answers on the n subset items. Printed:
 (b) Item evaluations per candidate: the full splits (sum over tasks) over (subset items + the
     calibration's full-split evaluations amortised over a 500-candidate search).
 (c) What the calibration defaults cost in accuracy: calibration size, ability prior, IRT model
-    (joint MAP, 1 or 2 dimensions; girth's marginal likelihood with --girth, ~13 min more), lam
-    method and folds, at n = 20.
+    (joint MAP, 1 or 2 dimensions; girth's marginal likelihood with --girth, ~13 min more),
+    mixing method and folds, at n = 20.
 (d) With --mergenetic-python: Mergenetic's estimators (MERGE^3: `estimate_fitness`, and
     tinyBenchmarks' `evaluate` for p-IRT / gp-IRT, which only supports n = 20) on the same
     response matrices, subsets and item parameters, side by side with ours.
@@ -107,24 +107,24 @@ def manifest_accuracy_gaps(manifest, tasks) -> list[str]:
 
 
 class TaskFits:
-    """Per task: the IRT fit and the lam cross-validation folds; neither depends on the subset."""
+    """Per task: the IRT fit and the mixing weights' cross-validation folds; neither depends on the subset."""
 
-    def __init__(self, y_cal: dict, ends, lam_rows, irt_model: str, lambda_method: str, n_folds: int, dims: int = 1,
+    def __init__(self, y_cal: dict, ends, mixing_rows, irt_model: str, mixing_method: str, n_folds: int, dims: int = 1,
                  empirical_prior: bool = True):
         from evomerge.fitness.estimators import cross_validation_folds
         from evomerge.fitness.irt import fit_irt
 
-        self.irt_model, self.lambda_method, self.n_folds, self.dims = irt_model, lambda_method, n_folds, dims
+        self.irt_model, self.mixing_method, self.n_folds, self.dims = irt_model, mixing_method, n_folds, dims
         self.empirical_prior = empirical_prior
-        self.ends, self.lam_rows = list(ends), list(lam_rows)
-        prior_rows = self.lam_rows if empirical_prior else None
+        self.ends, self.mixing_rows = list(ends), list(mixing_rows)
+        prior_rows = self.mixing_rows if empirical_prior else None
         self.params, self.folds = {}, {}
         started = time.perf_counter()
         for task, y in y_cal.items():
             self.params[task] = fit_irt(y.astype(np.float64), irt_model, dims=dims, seed=0, prior_rows=prior_rows)
-            self.folds[task] = (cross_validation_folds(y, self.lam_rows, n_folds, model=irt_model, dims=dims, seed=0,
+            self.folds[task] = (cross_validation_folds(y, self.mixing_rows, n_folds, model=irt_model, dims=dims, seed=0,
                                                        empirical_prior=empirical_prior)
-                                if lambda_method == "cv" else None)
+                                if mixing_method == "cv" else None)
         self.seconds = time.perf_counter() - started
 
 
@@ -136,9 +136,9 @@ def estimate_held_out(fits: TaskFits, y_cal: dict, y_held: dict, n: int, method:
     for task, y in y_cal.items():
         try:
             fitted = fit_task_calibration(
-                y, fits.ends, fits.lam_rows, n=n, subset_method=method, subset_seed=seed,
+                y, fits.ends, fits.mixing_rows, n=n, subset_method=method, subset_seed=seed,
                 irt_model=fits.irt_model, irt_dims=fits.dims, empirical_prior=fits.empirical_prior,
-                lambda_method=fits.lambda_method, n_folds=fits.n_folds,
+                mixing_method=fits.mixing_method, n_folds=fits.n_folds,
                 item_params=fits.params[task], folds=fits.folds[task])
         except ValueError as exc:  # e.g. fewer distinct item embeddings than anchors
             print(f"  skipped {task} n={n} {method}: {exc}", file=sys.stderr)
@@ -181,7 +181,7 @@ def mergenetic_worker(inp: str, out: str) -> None:
     one subscenario, so its balance weights are 1): A = a, B = a b (its logit is sum(A theta - B)),
     endpoint abilities read by `estimate_theta_anchors` from their answers on every item, as
     Mergenetic's pipeline does, then `estimate_fitness` (mp-IRT / gmp-IRT with delta = 0.5) and,
-    for n = 20, tinyBenchmarks' `evaluate` (p-IRT, gp-IRT with our fitted lam).
+    for n = 20, tinyBenchmarks' `evaluate` (p-IRT, gp-IRT with our fitted mixing weight).
     """
     import io
     import contextlib
@@ -204,7 +204,7 @@ def mergenetic_worker(inp: str, out: str) -> None:
             "subscenarios_position": {"gsm8k": {"all": list(range(n_items))}},
             "seen_examples": items,
             "examples_weights": {"gsm8k": weights},
-            "optimal_lambdas": {"gsm8k": float(data[f"{case}/lam_gp"])},
+            "optimal_lambdas": {"gsm8k": float(data[f"{case}/gp_mixing_weight"])},  # tinyBenchmarks' name
         }}
         thetas = [estimate_theta_anchors(row.astype(float), "gsm8k", list(range(n_items)), tb)
                   for row in data[f"{case}/endpoints"]]
@@ -238,7 +238,7 @@ def run_mergenetic(python: str, cases: dict) -> dict | None:
             arrays[f"{key}/b"] = fitted.item_params.difficulty
             arrays[f"{key}/items"] = fitted.subset.items
             arrays[f"{key}/weights"] = fitted.subset.weights
-            arrays[f"{key}/lam_gp"] = np.array(fitted.lambdas["gp-IRT"])
+            arrays[f"{key}/gp_mixing_weight"] = np.array(fitted.mixing_weights["gp-IRT"])
             arrays[f"{key}/endpoints"] = endpoints
             arrays[f"{key}/held"] = held
     np.savez(inp, **arrays)
@@ -263,12 +263,12 @@ def run_mergenetic(python: str, cases: dict) -> dict | None:
 
 def calibration_choices(args, calibration, default_fits, y_held, truth, ends, seeds, r0, n_endpoints,
                         seconds_per_model) -> None:
-    """(c): accuracy at n = 20 and cost of each calibration choice (size, IRT model, lam method, folds)."""
+    """(c): accuracy at n = 20 and cost of each calibration choice (size, IRT model, mixing method, folds)."""
     from evomerge.fitness.calibrate import DEFAULT_FOLDS, DEFAULT_IRT_DIMS, DEFAULT_IRT_MODEL
 
     print(f"\n(c) calibration choices at n=20 (MAE / Spearman / Spearman of the mean; mean over {len(seeds)} seeds); "
           f"cost = scoring ({seconds_per_model:.2f}s per model) + fitting")
-    # (R, irt model, dims, prior, lam method, folds)
+    # (R, irt model, dims, prior, mixing method, folds)
     D = DEFAULT_IRT_DIMS
     default = (r0, DEFAULT_IRT_MODEL, D, "empirical", "cv", DEFAULT_FOLDS)
     variants = [(r, DEFAULT_IRT_MODEL, D, "empirical", "cv", DEFAULT_FOLDS) for r in (6, 8, 10, 16, 24, 36, 64)]
@@ -279,13 +279,13 @@ def calibration_choices(args, calibration, default_fits, y_held, truth, ends, se
                  (r0, DEFAULT_IRT_MODEL, D, "empirical", "cv", 3), (r0, DEFAULT_IRT_MODEL, D, "empirical", "cv", 10)]
     girth = [(r0, DEFAULT_IRT_MODEL, 1, "empirical", "cv", 3), (r0, "2pl", 1, "empirical", "cv", 3)]  # 4 fits/task
     variants = girth if args.girth_only else variants + (girth[1:] if args.girth else [])
-    print(f"{'R':>3} {'irt':11} {'prior':9} {'lam':14} {'cost(s)':>16} {'subset':11} {'gp-IRT':>19} {'gmp-IRT':>19} "
+    print(f"{'R':>3} {'irt':11} {'prior':9} {'mixing':14} {'cost(s)':>16} {'subset':11} {'gp-IRT':>19} {'gmp-IRT':>19} "
           f"{'best':>19}")
     for variant in variants:
-        r, irt_model, dims, prior, lam, folds = variant
+        r, irt_model, dims, prior, mixing_method, folds = variant
         y_c, rows = calibration(r)
         fits = default_fits if variant == default else \
-            TaskFits(y_c, ends, rows, irt_model, lam, folds, dims, prior == "empirical")
+            TaskFits(y_c, ends, rows, irt_model, mixing_method, folds, dims, prior == "empirical")
         scoring = (n_endpoints + r) * seconds_per_model
         for method in SUBSET_METHODS:
             runs = [metrics(v, truth) for v in (estimate_held_out(fits, y_c, y_held, 20, method, s)[0]
@@ -293,7 +293,7 @@ def calibration_choices(args, calibration, default_fits, y_held, truth, ends, se
                     if v is not None]
             row = averaged(runs)
             best = min(row, key=lambda name: row[name][0])
-            label = f"{lam}" + (f"/{folds}" if lam == "cv" else "")
+            label = mixing_method + (f"/{folds}" if mixing_method == "cv" else "")
             irt_label = irt_model + (f" D={dims}" if dims > 1 else "")
             print(f"{r:>3} {irt_label:11} {prior:9} {label:14} {scoring:6.0f}+{fits.seconds:6.1f}={scoring + fits.seconds:4.0f} "
                   f"{method:11} {fmt(row['gp-IRT']):>19} {fmt(row['gmp-IRT']):>19} {fmt(row[best]):>19} {best}")
@@ -354,14 +354,14 @@ def main() -> None:
 
     # (a) the default calibration, every n, method and estimator
     r0 = DEFAULT_RANDOM_MERGES
-    y_cal, lam_rows = calibration(r0)
-    default_fits = TaskFits(y_cal, ends, lam_rows, DEFAULT_IRT_MODEL, "cv", DEFAULT_FOLDS, DEFAULT_IRT_DIMS)
+    y_cal, mixing_rows = calibration(r0)
+    default_fits = TaskFits(y_cal, ends, mixing_rows, DEFAULT_IRT_MODEL, "cv", DEFAULT_FOLDS, DEFAULT_IRT_DIMS)
     if args.girth_only:
         return calibration_choices(args, calibration, default_fits, y_held, truth, ends, seeds, r0,
                                    len(endpoints), seconds_per_model)
     print(f"\n(a) default calibration: {len(endpoints)} endpoints + {r0} random merges, irt {DEFAULT_IRT_MODEL} "
-          f"D={DEFAULT_IRT_DIMS}, "
-          f"lam cv {DEFAULT_FOLDS}-fold on the random merges (IRT + folds fitted in {default_fits.seconds:.1f}s); "
+          f"D={DEFAULT_IRT_DIMS}, mixing weights cv {DEFAULT_FOLDS}-fold on the random merges "
+          f"(IRT + folds fitted in {default_fits.seconds:.1f}s); "
           f"mean over {len(seeds)} subset seeds (informative subsets are deterministic: one)")
     print("    MAE / Spearman per task (mean) / Spearman of the task mean")
     table: dict = {}

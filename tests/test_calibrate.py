@@ -97,24 +97,24 @@ def _responses(path: Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def test_calibration_saves_the_population_and_fits_lambda_on_the_random_merges(calibrated):
+def test_calibration_saves_the_population_and_fits_the_mixing_weights_on_the_random_merges(calibrated):
     manifest, tasks, path = calibrated
     k = len(manifest.experts)
     arrays = _responses(path)
     np.testing.assert_array_equal(arrays["endpoint_rows"], np.arange(k + 1))
-    np.testing.assert_array_equal(arrays["lambda_rows"], np.arange(k + 1, k + 1 + RANDOM_MERGES))
+    np.testing.assert_array_equal(arrays["mixing_rows"], np.arange(k + 1, k + 1 + RANDOM_MERGES))
     fitness = CompressedFitness.load(path)
     for task in tasks:
         y = arrays[f"task_{task.name}"]
         assert y.shape == (k + 1 + RANDOM_MERGES, 60)
         assert 0.1 < y.mean() < 0.9  # the multiple-choice scoring gives IRT something to fit
         # the saved calibration is the one the pipeline's own function makes from these answers
-        refit = fit_task_calibration(y, arrays["endpoint_rows"], arrays["lambda_rows"], n=N_SUBSET, n_folds=FOLDS)
+        refit = fit_task_calibration(y, arrays["endpoint_rows"], arrays["mixing_rows"], n=N_SUBSET, n_folds=FOLDS)
         saved = fitness.task(task.name).estimator
         assert saved.subset.method == DEFAULT_SUBSET_METHOD == "anchors"
         np.testing.assert_array_equal(saved.subset.items, refit.subset.items)
-        assert saved.lambdas == refit.lambdas
-        assert saved.lambda_method == "cv"
+        assert saved.mixing_weights == refit.mixing_weights
+        assert saved.mixing_method == "cv"
 
 
 def test_compressed_fitness_round_trips_from_disk(calibrated, tmp_path):
@@ -136,6 +136,26 @@ def test_compressed_fitness_round_trips_from_disk(calibrated, tmp_path):
         # the subset's ids name the same rows of the split the scorer will read
         rows = first.subset_items(task.name)
         assert list(rows["id"]) == tf.item_ids
+
+
+def test_a_fitness_saved_before_the_mixing_weights_were_named_so_still_loads(calibrated, tmp_path):
+    # fitness.json files written before the rename store each task's mixing weights as "lambdas"
+    _, tasks, path = calibrated
+    old = Path(shutil.copytree(path, tmp_path / "old"))
+    body = json.loads((old / "fitness.json").read_text())
+    for task in body["tasks"].values():
+        estimator = task["estimator"]
+        estimator["lambdas"], estimator["lambda_method"] = estimator.pop("mixing_weights"), estimator.pop("mixing_method")
+    (old / "fitness.json").write_text(json.dumps(body))
+    new, loaded = CompressedFitness.load(path), CompressedFitness.load(old)
+    arrays = _responses(path)
+    for task in tasks:
+        assert loaded.task(task.name).estimator.to_dict() == new.task(task.name).estimator.to_dict()
+        for row in arrays[f"task_{task.name}"][:: 3]:
+            y = row[new.task(task.name).estimator.subset.items]
+            for name in ESTIMATORS:
+                a, b = new.estimate(task.name, y, name), loaded.estimate(task.name, y, name)
+                assert (a.value, a.stderr) == (b.value, b.stderr)
 
 
 def test_loading_a_fitness_whose_data_changed_names_the_task(calibrated, tmp_path):
@@ -241,12 +261,12 @@ def test_the_same_seed_picks_the_same_subset(calibrated):
     _, tasks, path = calibrated
     arrays = _responses(path)
     y = arrays[f"task_{tasks[0].name}"]
-    ends, rows = arrays["endpoint_rows"], arrays["lambda_rows"]
+    ends, rows = arrays["endpoint_rows"], arrays["mixing_rows"]
     for method in ("random", "anchors", "informative"):
         first = fit_task_calibration(y, ends, rows, n=N_SUBSET, subset_method=method, subset_seed=3, n_folds=FOLDS)
         again = fit_task_calibration(y, ends, rows, n=N_SUBSET, subset_method=method, subset_seed=3, n_folds=FOLDS)
         assert first.subset == again.subset
-        assert first.lambdas == again.lambdas
+        assert first.mixing_weights == again.mixing_weights
     draws = {tuple(fit_task_calibration(y, ends, rows, n=N_SUBSET, subset_method="random", subset_seed=s,
                                         n_folds=FOLDS).subset.items) for s in range(4)}
     assert len(draws) > 1  # and the seed matters

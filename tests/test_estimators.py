@@ -1,4 +1,4 @@
-"""Full-task accuracy estimators: hand-worked values, the c >= 0 combination, fitted lambda, MAE."""
+"""Full-task accuracy estimators: hand-worked values, the c >= 0 combination, fitted mixing weight, MAE."""
 from __future__ import annotations
 
 import json
@@ -39,15 +39,15 @@ def sigmoid(x: float) -> float:
 #   P_2 = sigmoid(2 * 0) = 1/2,   P_3 = sigmoid(-ln 3) = 1 / (1 + 3) = 1/4.
 #   p-IRT  = (1 + 0 + 1/2 + 1/4) / 4 = 0.4375
 #   subset = 0.75 * 1 + 0.25 * 0 = 0.75            (weights 0.75, 0.25)
-#   gp-IRT = 0.4 * 0.75 + 0.6 * 0.4375 = 0.5625   (lambda = 0.4)
+#   gp-IRT = 0.4 * 0.75 + 0.6 * 0.4375 = 0.5625   (mixing weight 0.4)
 TINY = IRTParams(np.array([1.0, 1.0, 2.0, 1.0]), np.array([-1.0, 1.0, 0.0, math.log(3.0)]), np.zeros(1))
 TINY_SUBSET = Subset(np.array([0, 1]), np.array([0.75, 0.25]), "random", 2, 0, 4)
 TINY_Y = np.array([1.0, 0.0])
 
 
 def tiny_estimator(endpoint_theta=None, params=TINY, ability_method="mle") -> CompressedEstimator:
-    lambdas = {"gp-IRT": 0.4, "gmp-IRT": 0.4}
-    return CompressedEstimator(params, TINY_SUBSET, endpoint_theta, lambdas, ability_method)
+    mixing_weights = {"gp-IRT": 0.4, "gmp-IRT": 0.4}
+    return CompressedEstimator(params, TINY_SUBSET, endpoint_theta, mixing_weights, ability_method)
 
 
 def test_subset_estimate_by_hand():
@@ -198,13 +198,13 @@ def simulate(n_items: int, n_models: int, seed: int) -> np.ndarray:
     return (rng.random((n_models, n_items)) < expit(a[None] * (theta[:, None] - b[None]))).astype(float)
 
 
-def test_fitted_lambda_beats_both_ends_on_held_out_models():
+def test_fitted_mixing_weight_beats_both_ends_on_held_out_models():
     responses = simulate(40, 280, seed=5)
     calibration, held_out = responses[:80], responses[80:]
     subset = select_items(10, "random", seed=0, n_items=40)
     fitted = CompressedEstimator.fit(calibration, [], subset, model="2pl-jmap", n_folds=5, seed=0)
-    lam = fitted.lambdas["gp-IRT"]
-    assert 0.0 <= lam <= 1.0
+    fitted_weight = fitted.mixing_weights["gp-IRT"]
+    assert 0.0 <= fitted_weight <= 1.0
     data = np.array([fitted.estimate("subset", r[subset.items]).value for r in held_out])
     model = np.array([fitted.estimate("p-IRT", r[subset.items]).value for r in held_out])
     truth = held_out.mean(axis=1)
@@ -212,7 +212,7 @@ def test_fitted_lambda_beats_both_ends_on_held_out_models():
     def mse(weight):
         return float(np.mean((weight * data + (1 - weight) * model - truth) ** 2))
 
-    assert mse(lam) <= min(mse(0.0), mse(1.0)) + 1e-6, (lam, mse(lam), mse(0.0), mse(1.0))
+    assert mse(fitted_weight) <= min(mse(0.0), mse(1.0)) + 1e-6, (fitted_weight, mse(fitted_weight), mse(0.0), mse(1.0))
 
 
 def test_best_irt_estimator_beats_the_random_subset_mean():
@@ -223,7 +223,7 @@ def test_best_irt_estimator_beats_the_random_subset_mean():
     errors: dict[str, list[float]] = {"subset": [], "p-IRT": [], "gp-IRT": []}
     for seed in range(4):
         subset = select_items(20, "random", seed=seed, n_items=100)
-        fitted = CompressedEstimator.fit(calibration, [], subset, item_params=params, lambda_method="bias-variance")
+        fitted = CompressedEstimator.fit(calibration, [], subset, item_params=params, mixing_method="bias-variance")
         for row in held_out:
             for name, est in fitted.estimate_all(row[subset.items]).items():
                 errors[name].append(abs(est.value - row.mean()))
@@ -232,33 +232,33 @@ def test_best_irt_estimator_beats_the_random_subset_mean():
     assert mae[best] < mae["subset"], f"MAE: {mae}"
 
 
-def test_empirical_prior_centres_the_lambda_rows_and_precomputed_folds_give_the_same_fit():
+def test_empirical_prior_centres_the_mixing_rows_and_precomputed_folds_give_the_same_fit():
     from evomerge.fitness.estimators import cross_validation_folds
 
-    # the scale of a joint fit is arbitrary; the empirical prior puts the lam rows at mean ~0, sd ~1
+    # the scale of a joint fit is arbitrary; the empirical prior puts the mixing rows at mean ~0, sd ~1
     responses = simulate(40, 60, seed=7)
-    lam_rows = np.arange(20, 60)
+    mixing_rows = np.arange(20, 60)
     subset = select_items(10, "random", seed=0, n_items=40)
-    fitted = CompressedEstimator.fit(responses, [0, 1], subset, model="2pl-jmap", lambda_rows=lam_rows, n_folds=4,
+    fitted = CompressedEstimator.fit(responses, [0, 1], subset, model="2pl-jmap", mixing_rows=mixing_rows, n_folds=4,
                                      empirical_prior=True)
-    theta = fitted.item_params.theta[lam_rows]
+    theta = fitted.item_params.theta[mixing_rows]
     assert abs(theta.mean()) < 0.2 and 0.6 < theta.std() < 1.2  # MAP under N(0, 1) on their own scale
     again = CompressedEstimator.fit(
-        responses, [0, 1], subset, lambda_rows=lam_rows,
-        item_params=fit_irt(responses, "2pl-jmap", prior_rows=lam_rows),
-        folds=cross_validation_folds(responses, lam_rows, 4, model="2pl-jmap", empirical_prior=True))
-    assert again.lambdas == fitted.lambdas
+        responses, [0, 1], subset, mixing_rows=mixing_rows,
+        item_params=fit_irt(responses, "2pl-jmap", prior_rows=mixing_rows),
+        folds=cross_validation_folds(responses, mixing_rows, 4, model="2pl-jmap", empirical_prior=True))
+    assert again.mixing_weights == fitted.mixing_weights
     np.testing.assert_array_equal(again.endpoint_theta, fitted.endpoint_theta)
     with pytest.raises(ValueError, match=r"the folds hold out rows \[20, 21"):
-        CompressedEstimator.fit(responses, [0, 1], subset, lambda_rows=np.arange(2, 60),
+        CompressedEstimator.fit(responses, [0, 1], subset, mixing_rows=np.arange(2, 60),
                                 item_params=fitted.item_params,
-                                folds=cross_validation_folds(responses, lam_rows, 4, model="2pl-jmap"))
+                                folds=cross_validation_folds(responses, mixing_rows, 4, model="2pl-jmap"))
 
 
 def small_fitted(endpoints=(0, 1)) -> tuple[CompressedEstimator, np.ndarray]:
     responses = simulate(30, 40, seed=6)
     subset = select_items(8, "random", seed=1, n_items=30)
-    fitted = CompressedEstimator.fit(responses, list(endpoints), subset, model="2pl-jmap", lambda_method="bias-variance")
+    fitted = CompressedEstimator.fit(responses, list(endpoints), subset, model="2pl-jmap", mixing_method="bias-variance")
     return fitted, responses[0, subset.items]
 
 
@@ -295,6 +295,20 @@ def test_fitted_estimator_round_trips_through_json_exactly():
     fitted, y = small_fitted()
     restored = CompressedEstimator.from_dict(json.loads(json.dumps(fitted.to_dict())))
     assert restored.to_dict() == fitted.to_dict()
+    for name in ESTIMATORS:
+        before, after = fitted.estimate(name, y), restored.estimate(name, y)
+        assert (before.value, before.stderr) == (after.value, after.stderr), name
+
+
+def test_an_estimator_saved_before_the_mixing_weights_were_named_so_loads_and_estimates_identically():
+    # fitness.json files written before the rename store "lambdas" and "lambda_method"
+    fitted, y = small_fitted()
+    old = fitted.to_dict()
+    old["lambdas"], old["lambda_method"] = old.pop("mixing_weights"), old.pop("mixing_method")
+    restored = CompressedEstimator.from_dict(json.loads(json.dumps(old)))
+    assert restored.mixing_weights == fitted.mixing_weights and set(restored.mixing_weights) == {"gp-IRT", "gmp-IRT"}
+    assert restored.mixing_method == fitted.mixing_method == "bias-variance"  # not the default "cv"
+    assert restored.to_dict() == fitted.to_dict()  # and it is saved again under the new keys
     for name in ESTIMATORS:
         before, after = fitted.estimate(name, y), restored.estimate(name, y)
         assert (before.value, before.stderr) == (after.value, after.stderr), name

@@ -5,9 +5,9 @@
    random weights, and densities for sparsifying methods, through the in-memory materializer).
 2. Keep the response matrix (models x items) per task (`responses.npz` beside the fitness).
 3. Per task: fit a 2PL IRT model, choose n items (`informative`, `random` or tinyBenchmarks-style
-   `anchors`), read the endpoints' abilities, and fit the mixing weights lam of gp-IRT / gmp-IRT on the
+   `anchors`), read the endpoints' abilities, and fit the mixing weights of gp-IRT / gmp-IRT on the
    random merges only -- they look like the candidates a search scores, the endpoints do not
-   (`CompressedEstimator.fit(lambda_rows=...)`).
+   (`CompressedEstimator.fit(mixing_rows=...)`).
 4. Save everything as a `CompressedFitness` under `fitness/<name>/`.
 
 Defaults, as measured by benchmarks/fitness_estimation.py on the small zoo (3 tasks x 1,000
@@ -32,7 +32,7 @@ three numbers in each triple, in that order:
   0.028 / 0.030 / 0.036 against 0.033 / 0.034 / 0.037 with one dimension (0.032 / 0.029 / 0.038
   with the standard N(0, 1) prior); ~0.1 s per fit. Girth's marginal likelihood (`irt.model: 2pl`,
   one dimension) took 65-150 s per 300-item fit on the earlier zoo for the same MAE as the joint MAP.
-* lam by 5-fold cross-validation on the random merges (~1.5 s in all; the in-sample
+* mixing weights by 5-fold cross-validation on the random merges (~1.5 s in all; the in-sample
   bias-variance rule was worse on every subset method).
 * estimator gp-IRT (`estimators.DEFAULT_ESTIMATOR`): MAE 0.0283 / 0.0302 / 0.0364 and Spearman
   0.940 / 0.902 / 0.920; gmp-IRT 0.0286 / 0.0292 / 0.0370 and 0.935 / 0.905 / 0.915 -- the same
@@ -239,7 +239,7 @@ def calibrate_from_config(path: str | os.PathLike, *, name: str | None = None, o
         irt_model=config.irt.model,
         irt_dims=config.irt.dims,
         empirical_prior=config.irt.prior == "empirical",
-        lambda_method=config.mixing.method,
+        mixing_method=config.mixing.method,
         n_folds=config.mixing.folds,
         estimator=config.estimator,
         device=config.device,
@@ -295,7 +295,7 @@ def score_population(materializer, method: str, population: list[dict], scorers:
 def fit_task_calibration(
     responses: np.ndarray,
     endpoint_rows,
-    lambda_rows,
+    mixing_rows,
     *,
     n: int,
     subset_method: str = DEFAULT_SUBSET_METHOD,
@@ -304,28 +304,28 @@ def fit_task_calibration(
     irt_model: str = DEFAULT_IRT_MODEL,
     irt_dims: int | None = None,
     empirical_prior: bool = True,
-    lambda_method: str = "cv",
+    mixing_method: str = "cv",
     n_folds: int = DEFAULT_FOLDS,
     item_params=None,
     folds=None,
 ) -> CompressedEstimator:
-    """One task's calibration from its full response matrix (models, items): IRT, subset, lam.
+    """One task's calibration from its full response matrix (models, items): IRT, subset, mixing weights.
 
-    lam is fitted on `lambda_rows` (the random merges: they look like the candidates a search
+    The mixing weights are fitted on `mixing_rows` (the random merges: they look like the candidates a search
     scores; the endpoints do not); with `empirical_prior` their abilities also set the ability
     prior (`fit_irt(prior_rows=...)`), and informative subsets are designed for them.
     `item_params` / `folds` reuse fits made earlier (`fit_irt` with the same prior rows,
     `cross_validation_folds`); neither depends on n or the subset.
     """
     y = np.asarray(responses, dtype=np.float64)
-    design_rows = np.asarray(lambda_rows if lambda_rows is not None and len(lambda_rows) else range(y.shape[0]))
+    design_rows = np.asarray(mixing_rows if mixing_rows is not None and len(mixing_rows) else range(y.shape[0]))
     params = item_params if item_params is not None else fit_irt(
         y, irt_model, dims=default_dims(irt_model, irt_dims), seed=subset_seed,
         prior_rows=design_rows if empirical_prior else None)
     subset = select_items(n, subset_method, seed=subset_seed, responses=y, item_params=params, features=features,
                           abilities=params.theta[design_rows])
-    return CompressedEstimator.fit(y, endpoint_rows, subset, item_params=params, lambda_method=lambda_method,
-                                   lambda_rows=lambda_rows, n_folds=n_folds, seed=subset_seed, folds=folds,
+    return CompressedEstimator.fit(y, endpoint_rows, subset, item_params=params, mixing_method=mixing_method,
+                                   mixing_rows=mixing_rows, n_folds=n_folds, seed=subset_seed, folds=folds,
                                    empirical_prior=empirical_prior)
 
 
@@ -359,7 +359,7 @@ def calibrate(
     irt_model: str = DEFAULT_IRT_MODEL,
     irt_dims: int | None = None,
     empirical_prior: bool = True,
-    lambda_method: str = "cv",
+    mixing_method: str = "cv",
     n_folds: int = DEFAULT_FOLDS,
     estimator: str = DEFAULT_ESTIMATOR,
     device: str | None = None,
@@ -390,11 +390,11 @@ def calibrate(
     endpoints = endpoint_coefficients(k)
     population = random_task_level_coefficients(k, random_merges, weight_bounds, density_bounds, calibration_seed)
     endpoint_rows = list(range(len(endpoints)))
-    lambda_rows = list(range(len(endpoints), len(endpoints) + len(population)))
-    if lambda_method == "cv" and len(lambda_rows) < n_folds:
-        echo(f"  {len(lambda_rows)} random merges are too few for {n_folds}-fold cross-validation of the mixing "
-             "weights; using lambda_method='bias-variance'")
-        lambda_method = "bias-variance"
+    mixing_rows = list(range(len(endpoints), len(endpoints) + len(population)))
+    if mixing_method == "cv" and len(mixing_rows) < n_folds:
+        echo(f"  {len(mixing_rows)} random merges are too few for {n_folds}-fold cross-validation of the mixing "
+             "weights; using mixing_method='bias-variance'")
+        mixing_method = "bias-variance"
 
     materializer, scorers, splits = population_scorers(tasks, base, experts, device=device,
                                                        allow_pickle=allow_pickle, seed=calibration_seed)
@@ -419,9 +419,9 @@ def calibrate(
         t0 = time.perf_counter()
         try:
             fitted = fit_task_calibration(
-                responses[t.name], endpoint_rows, lambda_rows or None, n=n, subset_method=subset_method,
+                responses[t.name], endpoint_rows, mixing_rows or None, n=n, subset_method=subset_method,
                 features=features, subset_seed=subset_seed, irt_model=irt_model, irt_dims=irt_dims,
-                empirical_prior=empirical_prior, lambda_method=lambda_method, n_folds=n_folds)
+                empirical_prior=empirical_prior, mixing_method=mixing_method, n_folds=n_folds)
         except ValueError as exc:
             rates = responses[t.name].mean(axis=1)
             raise FitnessError(f"task {t.name!r}: cannot calibrate ({exc}); the calibration models' accuracies "
@@ -429,19 +429,21 @@ def calibrate(
         ids = t.item_ids(splits[t.name])
         task_fitness[t.name] = TaskFitness(t, [ids[i] for i in fitted.subset.items], fitted,
                                            dataset_hash(splits[t.name]), len(ids))
-        echo(f"  {t.name}: {irt_model} IRT + subset of {n} ({subset_method}) + lambdas ({lambda_method}) in "
-             f"{time.perf_counter() - t0:.1f}s; lambdas {({k: round(v, 3) for k, v in fitted.lambdas.items()})}")
+        mixing_weights = {k: round(v, 3) for k, v in fitted.mixing_weights.items()}
+        echo(f"  {t.name}: {irt_model} IRT + subset of {n} ({subset_method}) + mixing weights ({mixing_method}) in "
+             f"{time.perf_counter() - t0:.1f}s; mixing weights {mixing_weights}")
     meta = {"models": {"base": base, "experts": experts}, "model_fingerprints": fingerprints,
             "calibration_models": len(endpoints) + len(population),
             "method": method,
             "irt": {"model": irt_model, "dims": irt_dims, "prior": "empirical" if empirical_prior else "standard"},
-            "mixing": {"method": lambda_method, "folds": n_folds, "rows": "random merges"},
+            "mixing": {"method": mixing_method, "folds": n_folds, "rows": "random merges"},
             "seconds": {"scoring": scored - started, "fitting": time.perf_counter() - scored,
                         "total": time.perf_counter() - started},
             "item_evaluations": int(sum(r.size for r in responses.values()))}
     # The raw matrices travel with the fitness, for benchmarks and re-fits (loaded with allow_pickle=False).
+    # "mixing_rows" is "lambda_rows" in folders saved before the mixing weights got their name.
     coeffs = np.array([np.concatenate([c["weight"], c.get("density", np.ones(k))]) for c in endpoints + population])
-    arrays = {"coefficients": coeffs, "endpoint_rows": np.array(endpoint_rows), "lambda_rows": np.array(lambda_rows),
+    arrays = {"coefficients": coeffs, "endpoint_rows": np.array(endpoint_rows), "mixing_rows": np.array(mixing_rows),
               **{f"task_{t}": r for t, r in responses.items()}}
     path = CompressedFitness(name, task_fitness, estimator, meta).save(out_dir, overwrite=overwrite, arrays=arrays)
     echo(f"saved {path} in {time.perf_counter() - started:.0f}s "

@@ -8,12 +8,12 @@ Five estimators, registered by name in `ESTIMATORS` (n subset items out of N):
              the ability theta from the n responses, predict P(correct) for the N - n other items
              with the calibrated 2PL, and average observed and predicted over all N items:
              (sum_k y_k + sum_{j unseen} P_j(theta)) / N.
-* "gp-IRT":  lam * subset + (1 - lam) * p-IRT.
+* "gp-IRT":  weight * subset + (1 - weight) * p-IRT, with the fitted mixing weight of gp-IRT.
 * "mp-IRT":  MERGE^3 (Mencattini et al., ICML 2025; `fit_lambda` / `eval_mpirt_on_anchors` in
              mergenetic/estimator/utils.py): the merge's ability is a combination of its
              endpoint models' abilities, theta = sum_i c_i theta_i, with c fitted to the subset
              responses; then extrapolate as p-IRT does.
-* "gmp-IRT": lam * subset + (1 - lam) * mp-IRT.
+* "gmp-IRT": weight * subset + (1 - weight) * mp-IRT, with the fitted mixing weight of gmp-IRT.
 
 What we do differently from the references:
 
@@ -21,13 +21,14 @@ What we do differently from the references:
   scored as the negative of an endpoint. With a one-dimensional ability and endpoints of both
   signs the constraint is inactive and mp-IRT equals p-IRT; it bites in the multidimensional
   model, where theta is confined to the cone the endpoints span.
-* lam is fitted, per mixture, on the calibration models (`CompressedEstimator.fit`): K-fold
-  over calibration models, refitting the IRT model without the held-out fold, then the lam in
-  [0, 1] that minimises the squared error of the held-out models' full-task accuracy (closed
-  form). tinyBenchmarks validates lam on a grid the same way in its experiments; Mergenetic
-  hard-codes 0.5. The fallback "bias-variance" rule sets lam = b^2 / (b^2 + s^2) -- the
-  MSE-optimal mix of an unbiased estimator of variance s^2 (the subset mean) with one of squared
-  error b^2 (p-IRT) when their errors are independent -- from in-sample calibration errors.
+* The mixing weight is fitted, per mixture, on the calibration models (`CompressedEstimator.fit`):
+  K-fold over calibration models, refitting the IRT model without the held-out fold, then the
+  weight in [0, 1] that minimises the squared error of the held-out models' full-task accuracy
+  (closed form). tinyBenchmarks (which calls it lambda) validates it on a grid the same way in
+  its experiments; Mergenetic hard-codes 0.5. The fallback "bias-variance" mixing method sets
+  weight = b^2 / (b^2 + s^2) -- the MSE-optimal mix of an unbiased estimator of variance s^2 (the
+  subset mean) with one of squared error b^2 (p-IRT) when their errors are independent -- from
+  in-sample calibration errors.
 * The observed part of p-IRT / mp-IRT is the plain sum of the subset answers, as tinyBenchmarks
   does; Mergenetic's `eval_mpirt_on_anchors` mixes the anchor-weighted mean in with weight n/N.
 * The ability is the MAP under the N(0, I) prior the calibration assumed by default
@@ -43,7 +44,7 @@ Uncertainty (`Estimate.stderr`):
            (plus the prior's for MAP; for mp-IRT propagated through the free c's). The second
            term is the Bernoulli noise of the unseen answers themselves. Item-parameter
            uncertainty is ignored.
-* g*-IRT:  lam se_subset + (1 - lam) se_IRT, the bound for perfectly correlated errors (both
+* g*-IRT:  weight se_subset + (1 - weight) se_IRT, the bound for perfectly correlated errors (both
            use the same answers).
 
 Everything here is per task: one calibration response matrix (models, items) per task.
@@ -84,7 +85,7 @@ __all__ = [
 ]
 
 _LOGIT_CLIP = 30.0
-_LAMBDA_METHODS = ("cv", "bias-variance")
+_MIXING_METHODS = ("cv", "bias-variance")
 
 
 @dataclass(frozen=True)
@@ -229,14 +230,14 @@ def mpirt_estimate(
     return _extrapolate("mp-IRT", y, items, params, theta, theta_cov, c)
 
 
-def mix(name: str, lam: float, data: Estimate, model: Estimate) -> Estimate:
-    """lam * data + (1 - lam) * model, the generalised (g*-IRT) estimators."""
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"mixing weight for {name} must lie in [0, 1], got {lam}")
+def mix(name: str, weight: float, data: Estimate, model: Estimate) -> Estimate:
+    """weight * data + (1 - weight) * model, the generalised (g*-IRT) estimators."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"mixing weight for {name} must lie in [0, 1], got {weight}")
     return Estimate(
         name,
-        lam * data.value + (1 - lam) * model.value,
-        lam * data.stderr + (1 - lam) * model.stderr,
+        weight * data.value + (1 - weight) * model.value,
+        weight * data.stderr + (1 - weight) * model.stderr,
         data.subset_responses,
         model.theta,
         model.coefficients,
@@ -244,11 +245,11 @@ def mix(name: str, lam: float, data: Estimate, model: Estimate) -> Estimate:
 
 
 def fit_mixing_weight(data_values: np.ndarray, model_values: np.ndarray, truth: np.ndarray) -> float:
-    """The lam in [0, 1] minimising sum (lam d + (1 - lam) m - t)^2: sum (d - m)(t - m) / sum (d - m)^2."""
+    """The weight w in [0, 1] minimising sum (w d + (1 - w) m - t)^2: sum (d - m)(t - m) / sum (d - m)^2."""
     d, m, t = (np.asarray(v, dtype=np.float64) for v in (data_values, model_values, truth))
     gap = d - m
     denominator = float(gap @ gap)
-    if denominator == 0.0:  # the two estimators agree everywhere; any lam is optimal
+    if denominator == 0.0:  # the two estimators agree everywhere; any weight is optimal
         return 0.0
     return float(np.clip(gap @ (t - m) / denominator, 0.0, 1.0))
 
@@ -267,7 +268,7 @@ def _pirt(est: "CompressedEstimator", y: np.ndarray) -> Estimate:
 
 
 def _gpirt(est: "CompressedEstimator", y: np.ndarray) -> Estimate:
-    return mix("gp-IRT", est.lambdas["gp-IRT"], _subset(est, y), _pirt(est, y))
+    return mix("gp-IRT", est.mixing_weights["gp-IRT"], _subset(est, y), _pirt(est, y))
 
 
 def _mpirt(est: "CompressedEstimator", y: np.ndarray) -> Estimate:
@@ -277,9 +278,9 @@ def _mpirt(est: "CompressedEstimator", y: np.ndarray) -> Estimate:
 
 
 def _gmpirt(est: "CompressedEstimator", y: np.ndarray) -> Estimate:
-    if "gmp-IRT" not in est.lambdas:
+    if "gmp-IRT" not in est.mixing_weights:
         raise ValueError("gmp-IRT needs endpoint abilities; fit the estimator with endpoint_rows")
-    return mix("gmp-IRT", est.lambdas["gmp-IRT"], _subset(est, y), _mpirt(est, y))
+    return mix("gmp-IRT", est.mixing_weights["gmp-IRT"], _subset(est, y), _mpirt(est, y))
 
 
 ESTIMATORS: dict[str, Callable[["CompressedEstimator", np.ndarray], Estimate]] = {
@@ -304,7 +305,7 @@ def get_estimator(name: str) -> Callable[["CompressedEstimator", np.ndarray], Es
 
 @dataclass(frozen=True)
 class CalibrationFold:
-    """One fold of the lam cross-validation: the held-out rows and the IRT fit made without them."""
+    """One fold of the mixing weights' cross-validation: the held-out rows and the IRT fit without them."""
 
     held_out: np.ndarray  # (h,) sorted calibration rows
     params: IRTParams  # fitted on every other row, in row order
@@ -352,8 +353,9 @@ def _check_folds(folds: Sequence[CalibrationFold], rows: np.ndarray, ends: np.nd
     held_out = np.sort(np.concatenate([f.held_out for f in folds])) if folds else np.empty(0, np.int64)
     if not np.array_equal(held_out, np.sort(rows)):
         raise ValueError(
-            f"the folds hold out rows {held_out.tolist()} but lam is fitted on rows {np.sort(rows).tolist()}; "
-            "make them with cross_validation_folds(responses, lambda_rows, ...)"
+            f"the folds hold out rows {held_out.tolist()} but the mixing weights are fitted on rows "
+            f"{np.sort(rows).tolist()}; "
+            "make them with cross_validation_folds(responses, mixing_rows, ...)"
         )
     for fold in folds:
         if fold.params.n_models != n_models - fold.held_out.size:
@@ -375,9 +377,9 @@ class CompressedEstimator:
     item_params: IRTParams
     subset: Subset
     endpoint_theta: np.ndarray | None  # (K,) or (K, D); None when no endpoints were given
-    lambdas: dict[str, float] = field(default_factory=dict)  # "gp-IRT" and, with endpoints, "gmp-IRT"
+    mixing_weights: dict[str, float] = field(default_factory=dict)  # "gp-IRT" and, with endpoints, "gmp-IRT"
     ability_method: str = "map"
-    lambda_method: str = "cv"
+    mixing_method: str = "cv"
 
     def __post_init__(self) -> None:
         if self.subset.n_total != self.item_params.n_items:
@@ -399,8 +401,8 @@ class CompressedEstimator:
         model: str = "2pl",
         dims: int = 1,
         ability_method: str = "map",
-        lambda_method: str = "cv",
-        lambda_rows: Sequence[int] | None = None,
+        mixing_method: str = "cv",
+        mixing_rows: Sequence[int] | None = None,
         n_folds: int = 5,
         seed: int = 0,
         folds: Sequence[CalibrationFold] | None = None,
@@ -411,30 +413,31 @@ class CompressedEstimator:
         `endpoint_rows` are the rows of the models being merged (may be empty: then mp-IRT and
         gmp-IRT are unavailable). `item_params` reuses an existing calibration of exactly these
         responses (e.g. the one the anchors were clustered on); otherwise `fit_irt(model, dims,
-        seed)` runs here. lam: "cv" (K-fold, see the module docstring; needs n_folds >= 2 and at
-        least n_folds rows to hold out) or "bias-variance". `lambda_rows` are the calibration rows
-        lam is fitted on (default: every non-endpoint row). Pass rows that look like the models
-        you will score -- e.g. merges already evaluated in full.
-        `folds` reuses `cross_validation_folds(responses, lambda_rows, ...)` made earlier (they
-        must hold out exactly the lam rows); otherwise "cv" computes them here.
-        `empirical_prior` standardizes the ability scale on the lam rows (`fit_irt(prior_rows=)`)
+        seed)` runs here. `mixing_method`, how the mixing weights are fitted: "cv" (K-fold, see the
+        module docstring; needs n_folds >= 2 and at least n_folds rows to hold out) or
+        "bias-variance". `mixing_rows` are the calibration rows the mixing weights are fitted on
+        (default: every non-endpoint row). Pass rows that look like the models you will score --
+        e.g. merges already evaluated in full.
+        `folds` reuses `cross_validation_folds(responses, mixing_rows, ...)` made earlier (they
+        must hold out exactly the mixing rows); otherwise "cv" computes them here.
+        `empirical_prior` standardizes the ability scale on the mixing rows (`fit_irt(prior_rows=)`)
         in the fits made here: the IRT fit when `item_params` is not given, and the folds.
         """
         y = np.asarray(responses, dtype=np.float64)
         if y.ndim != 2 or y.shape[1] != subset.n_total:
             raise ValueError(f"responses must be (models, {subset.n_total}) to match the subset, got {y.shape}")
-        if lambda_method not in _LAMBDA_METHODS:
-            raise ValueError(f"unknown lambda_method {lambda_method!r}; valid: {list(_LAMBDA_METHODS)}")
+        if mixing_method not in _MIXING_METHODS:
+            raise ValueError(f"unknown mixing_method {mixing_method!r}; valid: {list(_MIXING_METHODS)}")
         ends = np.asarray(endpoint_rows, dtype=np.int64)
         if ends.size and (ends.min() < 0 or ends.max() >= y.shape[0]):
             raise ValueError(f"endpoint_rows {ends.tolist()} out of range for {y.shape[0]} calibration models")
         others = np.setdiff1d(np.arange(y.shape[0]), ends)
-        if lambda_rows is not None:
-            chosen = np.unique(np.asarray(lambda_rows, dtype=np.int64))
+        if mixing_rows is not None:
+            chosen = np.unique(np.asarray(mixing_rows, dtype=np.int64))
             if chosen.size and (chosen.min() < 0 or chosen.max() >= y.shape[0]):
-                raise ValueError(f"lambda_rows {chosen.tolist()} out of range for {y.shape[0]} calibration models")
+                raise ValueError(f"mixing_rows {chosen.tolist()} out of range for {y.shape[0]} calibration models")
             if np.intersect1d(chosen, ends).size:
-                raise ValueError(f"lambda_rows {chosen.tolist()} include endpoint rows {ends.tolist()}")
+                raise ValueError(f"mixing_rows {chosen.tolist()} include endpoint rows {ends.tolist()}")
             others = chosen
         params = item_params if item_params is not None else fit_irt(
             y, model, dims=dims, seed=seed, prior_rows=others if empirical_prior else None)
@@ -445,23 +448,23 @@ class CompressedEstimator:
             subset=subset,
             endpoint_theta=params.theta[ends] if ends.size else None,
             ability_method=ability_method,
-            lambda_method=lambda_method,
+            mixing_method=mixing_method,
         )
-        if lambda_method == "cv":
+        if mixing_method == "cv":
             if folds is None:
                 if n_folds < 2 or others.size < n_folds:
                     raise ValueError(
-                        f"lambda_method='cv' needs n_folds >= 2 and at least n_folds rows to hold out "
-                        f"(non-endpoint or lambda_rows); got n_folds={n_folds}, {others.size} rows "
-                        "(use lambda_method='bias-variance' for tiny calibration sets)"
+                        f"mixing_method='cv' needs n_folds >= 2 and at least n_folds rows to hold out "
+                        f"(non-endpoint or mixing_rows); got n_folds={n_folds}, {others.size} rows "
+                        "(use mixing_method='bias-variance' for tiny calibration sets)"
                     )
                 folds = cross_validation_folds(y, others, n_folds, model=params.model, dims=params.dims, seed=seed,
                                                empirical_prior=empirical_prior)
             else:
                 _check_folds(folds, others, ends, y.shape[0])
-            fitted.lambdas = fitted._cross_validated_lambdas(y, ends, folds)
+            fitted.mixing_weights = fitted._cross_validated_mixing_weights(y, ends, folds)
         else:
-            fitted.lambdas = fitted._bias_variance_lambdas(y, others)
+            fitted.mixing_weights = fitted._bias_variance_mixing_weights(y, others)
         return fitted
 
     def _held_out_values(self, calibration: "CompressedEstimator", y: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -471,7 +474,7 @@ class CompressedEstimator:
         values["truth"] = y[rows].mean(axis=1)
         return values
 
-    def _cross_validated_lambdas(
+    def _cross_validated_mixing_weights(
         self, y: np.ndarray, ends: np.ndarray, folds: Sequence[CalibrationFold]
     ) -> dict[str, float]:
         collected: dict[str, list[np.ndarray]] = {}
@@ -483,21 +486,21 @@ class CompressedEstimator:
             for name, values in self._held_out_values(calibration, y, fold.held_out).items():
                 collected.setdefault(name, []).append(values)
         pooled = {name: np.concatenate(parts) for name, parts in collected.items()}
-        lambdas = {"gp-IRT": fit_mixing_weight(pooled["subset"], pooled["p-IRT"], pooled["truth"])}
+        mixing_weights = {"gp-IRT": fit_mixing_weight(pooled["subset"], pooled["p-IRT"], pooled["truth"])}
         if "mp-IRT" in pooled:
-            lambdas["gmp-IRT"] = fit_mixing_weight(pooled["subset"], pooled["mp-IRT"], pooled["truth"])
-        return lambdas
+            mixing_weights["gmp-IRT"] = fit_mixing_weight(pooled["subset"], pooled["mp-IRT"], pooled["truth"])
+        return mixing_weights
 
-    def _bias_variance_lambdas(self, y: np.ndarray, others: np.ndarray) -> dict[str, float]:
+    def _bias_variance_mixing_weights(self, y: np.ndarray, others: np.ndarray) -> dict[str, float]:
         rows = others if others.size else np.arange(y.shape[0])
         values = self._held_out_values(self, y, rows)  # in-sample: optimistic for the IRT side
         variance = float(np.mean([subset_estimate(y[r, self.subset.items], self.subset.weights, self.subset.n_total).stderr ** 2 for r in rows]))
-        lambdas = {}
+        mixing_weights = {}
         for mixed, irt in (("gp-IRT", "p-IRT"), ("gmp-IRT", "mp-IRT")):
             if irt in values:
                 bias2 = float(np.mean((values[irt] - values["truth"]) ** 2))
-                lambdas[mixed] = bias2 / (bias2 + variance) if bias2 + variance > 0 else 0.0
-        return lambdas
+                mixing_weights[mixed] = bias2 / (bias2 + variance) if bias2 + variance > 0 else 0.0
+        return mixing_weights
 
     def estimate(self, name: str, subset_responses: np.ndarray) -> Estimate:
         """Estimate the full-task accuracy with the named estimator (see `ESTIMATORS`)."""
@@ -509,23 +512,29 @@ class CompressedEstimator:
         return {name: self.estimate(name, subset_responses) for name in names}
 
     def to_dict(self) -> dict[str, Any]:
+        """The estimator as `fitness.json` stores it."""
         return {
             "item_params": self.item_params.to_dict(),
             "subset": self.subset.to_dict(),
             "endpoint_theta": None if self.endpoint_theta is None else self.endpoint_theta.tolist(),
-            "lambdas": dict(self.lambdas),
+            "mixing_weights": dict(self.mixing_weights),
             "ability_method": self.ability_method,
-            "lambda_method": self.lambda_method,
+            "mixing_method": self.mixing_method,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CompressedEstimator":
+        """Inverse of `to_dict`; also reads files saved before the mixing weights got their name,
+        which store them as "lambdas" and "lambda_method" (lambda is mergekit's word for a merge
+        setting, so the fitness no longer uses it)."""
         endpoint_theta = data.get("endpoint_theta")
+        weights = data["mixing_weights"] if "mixing_weights" in data else data.get("lambdas", {})
+        method = data["mixing_method"] if "mixing_method" in data else data.get("lambda_method", "cv")
         return cls(
             item_params=IRTParams.from_dict(data["item_params"]),
             subset=Subset.from_dict(data["subset"]),
             endpoint_theta=None if endpoint_theta is None else np.asarray(endpoint_theta, dtype=np.float64),
-            lambdas={str(k): float(v) for k, v in data.get("lambdas", {}).items()},
+            mixing_weights={str(k): float(v) for k, v in weights.items()},
             ability_method=str(data.get("ability_method", "map")),
-            lambda_method=str(data.get("lambda_method", "cv")),
+            mixing_method=str(method),
         )
