@@ -16,7 +16,11 @@ per candidate). Measured:
   another, counted with `sys.setprofile` from the return of one generation's `ask` to its `tell`
   (the genome's path: decode, materialise, score, log), divided by the generation's size.
 
-Prints one line per quantity; `--json` writes them for benchmarks/results/.
+Prints one line per quantity; `--json` writes them for benchmarks/results/; `--record` regenerates
+the table in benchmarks/RESULTS.md from every benchmarks/results/search_overhead_*.json.
+
+    python benchmarks/search_overhead.py --label after --reps 3 --json benchmarks/results/search_overhead_after.json
+    python benchmarks/search_overhead.py --record
 """
 from __future__ import annotations
 
@@ -141,13 +145,44 @@ def measure(root: Path, evaluations: int, rep: int = 0) -> dict:
             "materialize_score_per_candidate_ms": 1000 * work / len(records)}
 
 
+BEGIN, END = "<!-- search_overhead:begin -->", "<!-- search_overhead:end -->"
+
+
+def table() -> str:
+    """The RESULTS.md block, generated from the committed JSON results."""
+    rows = [json.loads(p.read_text()) for p in sorted((ROOT / "results").glob("search_overhead_*.json"))]
+    lines = ["| code | candidates | overhead ms / candidate | materialise + score ms / candidate | set-up s "
+             "| cross-module calls / genome |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['candidates']} | {r['overhead_per_candidate_ms']:.1f} | "
+                     f"{r['materialize_score_per_candidate_ms']:.1f} | {r['setup_s']:.2f} | "
+                     f"{r['cross_module_calls_per_genome']:.0f} |")
+    return "\n".join(lines)
+
+
+def record() -> None:
+    results = ROOT / "RESULTS.md"
+    text = results.read_text()
+    block = f"{BEGIN}\n{table()}\n{END}"
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    results.write_text(text)
+    print(table())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--record", action="store_true", help="regenerate the RESULTS.md table and exit")
     parser.add_argument("--evaluations", type=int, default=96)
     parser.add_argument("--label", default="current")
     parser.add_argument("--reps", type=int, default=1, help="repeat the timed search; report the fastest")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.record:
+        record()
+        return
     import torch
 
     torch.set_num_threads(1)
