@@ -25,7 +25,8 @@ from its answers on the n subset items. Printed:
 Targets (issue 4), at n = 20 per task: best estimator MAE <= 0.03, Spearman >= 0.9, and >= 20x
 fewer item evaluations per candidate. (With N-item splits and C calibration models, 20 items per task
 save N / (20 + C N / 500) per task: at least 20x needs C < 25 and, e.g., N >= 770 for C = 14.) Also printed: whether the zoo presets reproduce the
-test accuracies recorded in zoo.json. Mergenetic runs in its own venv (see issue 4), e.g.
+validation accuracies recorded in zoo.json. The whole benchmark runs with the test splits sealed
+(benchmarks/PROTOCOL.md): it reads only the fitness (validation) split. Mergenetic runs in its own venv (see issue 4), e.g.
 `python3 -m venv /tmp/mgvenv` then its pinned requirements and `pip install --no-deps mergenetic`.
 """
 from __future__ import annotations
@@ -88,11 +89,14 @@ def scored_population(manifest, tasks, label: str, population: list[dict], metho
 
 
 def manifest_accuracy_gaps(manifest, tasks) -> list[str]:
-    """Score the zoo's models on the test splits through the presets; list any mismatch with zoo.json."""
+    """Score the zoo's models on the validation (fitness) splits through the presets; list any
+    mismatch with zoo.json. Never the test split: this benchmark makes choices (PROTOCOL.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if manifest.data["evaluation"].get("split") != "validation":
+        return ["zoo.json predates benchmarks/PROTOCOL.md (test-split accuracies); rebuild the zoo to compare"]
     tokenizer = AutoTokenizer.from_pretrained(str(manifest.tokenizer_path))
-    scorers = {t.name: t.make_scorer(tokenizer, t.load_split("test")) for t in tasks}
+    scorers = {t.name: t.make_scorer(tokenizer, t.load_split("fitness")) for t in tasks}
     gaps = []
     for name in ["base", *manifest.experts]:
         model = AutoModelForCausalLM.from_pretrained(str(manifest.model_path(name))).eval()
@@ -346,7 +350,7 @@ def main() -> None:
           + ", ".join(f"{t} {n_total[t]} items" for t in n_total)
           + f"; scoring one model on all of them takes {seconds_per_model:.2f}s")
     gaps = manifest_accuracy_gaps(manifest, tasks)
-    print("zoo presets vs zoo.json test accuracies of the base and experts: "
+    print("zoo presets vs zoo.json validation accuracies of the base and experts: "
           + ("identical" if not gaps else "DIFFERENT: " + "; ".join(gaps)))
     print("held-out merges: " + ", ".join(f"{t} accuracy {truth[t].min():.2f}..{truth[t].max():.2f} "
                                           f"(mean {truth[t].mean():.2f})" for t in truth)
@@ -427,4 +431,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == MERGENETIC_WORKER:
         mergenetic_worker(sys.argv[2], sys.argv[3])
     else:
-        main()
+        from evomerge.fitness.sealed import sealed_test
+
+        with sealed_test("fitness_estimation: every number here chooses estimators and defaults"):
+            main()

@@ -6,7 +6,8 @@ Two studies, one script:
 candidate evaluations (default 150) and several seeds for random, CMA-ES, NSGA-II, M2N2 and MAP,
 searching per-layer task-arithmetic coefficients. Every Pareto member (by the compressed fitness,
 among the first ``budget`` candidates: runs that overshoot in their last generation are cut) is
-re-scored on the *test* split with full data (``Run.verify``), never the fitness subset. Baselines, scored the
+re-scored on the *test* split with full data (``Run.verify``), never the fitness subset, in the final step:
+every search and choice runs first with the test splits sealed (benchmarks/PROTOCOL.md). Baselines, scored the
 same way: the base, each expert, uniform task arithmetic (weight 1 per expert), plain averaging
 (linear, 1/K each), mergekit-default TIES (weight 1, density 0.5 -- mergekit has no default
 density; 0.5 is the common choice -- normalize on, as mergekit) and the zoo's best task-level grid
@@ -46,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from evomerge.stats import mean_sd
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -326,9 +329,7 @@ def run_strategy(strategy: str, seed: int, manifest, fitness_path: Path, work: P
     started = time.perf_counter()
     chosen = run.choose(args.finalists, among=ids, echo=lambda *a, **k: None) if finalists else by_fitness[0]
     validation = run.verified().get("fitness", {})
-    test = run.verify(ids, role="test", echo=lambda *a, **k: None)
-    verify_seconds = time.perf_counter() - started
-    T = np.array([[test[str(i)][t] for t in tasks] for i in ids])  # (members, tasks) full test split
+    choose_seconds = time.perf_counter() - started
     finalist_items = len(finalists) * int(fitness_split_items)
     seconds = {c[len("seconds_"):]: float(evaluations[c].mean()) for c in evaluations.columns
                if c.startswith("seconds_")}
@@ -338,23 +339,36 @@ def run_strategy(strategy: str, seed: int, manifest, fitness_path: Path, work: P
         "run_item_evaluations": int(evaluations["item_evaluations"].sum()),
         "item_evaluations": calibration_items + int(evaluations["item_evaluations"].sum()) + finalist_items,
         "finalist_item_evaluations": finalist_items, "finalists": len(finalists),
-        "pareto_size": len(ids), "hv_test": hypervolume(T, 0.0), "hv_fitness": hypervolume(F[front], 0.0),
-        "best_mean_test": float(T.mean(axis=1).max()),
-        "chosen_id": chosen, "chosen_mean_test": float(np.mean([test[str(chosen)][t] for t in tasks])),
+        "pareto_size": len(ids), "pareto_ids": ids, "hv_fitness": hypervolume(F[front], 0.0),
+        "chosen_id": chosen,
         "chosen_mean_fitness": float(ok.loc[chosen, tasks].mean()),
         "chosen_mean_validation": float(np.mean([validation[str(chosen)][t] for t in tasks])) if finalists else None,
         "top_fitness_id": by_fitness[0],
-        "top_fitness_mean_test": float(np.mean([test[str(by_fitness[0])][t] for t in tasks])),
-        "seconds_search": search_seconds, "seconds_verify": verify_seconds,
+        "seconds_search": search_seconds, "seconds_choose": choose_seconds,
         "seconds_per_candidate": search_seconds / max(len(evaluations), 1), "seconds_breakdown": seconds,
     }
     print(f"  {name:28s} {row['candidates']} candidates in {search_seconds:.0f}s "
           f"({row['seconds_per_candidate']:.2f} s/candidate: "
           + ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items())
-          + f") | Pareto {len(ids)} | test hv {row['hv_test']:.4f} | best test mean {row['best_mean_test']:.3f} | "
-          f"chosen #{chosen} test mean {row['chosen_mean_test']:.3f} (fitness {row['chosen_mean_fitness']:.3f}) | "
-          f"verify {verify_seconds:.0f}s", flush=True)
+          + f") | Pareto {len(ids)} | chosen #{chosen} (fitness {row['chosen_mean_fitness']:.3f}) | "
+          f"choose {choose_seconds:.0f}s", flush=True)
     return row
+
+
+def score_on_test(row: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+    """The final step for one run (benchmarks/PROTOCOL.md): its Pareto members on the full test
+    split (`Run.verify`), after every run has searched and chosen."""
+    from evomerge.runs.run import Run
+    from evomerge.search.pareto import hypervolume
+
+    ids = row["pareto_ids"]
+    started = time.perf_counter()
+    test = Run.load(row["run"]).verify(ids, role="test", echo=lambda *a, **k: None)
+    T = np.array([[test[str(i)][t] for t in tasks] for i in ids])  # (members, tasks) full test split
+    return {**row, "hv_test": hypervolume(T, 0.0), "best_mean_test": float(T.mean(axis=1).max()),
+            "chosen_mean_test": float(np.mean([test[str(row["chosen_id"])][t] for t in tasks])),
+            "top_fitness_mean_test": float(np.mean([test[str(row["top_fitness_id"])][t] for t in tasks])),
+            "seconds_verify": time.perf_counter() - started}
 
 
 def score_baselines(manifest, fitness, tasks: list[str], device: str | None) -> list[dict[str, Any]]:
@@ -404,9 +418,11 @@ def zoo_report(rows: list[dict], baselines: list[dict], manifest, calibration_it
     grid_points, grid_items = grid_item_evaluations(manifest)
     grid_row = next(b for b in baselines if b["baseline"].startswith("best grid")) if baselines else None
     uniform = next(b for b in baselines if b["baseline"].startswith("uniform")) if baselines else None
-    grid_mean = grid_row["mean_test"] if grid_row else float(manifest.reference_merges["best_grid"]["test"]["mean"])
-    uniform_mean = (uniform["mean_test"] if uniform
-                    else float(manifest.reference_merges["uniform_task_arithmetic"]["test"]["mean"]))
+    # without the baselines, a manifest's test numbers (zoo.json before PROTOCOL.md) or none
+    grid_mean = grid_row["mean_test"] if grid_row else float(
+        manifest.reference_merges["best_grid"].get("test", {}).get("mean", float("nan")))
+    uniform_mean = (uniform["mean_test"] if uniform else float(
+        manifest.reference_merges["uniform_task_arithmetic"].get("test", {}).get("mean", float("nan"))))
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     summary = {}
     for s in strategies:
@@ -415,8 +431,8 @@ def zoo_report(rows: list[dict], baselines: list[dict], manifest, calibration_it
                       ("hv_test", "best_mean_test", "chosen_mean_test", "top_fitness_mean_test", "item_evaluations",
                        "seconds_per_candidate",
                        "candidates", "pareto_size")}
-        summary[s]["hv_sd"] = float(np.std([r["hv_test"] for r in sel]))
-        summary[s]["chosen_sd"] = float(np.std([r["chosen_mean_test"] for r in sel]))
+        summary[s]["hv_sd"] = mean_sd([r["hv_test"] for r in sel]).sd  # ddof = 1 (PROTOCOL.md)
+        summary[s]["chosen_sd"] = mean_sd([r["chosen_mean_test"] for r in sel]).sd
         summary[s]["seeds"] = len(sel)
         summary[s]["prescreen"] = sel[0]["prescreen"]
     test_sizes = ", ".join(f"{t} {manifest.data['tasks'][t]['splits']['test']}" for t in manifest.tasks)
@@ -476,6 +492,37 @@ def zoo_report(rows: list[dict], baselines: list[dict], manifest, calibration_it
 
 
 def zoo_main(args: argparse.Namespace) -> None:
+    """Searches and choices with the test splits sealed; then, the final step, test scoring."""
+    from evomerge.fitness.sealed import sealed_test
+
+    with sealed_test("search_quality zoo: searches, choices and baselines' settings"):
+        manifest, fitness, rows, calibration_items, results_path, cache = zoo_develop(args)
+    print("final step: Pareto sets and baselines on the full test split", flush=True)
+    tasks = fitness.task_names
+    for i, row in enumerate(rows):
+        if "hv_test" not in row:  # runs cached by an earlier invocation keep their test scores
+            rows[i] = cache[row["key"]] = score_on_test(row, tasks)
+            results_path.write_text(json.dumps(cache, indent=1))
+    work = Path(args.work)
+    baselines = []
+    if not args.skip_baselines:
+        print("baselines on the full test split:", flush=True)
+        baselines = score_baselines(manifest, fitness, tasks, args.device)
+    (work / "baselines.json").write_text(json.dumps(baselines, indent=1))
+    report = zoo_report(rows, baselines, manifest, calibration_items, args)
+    print()
+    print(report)
+    if args.record:
+        raw = ROOT / "benchmarks" / "results" / "search_quality_zoo.json"
+        raw.write_text(json.dumps({"argv": vars(args) | {"func": None}, "zoo": manifest.content_hash,
+                                   "runs": rows, "baselines": baselines}, indent=1, default=str))
+        print(f"raw per-seed results: {raw}")
+        record_section("search_quality:zoo", report)
+
+
+def zoo_develop(args: argparse.Namespace):
+    """Everything before the final step: the zoo, the compressed fitness, every run's search and
+    its chosen member (on the fitness split). Reads no test split."""
     from evomerge.fitness.compressed import CompressedFitness
 
     manifest = load_or_build_zoo(Path(args.zoo), args.size)
@@ -496,23 +543,15 @@ def zoo_main(args: argparse.Namespace) -> None:
             key = (f"{strategy}|{seed}|{args.budget}|{args.prescreen}|{args.search_space}|{fitness_path}"
                    f"|finalists{args.finalists}")
             if key in cache:
-                rows.append(cache[key])
+                rows.append({**cache[key], "key": key})
                 print(f"  {strategy} seed {seed}: reusing {cache[key]['run']}", flush=True)
                 continue
-            rows.append(run_strategy(strategy, seed, manifest, fitness_path, work, args, tasks, calibration_items,
-                                     fitness_split_items))
+            row = run_strategy(strategy, seed, manifest, fitness_path, work, args, tasks, calibration_items,
+                               fitness_split_items)
+            rows.append({**row, "key": key})
             cache[key] = rows[-1]
             results_path.write_text(json.dumps(cache, indent=1))
-    baselines = []
-    if not args.skip_baselines:
-        print("baselines on the full test split:", flush=True)
-        baselines = score_baselines(manifest, fitness, tasks, args.device)
-    (work / "baselines.json").write_text(json.dumps(baselines, indent=1))
-    report = zoo_report(rows, baselines, manifest, calibration_items, args)
-    print()
-    print(report)
-    if args.record:
-        record_section("search_quality:zoo", report)
+    return manifest, fitness, rows, calibration_items, results_path, cache
 
 
 # =============================================================================== CLI

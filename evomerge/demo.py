@@ -1,25 +1,52 @@
 """`make demo`: the whole product on the built-in zoo, from nothing to an exported merge.
 
+Steps 1-4 choose, so they run with the test splits sealed (`evomerge.fitness.sealed`,
+benchmarks/PROTOCOL.md): a test-split read there raises. Steps 5-6 are the final report, the
+only place the demo reads test.
+
 1. build the small zoo (cached in ./zoo/small),
 2. calibrate the compressed fitness (cached in ./fitness/zoo_small),
 3. search with the local Ray pool (./runs/zoo_small, started afresh),
-4. verify the Pareto set on the full test split,
-5. choose a member without the test split (the 5 best Pareto members by compressed fitness,
+4. choose a member without the test split (the 5 best Pareto members by compressed fitness,
    re-scored on the whole fitness split) and export it (./exports/zoo_small_best: Hugging Face
    folder + recipe.yaml),
-6. compare it with each expert, the base and uniform task arithmetic on the test split.
+5. verify the Pareto set on the full test split,
+6. compare the member with each expert, the base and uniform task arithmetic on the test split.
 """
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from evomerge.runs.run import Run
 
 ROOT = Path.cwd()
 CALIBRATION = ROOT / "fitness" / "examples" / "zoo_small_calibration.yaml"
 RUN_CONFIG = ROOT / "search_spaces" / "examples" / "zoo_small_run.yaml"
+FINALISTS = 5
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where the demo reads and writes. `zoo_dir` None: no zoo to build (the configs name the models)."""
+
+    calibration: Path  # calibration config of the compressed fitness
+    fitness: Path  # the compressed fitness folder it saves (and the run config uses)
+    run_config: Path
+    export: Path
+    zoo_dir: Path | None = None
+    zoo_size: str = "small"
+
+    @classmethod
+    def default(cls, root: Path = ROOT) -> "DemoPaths":
+        return cls(CALIBRATION, root / "fitness" / "zoo_small", RUN_CONFIG, root / "exports" / "zoo_small_best",
+                   zoo_dir=root / "zoo")
 
 
 def step(title: str) -> float:
@@ -62,49 +89,78 @@ def comparison_table(run, member: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def _run_models(run_config: Path) -> tuple[str, list[str]]:
+    from evomerge.runs.config import load_run_config
+
+    models = load_run_config(run_config).models
+    return str(models.base), [str(e) for e in models.experts]
+
+
+def ensure_fitness(paths: DemoPaths) -> Path:
+    """Step 2: reuse the compressed fitness if it matches the run's models, else calibrate it."""
     from evomerge.fitness.calibrate import calibrate_from_config
     from evomerge.fitness.compressed import CompressedFitness, resolve_fitness_path
+
+    try:
+        path = resolve_fitness_path(paths.fitness)
+    except FileNotFoundError:
+        return calibrate_from_config(paths.calibration)
+    base, experts = _run_models(paths.run_config)
+    stale = CompressedFitness.load(path).model_mismatches(base, experts, unknown_is_stale=True)
+    if stale:  # the zoo was rebuilt (a new recipe or seed) since this fitness was calibrated
+        print(f"{path} does not match the zoo's models ({'; '.join(stale)}); recalibrating")
+        return calibrate_from_config(paths.calibration, overwrite=True)
+    print(f"reusing {path}")
+    return path
+
+
+def develop(paths: DemoPaths, *, progress: bool = False) -> tuple[Run, int]:
+    """Steps 1-4 with the test splits sealed: zoo, fitness, search, choose and export.
+    Returns the run and the chosen member."""
+    from evomerge.fitness.sealed import sealed_test
     from evomerge.runs.run import Run
     from evomerge.runs.search import start_search
     from evomerge.zoo import build_zoo
 
-    started = time.perf_counter()
-    t = step("1/6 demo zoo (built once, then reused)")
-    zoo = build_zoo(ROOT / "zoo", size="small", seed=0, progress=True)
-    print(f"zoo ready in {time.perf_counter() - t:.0f}s")
+    with sealed_test("demo steps 1-4 choose the merge"):
+        if paths.zoo_dir is not None:
+            t = step("1/6 demo zoo (built once, then reused)")
+            build_zoo(paths.zoo_dir, size=paths.zoo_size, seed=0, progress=True)
+            print(f"zoo ready in {time.perf_counter() - t:.0f}s")
 
-    t = step("2/6 compressed fitness (calibrated once, then reused)")
-    try:
-        path = resolve_fitness_path(ROOT / "fitness" / "zoo_small")
-    except FileNotFoundError:
-        path = calibrate_from_config(CALIBRATION)
-    else:
-        stale = CompressedFitness.load(path).model_mismatches(zoo.base_path, zoo.expert_paths, unknown_is_stale=True)
-        if stale:  # the zoo was rebuilt (a new recipe or seed) since this fitness was calibrated
-            print(f"{path} does not match the zoo's models ({'; '.join(stale)}); recalibrating")
-            path = calibrate_from_config(CALIBRATION, overwrite=True)
-        else:
-            print(f"reusing {path}")
-    print(f"fitness ready in {time.perf_counter() - t:.0f}s")
+        t = step("2/6 compressed fitness (calibrated once, then reused)")
+        ensure_fitness(paths)
+        print(f"fitness ready in {time.perf_counter() - t:.0f}s")
 
-    t = step("3/6 search (local Ray pool)")
-    run_dir = start_search(RUN_CONFIG, overwrite=True, progress=sys.stderr.isatty())
-    print(f"search done in {time.perf_counter() - t:.0f}s")
+        t = step("3/6 search")
+        run_dir = start_search(paths.run_config, overwrite=True, progress=progress)
+        print(f"search done in {time.perf_counter() - t:.0f}s")
 
-    run = Run.load(run_dir)
-    t = step("4/6 verify the Pareto set on the full test split")
+        run = Run.load(run_dir)
+        t = step(f"4/6 choose ({FINALISTS} finalists on the whole fitness split) and export")
+        member = run.choose(FINALISTS)
+        out = run.export(member, paths.export, overwrite=True)
+        print(f"member {member} -> {out} (+ {out / 'recipe.yaml'}) in {time.perf_counter() - t:.0f}s")
+    return run, member
+
+
+def report(run: Run, member: int) -> str:
+    """Steps 5-6, the final report: the Pareto set and the member on the full test split."""
+    t = step("5/6 verify the Pareto set on the full test split (the first test-split read)")
     run.verify()
     print(f"verified in {time.perf_counter() - t:.0f}s")
 
-    t = step("5/6 choose (5 finalists on the whole fitness split) and export")
-    member = run.choose(5)
-    out = run.export(member, ROOT / "exports" / "zoo_small_best", overwrite=True)
-    print(f"member {member} -> {out} (+ {out / 'recipe.yaml'})")
+    step("6/6 test-split accuracy (full test split, never seen by the search or the choice)")
+    table = comparison_table(run, member)
+    print(table)
+    return table
 
-    step("6/6 test-split accuracy (full test split, never seen by the search)")
-    print(comparison_table(run, member))
-    print(f"\nPareto set: evomerge pareto {run_dir}\nnotebook:   EVOMERGE_RUN={run_dir} jupyter notebook notebooks/inspect_pareto.ipynb")
+
+def main() -> int:
+    started = time.perf_counter()
+    run, member = develop(DemoPaths.default(), progress=sys.stderr.isatty())
+    report(run, member)
+    print(f"\nPareto set: evomerge pareto {run.path}\nnotebook:   EVOMERGE_RUN={run.path} jupyter notebook notebooks/inspect_pareto.ipynb")
     print(f"demo finished in {time.perf_counter() - started:.0f}s")
     return 0
 

@@ -7,17 +7,20 @@ import torch
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    """The tiny zoo's `Manifest` (root, tasks, models, accuracies), built once into a temp folder.
+    """The tiny zoo's `Manifest` (root, tasks, models, accuracies), built once into a temp folder,
+    with the test splits sealed: the build chooses, so it must never read them (PROTOCOL.md).
 
     One thread: the tiny model gains nothing from more, and on a shared machine several
     OpenMP threads spinning on two busy cores slow training several-fold.
     """
+    from evomerge.fitness.sealed import sealed_test
     from evomerge.zoo import build_zoo
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return build_zoo(tmp_path_factory.mktemp("zoo"), size="tiny", seed=0, progress=False)
+        with sealed_test("building the tiny zoo"):
+            return build_zoo(tmp_path_factory.mktemp("zoo"), size="tiny", seed=0, progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -38,6 +41,9 @@ def run_workspace(tmp_path_factory):
     base, experts = make_family(root / "fam", n_experts=2, seed=5, delta_scale=0.5, config=llama_config(layers=2))
     tasks = [TaskSpec.from_dict(choice_task_preset(make_choice_task(root / "tasks" / name, seed=i), name))
              for i, name in enumerate(["sums_a", "sums_b"])]
-    calibrate(tasks, str(base), [str(e) for e in experts], root / "fitness" / "mc", name="mc", random_merges=12, n=8,
-              echo=lambda *a: None)
+    from evomerge.fitness.sealed import sealed_test
+
+    with sealed_test("calibrating a compressed fitness"):
+        calibrate(tasks, str(base), [str(e) for e in experts], root / "fitness" / "mc", name="mc", random_merges=12,
+                  n=8, echo=lambda *a: None)
     return root

@@ -110,12 +110,14 @@ def test_task_splits_depend_on_the_seed_only():
 
 
 def test_manifest_accuracies_match_a_fresh_scoring(tiny_zoo: Manifest):
+    """The manifest's accuracies are on the validation splits (the build never reads test)."""
     import datasets
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_zoo.tokenizer_path))
     assert Manifest.load(tiny_zoo.root).data == tiny_zoo.data
-    tests = {task: datasets.load_from_disk(str(tiny_zoo.task_path(task)))["test"] for task in TASKS}
+    assert tiny_zoo.data["evaluation"]["split"] == "validation"
+    tests = {task: datasets.load_from_disk(str(tiny_zoo.task_path(task)))["validation"] for task in TASKS}
     for name in [BASE, *tiny_zoo.experts]:
         model = _model(tiny_zoo.model_path(name))
         for task, test in tests.items():
@@ -134,7 +136,8 @@ def test_reference_merges_match_an_independent_state_dict_merge(tiny_zoo: Manife
     experts = [_model(p).state_dict() for p in tiny_zoo.expert_paths]
     merged = _model(tiny_zoo.base_path)
     merges = tiny_zoo.reference_merges
-    tests = {task: datasets.load_from_disk(str(tiny_zoo.task_path(task)))["test"] for task in TASKS}
+    tests = {task: datasets.load_from_disk(str(tiny_zoo.task_path(task)))["validation"] for task in TASKS}
+    assert all("test" not in merge for merge in merges.values())
     assert merges["uniform_task_arithmetic"]["weights"] == [1.0] * len(TASKS)
     for name, merge in merges.items():
         if merge["method"] == "task_arithmetic":
@@ -144,7 +147,7 @@ def test_reference_merges_match_an_independent_state_dict_merge(tiny_zoo: Manife
         merged.load_state_dict(state)
         for task, test in tests.items():
             score = float(exact_match(merged, tokenizer, test["prompt"], test["answer"], device="cpu").mean())
-            assert score == pytest.approx(merge["test"][task], abs=1.5 / len(test)), (name, task)
+            assert score == pytest.approx(merge["validation"][task], abs=1.5 / len(test)), (name, task)
     bars = {b["bar"]: b for b in tiny_zoo.quality_bars}
     assert set(bars) >= {"expert_own_task_min", "best_merge_minus_averaging", "build_seconds"}
     assert all(b["passed"] == (b["value"] <= b["threshold"] if b["bar"] == "build_seconds"

@@ -133,10 +133,19 @@ class TaskSpec:
 
     # --------------------------------------------------------------- data
     def load_split(self, role: str) -> "datasets.Dataset":  # noqa: F821
-        """The dataset split playing `role` ('fitness' or 'test'), with the real `datasets` loaders."""
+        """The dataset split playing `role` ('fitness' or 'test'), with the real `datasets` loaders.
+
+        Every read of the split that plays the test role is recorded, and refused inside
+        `evomerge.fitness.sealed.sealed_test()` (benchmarks/PROTOCOL.md)."""
         import datasets
 
+        from evomerge.fitness.sealed import note_read
+
+        if role not in self.splits:
+            raise TaskError(f"task {self.name!r}: unknown split role {role!r}; roles: {sorted(self.splits)}")
         split = self.splits[role]
+        if split == self.splits["test"]:
+            note_read(self.name, split, role)
         ds = self.dataset
         try:
             if "path" in ds:

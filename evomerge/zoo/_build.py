@@ -40,7 +40,7 @@ MANIFEST_NAME = "zoo.json"
 FORMAT = "evomerge-zoo/1"
 BASE = "base"
 
-# The quality bars of the issue, in accuracy points (0-100) on the test splits.
+# The quality bars of the issue, in accuracy points (0-100) on the validation splits.
 BAR_EXPERT_OWN_TASK = 90.0
 BAR_BASE_GAP = 20.0
 BAR_MERGE_OVER_BASE = 10.0
@@ -55,7 +55,8 @@ BAR_HEADROOM = 5.0
 class Manifest:
     """A built zoo: its folder and the parsed `zoo.json` (`data`, a plain JSON dictionary).
 
-    Schema of `data` (all accuracies are fractions in [0, 1] on the *test* splits)::
+    Schema of `data` (accuracies are fractions in [0, 1] on the *validation* splits; manifests
+    from before benchmarks/PROTOCOL.md, without ``evaluation.split``, hold test-split numbers)::
 
         format, size, seed, content_hash, built_with {python, torch, transformers, datasets}
         settings                  ZooSize as a dictionary (shapes, split sizes, training budgets)
@@ -63,9 +64,9 @@ class Manifest:
         tasks[task]               component entry + {splits: {split: n_items}, columns}
         models[name]              component entry + {role: base|expert, task, parent, n_parameters,
                                   config, training: {steps, lr, ..., seed, final_loss}}
-        evaluation                {key, seconds, accuracy[model][task], reference_merges,
-                                   quality_bars}
-        reference_merges[name]    {method, weights, validation: {task: acc, mean}, test: {...}}
+        evaluation                {key, seconds, split: "validation", accuracy[model][task],
+                                   reference_merges, quality_bars}
+        reference_merges[name]    {method, weights, validation: {task: acc, mean}}
                                   for best_grid (chosen on validation), uniform_task_arithmetic
                                   and averaging; best_grid also has grid {values, refine_step,
                                   n_evaluated}
