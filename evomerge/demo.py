@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from evomerge.runs.run import Run
 
 ROOT = Path.cwd()
-CALIBRATION = ROOT / "fitness" / "examples" / "zoo_small_calibration.yaml"
-RUN_CONFIG = ROOT / "search_spaces" / "examples" / "zoo_small_run.yaml"
+CALIBRATION = Path("fitness") / "examples" / "zoo_small_calibration.yaml"  # relative to the demo's root
+RUN_CONFIG = Path("search_spaces") / "examples" / "zoo_small_run.yaml"
 FINALISTS = 5
 
 
@@ -45,8 +45,8 @@ class DemoPaths:
 
     @classmethod
     def default(cls, root: Path = ROOT) -> "DemoPaths":
-        return cls(CALIBRATION, root / "fitness" / "zoo_small", RUN_CONFIG, root / "exports" / "zoo_small_best",
-                   zoo_dir=root / "zoo")
+        return cls(root / CALIBRATION, root / "fitness" / "zoo_small", root / RUN_CONFIG,
+                   root / "exports" / "zoo_small_best", zoo_dir=root / "zoo")
 
 
 def step(title: str) -> float:
