@@ -18,7 +18,6 @@ from evomerge.merge import engine, masked
 from evomerge.merge.checkpoint import ModelFolder
 from evomerge.merge.checkpoint import SafetensorsReader
 from evomerge.merge.engine import FUSED_METHODS, merge_recipe
-from evomerge.merge.fused import masked_block
 from evomerge.merge.sparsify import (
     _magnitudes,
     _rank_window_mask,
@@ -72,7 +71,7 @@ def test_rank_window_matches_the_selection_path_on_continuous_values():
         window = rank_window(x, start, stop, sample_size=4096)
         expected = _rank_window_mask(_magnitudes(x), start, stop)
         assert torch.equal(window.mask(x), expected)
-        assert window.drop.numel() == 0  # no ties: only thresholds
+        assert window.cuts(x.numel()) == []  # no ties: only thresholds
 
 
 def test_rank_bounds_fall_back_to_full_selection_when_the_bracket_misses():
@@ -195,15 +194,16 @@ def test_fused_engine_breaks_threshold_ties_like_the_pure_kernel(tmp_path, tied_
     name = "model.embed_tokens.weight"
     delta = ModelFolder.open(experts[0]).get_tensor(name) - ModelFolder.open(base).get_tensor(name)
     assert delta.abs().unique().numel() <= 3  # every threshold is shared by many entries
-    patches = []
+    cuts = []
 
-    def spy(plan, base_rows, tvs, draws, out, scratch=None):
-        patches.append(out.numel())
-        return masked_block(plan, base_rows, tvs, draws, out, scratch)
+    def spy(tensor, start, stop, **options):
+        window = rank_window(tensor, start, stop, **options)
+        cuts.extend(window.cuts(tensor.numel()))
+        return window
 
-    monkeypatch.setattr(masked, "masked_block", spy)  # the planner's recomputation of tied entries
+    monkeypatch.setattr(masked, "rank_window", spy)  # the planner's windows: ties split at a cut index
     fused, pure = merge_both(tmp_path, recipe(method, base, experts))
-    assert patches, "no threshold tie was recomputed"
+    assert cuts, "no threshold tie was split at a cut"
     assert_same(fused, pure)
 
 

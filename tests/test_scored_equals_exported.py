@@ -86,3 +86,35 @@ def test_per_layer_coefficients_and_settings(tmp_path, family, materializer):
     assert_scored_equals_exported(tmp_path, family, materializer, "ties", per_expert,
                                   {"normalize": False, "lambda": 1.3, "rescale": True})
     assert_scored_equals_exported(tmp_path, family, materializer, "dare_ties", per_expert, {"normalize": True})
+
+
+@pytest.fixture(scope="module")
+def tied_family(tmp_path_factory):
+    """Base on a 1/64 grid and experts = base + k/64 for few k (as bf16 fine-tunes give): every
+    threshold is shared by a long run of entries, so each window is cut inside a tie run."""
+    from safetensors.torch import load_file, save_file
+
+    config = llama_config(hidden=128, intermediate=1600, vocab=2048, layers=LAYERS, heads=4)
+    base, experts = make_family(tmp_path_factory.mktemp("tied"), n_experts=3, seed=6, config=config)
+    base_file = base / "model.safetensors"
+    base_state = {name: (t * 64).round() / 64 for name, t in load_file(base_file).items()}
+    save_file(base_state, base_file, metadata={"format": "pt"})
+    g = torch.Generator().manual_seed(8)
+    for index, expert in enumerate(experts):
+        levels = 2 + 5 * index
+        state = {name: t + torch.randint(-levels, levels + 1, t.shape, generator=g).float() / 64
+                 for name, t in base_state.items()}
+        save_file(state, expert / "model.safetensors", metadata={"format": "pt"})
+    return base, experts
+
+
+@pytest.mark.parametrize("grid", [None, 65536, 1024], ids=["full-stats", "grid-65536", "grid-1024"])
+@pytest.mark.parametrize("method,settings", [("ties", None), ("ties", {"rescale": True}), ("breadcrumbs_ties", None),
+                                             ("breadcrumbs", None)])
+def test_tie_runs_are_cut_exactly(tmp_path, tied_family, grid, method, settings):
+    materializer = Materializer.from_folders(tied_family[0], tied_family[1], device="cpu", seed=11, compile=False,
+                                             order_stats_grid=grid)
+    per_expert = {"weight": [0.9, 0.5, 0.7], "density": [0.3, 0.55, 0.8]}
+    if method.startswith("breadcrumbs"):
+        per_expert["gamma"] = [0.01, 0.1, 0.2]
+    assert_scored_equals_exported(tmp_path, tied_family, materializer, method, per_expert, settings)

@@ -11,7 +11,7 @@ Two paths give the same numbers:
   (`checkpoint.SafetensorsReader`) straight into two preallocated float32 buffers (base, K task
   vectors), so nothing stays mapped and nothing is allocated per tensor but the output; then the
   planner the materializer also runs (`masked.merge_masked`: exact rank windows from a sampled
-  bracket, the kernels' random draws, one fused pass, tied entries recomputed) writes the output.
+  bracket, the kernels' random draws, fused passes split where a threshold tie is cut) writes the output.
   Chunks and experts are spread over a pool of threads running single-threaded torch ops (see
   `fused`), which keeps a shared CPU busy where OpenMP's per-op barriers stall.
 """

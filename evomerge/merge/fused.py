@@ -39,6 +39,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from evomerge.merge.sparsify import RANK_BLOCK
+
 log = logging.getLogger(__name__)
 
 INF = math.inf
@@ -251,17 +253,43 @@ def masked_block(plan: MaskedMerge, base: torch.Tensor, tvs: torch.Tensor, draws
 
 
 def masked_l1_block(plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None,
-                    scratch: _Scratch | None = None) -> torch.Tensor:
+                    scratch: _Scratch | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """(K,) float32 L1 norms of the block's masked task vectors (all of it when the plan has no mask).
 
-    Non-finite entries count 0, as in `sparsify.finite_l1`.
+    `keep` (K, c) float 1/0 replaces the plan's mask when given. Non-finite entries count 0, as in
+    `sparsify.finite_l1`: a block whose sums come out finite holds none (the sum of non-negative
+    values is NaN or inf otherwise), so only such a block pays for `nan_to_num`; the result is the
+    same either way.
     """
     scratch = scratch or _Scratch()
     shape = tuple(tvs.shape)
-    magnitude = torch.abs(tvs, out=scratch.take("l1", shape, tvs)).nan_to_num_(nan=0.0, posinf=0.0)
-    if plan.masks:
-        magnitude.mul_(_keep_mask(plan, tvs, draws, scratch))
+    if keep is None and plan.masks:
+        keep = _keep_mask(plan, tvs, draws, scratch)
+    magnitude = torch.abs(tvs, out=scratch.take("l1", shape, tvs))
+    if keep is not None:
+        magnitude.mul_(keep)
+    sums = magnitude.sum(1)
+    if bool(torch.isfinite(sums).all()):
+        return sums
+    magnitude = torch.abs(tvs, out=magnitude).nan_to_num_(nan=0.0, posinf=0.0)
+    if keep is not None:
+        magnitude.mul_(keep)
     return magnitude.sum(1)
+
+
+def keep_mask(plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+    """(K, c) float 1/0 mask of the entries each expert keeps, in a fresh tensor (all 1 without masks)."""
+    if not plan.masks:
+        return torch.ones(tuple(tvs.shape), dtype=torch.float32, device=tvs.device)
+    return _keep_mask(plan, tvs, draws, _Scratch())
+
+
+def bracket_counts(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """(K, numel // RANK_BLOCK) per row of rows (K, numel), numel a multiple of RANK_BLOCK: how many
+    entries of each block have low[k] <= |x| <= high[k]; the compiled form of `sparsify.block_counts`."""
+    magnitude = rows.abs()
+    inside = ((magnitude >= low[:, None]) & (magnitude <= high[:, None])).to(torch.float32)
+    return inside.view(rows.shape[0], -1, RANK_BLOCK).sum(2)  # float sums vectorize; int32 ones half as fast
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -346,6 +374,22 @@ class FusedOps:
 
         parts = self.map_chunks(block, rows[0].numel())
         return [all(part[i] for part in parts) for i in range(len(rows))]
+
+    def block_counts(self, tvs: torch.Tensor, rows: Sequence[int], low: Sequence[float],
+                     high: Sequence[float]) -> list[torch.Tensor | None]:
+        """[`sparsify.block_counts`(tvs[k], low[j], high[j]) for the j-th k in rows], in one compiled
+        pass over all K rows of tvs (K, N) (the others compare against an empty bracket); Nones when
+        not compiling (`sparsify.bracket_members` then gathers the members in one eager scan)."""
+        whole = tvs.shape[1] - tvs.shape[1] % RANK_BLOCK
+        if whole:
+            lows = torch.full((tvs.shape[0],), math.inf, dtype=torch.float32, device=tvs.device)
+            highs = torch.full((tvs.shape[0],), -math.inf, dtype=torch.float32, device=tvs.device)
+            lows[list(rows)] = torch.tensor(list(low), dtype=torch.float32, device=tvs.device)
+            highs[list(rows)] = torch.tensor(list(high), dtype=torch.float32, device=tvs.device)
+            done, counts = self._try_compiled(bracket_counts, tvs[:, :whole], lows, highs)
+            if done:
+                return [counts[k] for k in rows]
+        return [None] * len(rows)
 
     # ---------------------------------------------------------------- the merges
     def sum(self, base: torch.Tensor, tvs: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> None:

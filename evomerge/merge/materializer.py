@@ -11,8 +11,9 @@ planner it shares with us):
 - methods whose row says `fused` (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
   breadcrumbs_ties): the planner of `evomerge.merge.masked` on the stored task vectors. Magnitude
   thresholds are exact: per-expert order statistics are sorted once (`MagnitudeOrderStats`, a
-  grid of `order_stats_grid` ranks per tensor), so a candidate selects only over the entries
-  between two grid values instead of over the whole tensor. DARE's uniform draws come from the
+  grid of `order_stats_grid` ranks per tensor), so a candidate counts, in one compiled pass, which
+  blocks hold entries between the two grid values around its rank and selects only over those;
+  the last windows of each tensor are kept for candidates whose densities repeat. DARE's uniform draws come from the
   kernels' own generators, seeded by (seed, tensor, expert): the same for every candidate
   (common random numbers, which makes candidates comparable), so they are drawn once and kept
   when memory allows (`cache_random_draws`); later candidates only compare them with their densities.
@@ -38,7 +39,7 @@ from evomerge.merge.checkpoint import ModelFolder, check_compatible
 from evomerge.merge.fused import FusedOps, torch_threads
 from evomerge.merge.kernels import KernelArgs, TaskArithmeticRecipe, mask_generator, merge_task_vectors, merge_tensor
 from evomerge.merge.layers import LayerMap, TensorPosition
-from evomerge.merge.masked import MaskedCoefficients, l1_norms, merge_masked
+from evomerge.merge.masked import MaskedCoefficients, WindowCache, l1_norms, merge_masked
 from evomerge.merge.methods import MergeMethod, method_row
 from evomerge.merge.tokenizers import check_tokenizers
 from evomerge.merge.sparsify import MagnitudeOrderStats
@@ -46,6 +47,8 @@ from evomerge.merge.sparsify import MagnitudeOrderStats
 AUTO_COMPILE_MIN_ELEMENTS = 20_000_000
 # `cache_random_draws="auto"` keeps the draws when they fit in this budget (and in half the free memory).
 DEFAULT_RANDOM_DRAWS_BUDGET = 8 * 2**30
+# Ranks of each expert's sorted |task vector| kept per tensor (tensors at most this large keep all).
+DEFAULT_ORDER_STATS_GRID = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class _StoredTensor:
     magnitude_stats: list[MagnitudeOrderStats] | None = None  # built on first magnitude-pruned use
     l1_norms: torch.Tensor | None = None  # (K,) built on first rescaled use
     draws: torch.Tensor | None = None  # (K, N) cached uniform draws of the random sparsifier
+    windows: WindowCache = field(default_factory=WindowCache)  # recent exact rank windows, by (expert, span)
 
 
 @dataclass
@@ -122,7 +126,7 @@ class Materializer:
     device: torch.device
     num_experts: int
     seed: int = 0
-    order_stats_grid: int | None = None
+    order_stats_grid: int | None = DEFAULT_ORDER_STATS_GRID
     compile: bool = False
     cache_random_draws: bool | str = "auto"
     random_draws_budget_bytes: int = DEFAULT_RANDOM_DRAWS_BUDGET
@@ -149,7 +153,7 @@ class Materializer:
         allow_nonfinite: bool = False,
         layer_pattern: str | None = None,
         seed: int = 0,
-        order_stats_grid: int | None = None,
+        order_stats_grid: int | None = DEFAULT_ORDER_STATS_GRID,
         compile: bool | str = "auto",
         cache_random_draws: bool | str = "auto",
         random_draws_budget_bytes: int = DEFAULT_RANDOM_DRAWS_BUDGET,
@@ -159,9 +163,10 @@ class Materializer:
 
         `compile="auto"` compiles the fused paths with `torch.compile` when the model is large
         enough for that to pay off; `order_stats_grid` is how many ranks of each expert's sorted
-        |task vector| are kept per tensor (None, the default: all, as much memory again as the
-        task vectors, and a candidate's thresholds are binary searches; a grid costs little memory
-        but a selection pass over each pruned expert per candidate, about 8x the candidate's cost).
+        |task vector| are kept per tensor (default 65,536: about 2 MB per expert and tensor; a
+        candidate's thresholds then cost one compiled counting pass over each pruned expert's
+        tensor and a selection over the few entries between two grid values. None keeps all of
+        it, as much memory again as the task vectors, for thresholds by binary search).
         Thresholds are exact either way (see `MagnitudeOrderStats`).
         A NaN / inf in any model raises `NonFiniteError` naming the file and tensor, unless
         `allow_nonfinite`.
@@ -286,6 +291,7 @@ class Materializer:
             order_stats=self._order_stats(stored) if pruned and row.sparsifier != "random" else None,
             uniform_draws=self._draws(stored, densities) if pruned and row.sparsifier == "random" else None,
             l1_before=self._l1_norms(stored) if pruned and coefficients.rescale else None,
+            window_cache=stored.windows,
             eager=self._small(stored),
         )
         self._commit(stored, out)

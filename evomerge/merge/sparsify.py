@@ -30,18 +30,22 @@ mask-and-rescale step, so masks can be tested and reused alone. Where we differ 
   min(epsilon, density, 1 - density), where mergekit fails (NaN probabilities, IndexError,
   or ValueError).
 * Order statistics live here, for every caller: `rank_window` gives the exact top-k / Breadcrumbs
-  window (thresholds plus the tied entries outside it) from `RankBound`s, found either from
-  `MagnitudeOrderStats` (sorted once per expert, reused by every candidate of a search: the grid
-  brackets each rank, a selection over the bracket finds it) or from `magnitude_rank_bounds` (a
-  sampled bracket, for one-off merges). Both are exact: the sample or grid only decides how fast.
+  window (two thresholds, and a cut index where a threshold's tie run straddles the window's edge)
+  from `RankBound`s, found either from `MagnitudeOrderStats` (sorted once per expert, reused by
+  every candidate of a search: the grid brackets each rank; one counting pass finds the blocks
+  holding entries inside the bracket and a selection over those finds the rank) or from
+  `magnitude_rank_bounds` (a sampled bracket, for one-off merges). Both are exact: the sample or
+  grid only decides how fast. A tie run's cut comes from the bracket's members, or else from a scan
+  that stops at it; never from a full `nonzero`.
 """
 from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps: below it, no rescaling
@@ -164,40 +168,39 @@ class MagnitudeOrderStats:
                 f"order stats were built for {self.numel} elements but the tensor has {tensor.numel()}"
             )
 
+    def bracket(self, rank: int) -> "RankBound | tuple[float, float, int]":
+        """The bound at `rank` when these stats pin it down, else its bracket (a, b, entries below a).
+
+        Full stats, and grid stats whose two neighbouring grid ranks share one value (the rank lies in a
+        tie run), give the `RankBound` itself (without its tied indices); otherwise the value at `rank`
+        lies in [a, b], the values of the neighbouring grid ranks, and `below[low]` entries lie below a.
+        """
+        if not 0 <= rank < self.numel:
+            raise ValueError(f"rank must be in [0, {self.numel}); got {rank}")
+        if self.ranks is None:
+            return self._full_bound(rank)
+        high = int(torch.searchsorted(self.ranks, rank))  # first grid rank >= rank
+        low = high if int(self.ranks[high]) == rank else high - 1
+        a, b = float(self.values[low]), float(self.values[high])
+        if a == b:  # the rank lies in one tie run: its value and counts are stored
+            return RankBound(rank, a, int(self.below[low]), int(self.not_above[low] - self.below[low]))
+        return a, b, int(self.below[low])
+
     def rank_bounds(self, tensor: torch.Tensor, ranks: list[int] | tuple[int, ...]) -> list["RankBound"]:
         """Exact `RankBound`s of |tensor| (the delta these stats were built from) at the given ranks.
 
         Full stats look them up. Grid stats bracket each rank between its neighbouring grid ranks;
-        one pass collects the entries inside the brackets, and `torch.kthvalue` over those gives the
-        value (the same value and counts as a selection over the whole tensor).
+        one pass collects the entries inside the bracket (about numel / grid, with their indices), and
+        `torch.kthvalue` over those gives the value (the same value and counts as a selection over the
+        whole tensor). `select_in_bracket` with precomputed block counts does the same without the pass.
         """
         self.check_matches(tensor)
+        flat = tensor.detach().reshape(-1)
+        bounds = []
         for rank in ranks:
-            if not 0 <= rank < self.numel:
-                raise ValueError(f"rank must be in [0, {self.numel}); got {rank}")
-        if self.ranks is None:
-            return [self._full_bound(rank) for rank in ranks]
-        bounds: dict[int, RankBound] = {}
-        brackets, pending = [], []
-        grid_ranks = self.ranks.tolist()
-        for rank in ranks:
-            high = bisect.bisect_left(grid_ranks, rank)  # first grid rank >= rank
-            low = high if grid_ranks[high] == rank else high - 1
-            a, b = float(self.values[low]), float(self.values[high])
-            if a == b:  # the rank lies in one tie run: its value and counts are stored
-                bounds[rank] = RankBound(rank, a, int(self.below[low]), int(self.not_above[low] - self.below[low]))
-            else:
-                brackets.append((a, b))
-                pending.append((rank, int(self.below[low])))
-        if pending:
-            for (rank, below), subset in zip(pending, _bracket_members(tensor, brackets)):
-                if below <= rank < below + subset.numel():
-                    value = torch.kthvalue(subset, rank - below + 1).values
-                    bounds[rank] = RankBound(rank, float(value), below + int((subset < value).sum()),
-                                             int((subset == value).sum()))
-                else:  # NaN magnitudes (allow_nonfinite) order outside any bracket: select over everything
-                    bounds[rank] = _exact_rank_bound(_magnitudes(tensor), rank)
-        return [bounds[rank] for rank in ranks]
+            found = self.bracket(rank)
+            bounds.append(found if isinstance(found, RankBound) else select_in_bracket(flat, rank, *found))
+        return bounds
 
     def _full_bound(self, rank: int) -> "RankBound":
         value = self.values[rank]
@@ -316,6 +319,9 @@ class RankBound:
     value: float
     below: int
     equal: int
+    # Flat indices (ascending) of the entries equal to `value`, when the search that found the bound saw
+    # them all (a bracket scan); None otherwise (`tie_cut` then scans for the ones it needs).
+    tied: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 def _sort_magnitudes(magnitudes: torch.Tensor) -> torch.Tensor:
@@ -332,43 +338,105 @@ def _exact_rank_bound(magnitudes: torch.Tensor, rank: int) -> RankBound:
     return RankBound(rank, float(value), below, equal)
 
 
-def _bracket_pass(
-    flat: torch.Tensor, brackets: list[tuple[float, float]], *, count_below: bool, chunk_size: int = 1 << 18
-) -> tuple[list[int], list[torch.Tensor]]:
-    """One chunked pass over |flat|: per bracket [a, b], the count of entries below a (if asked) and
-    the magnitudes inside [a, b], in the work dtype."""
+RANK_BLOCK = 256  # entries per block of a bracket scan: blocks holding a bracket member are gathered whole
+SCAN_CHUNK = 1 << 16  # entries per step of an eager scan (a multiple of RANK_BLOCK), cache-sized
+
+
+def block_counts(flat: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """(numel // RANK_BLOCK,) how many entries of each whole block of |flat| lie in [a, b].
+
+    The reference form of what `fused.FusedOps.block_counts` computes in one compiled pass, for
+    `bracket_members` to gather only the blocks that hold members.
+    """
+    whole = flat.numel() - flat.numel() % RANK_BLOCK
+    magnitudes = _magnitudes(flat[:whole])
+    return ((magnitudes >= a) & (magnitudes <= b)).float().view(-1, RANK_BLOCK).sum(1)
+
+
+def _scan_bracket(flat: torch.Tensor, a: float, b: float, *,
+                  count_below: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """One eager chunked pass over |flat|: (entries below a if asked, else 0; the magnitudes inside
+    [a, b]; their flat indices, ascending)."""
     dtype = work_dtype(flat)
     n = flat.numel()
-    below = [0] * len(brackets)
-    inside: list[list[torch.Tensor]] = [[] for _ in brackets]
-    # Comparisons into float outputs (torch vectorizes those, not comparisons into bool), and the
-    # in-bracket entries gathered as whole blocks of 16 that hold one: a boolean gather over every
-    # entry costs more than the rest of the pass.
-    block = 16
-    size = min(chunk_size, n)
-    magnitude_buf = torch.empty(size, dtype=dtype, device=flat.device)
-    lower_buf = torch.empty(size, dtype=dtype, device=flat.device)
-    inside_buf = torch.empty(size, dtype=dtype, device=flat.device)
-    for start in range(0, n, chunk_size):
-        chunk = flat[start:start + chunk_size]
-        c = chunk.numel()
-        magnitudes = torch.abs(chunk.to(dtype), out=magnitude_buf[:c])
-        whole = c - c % block
-        for j, (a, b) in enumerate(brackets):
-            lower = torch.lt(magnitudes, a, out=lower_buf[:c])  # 1 below the bracket
-            if count_below:
-                below[j] += int(lower.sum())
-            in_bracket = torch.le(magnitudes, b, out=inside_buf[:c]).sub_(lower)  # 1 inside [a, b]
-            hit = in_bracket[:whole].view(-1, block).sum(1) > 0
-            candidates = [magnitudes[:whole].view(-1, block)[hit].reshape(-1), magnitudes[whole:]]
-            for values in candidates:
-                inside[j].append(values[(values >= a) & (values <= b)])
-    return below, [torch.cat(parts) for parts in inside]
+    size = min(SCAN_CHUNK, n)
+    magnitude, upper = (torch.empty(size, dtype=dtype, device=flat.device) for _ in range(2))
+    inside = torch.empty(size, dtype=torch.float32, device=flat.device)
+    below, values, indices = 0.0, [], []
+    for start in range(0, n, SCAN_CHUNK):
+        c = min(SCAN_CHUNK, n - start)
+        m = torch.abs(flat[start:start + c].to(dtype), out=magnitude[:c])
+        # Comparisons into float outputs: torch vectorizes those, not comparisons into bool.
+        if count_below:
+            below += float(torch.lt(m, a, out=inside[:c]).sum())
+        hits = torch.nonzero(torch.ge(m, a, out=inside[:c]).mul_(torch.le(m, b, out=upper[:c]))).squeeze(1)
+        if hits.numel():
+            values.append(m[hits])
+            indices.append(hits + start)
+    if not values:
+        return int(below), torch.zeros(0, dtype=dtype, device=flat.device), torch.zeros(0, dtype=torch.long,
+                                                                                       device=flat.device)
+    return int(below), torch.cat(values), torch.cat(indices)
 
 
-def _bracket_members(tensor: torch.Tensor, brackets: list[tuple[float, float]]) -> list[torch.Tensor]:
-    """The magnitudes of |tensor| inside each bracket [a, b] (one pass for all brackets)."""
-    return _bracket_pass(tensor.detach().reshape(-1), brackets, count_below=False)[1]
+def bracket_members(flat: torch.Tensor, a: float, b: float,
+                    counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The magnitudes of |flat| inside [a, b] and their flat indices (ascending), in the work dtype.
+
+    With `counts` (`block_counts(flat, a, b)` or its compiled form) only the blocks they mark are
+    read again, plus the tail after the last whole block; without, one eager scan.
+    """
+    if counts is None:
+        return _scan_bracket(flat, a, b, count_below=False)[1:]
+    dtype = work_dtype(flat)
+    whole = counts.numel() * RANK_BLOCK
+    blocks = torch.nonzero(counts).squeeze(1)  # (H,)
+    offsets = torch.arange(RANK_BLOCK, device=flat.device)
+    values = torch.cat([flat[:whole].view(-1, RANK_BLOCK)[blocks].reshape(-1), flat[whole:]]).abs().to(dtype)
+    indices = torch.cat([(blocks[:, None] * RANK_BLOCK + offsets).reshape(-1),
+                         torch.arange(whole, flat.numel(), device=flat.device)])
+    inside = (values >= a) & (values <= b)
+    return values[inside], indices[inside]
+
+
+def select_in_bracket(flat: torch.Tensor, rank: int, a: float, b: float, below: int,
+                      counts: torch.Tensor | None = None) -> RankBound:
+    """The exact `RankBound` at `rank` of |flat|, known to lie in [a, b] with `below` entries under a.
+
+    A selection over the bracket's members only; its tied indices come with it. If the rank is not in
+    the bracket after all (NaN magnitudes order outside any bracket), a selection over everything.
+    """
+    return _select(flat, rank, below, *bracket_members(flat, a, b, counts))
+
+
+def _select(flat: torch.Tensor, rank: int, below: int, values: torch.Tensor, indices: torch.Tensor) -> RankBound:
+    """`select_in_bracket` given the bracket's members (values, indices) and the count below it."""
+    if below <= rank < below + values.numel():
+        value = torch.kthvalue(values, rank - below + 1).values
+        tied = values == value
+        return RankBound(rank, float(value), below + int((values < value).sum()), int(tied.sum()), indices[tied])
+    return _exact_rank_bound(_magnitudes(flat), rank)
+
+
+def tie_cut(flat: torch.Tensor, value: float, m: int) -> int:
+    """Flat index of the m-th (0-based) entry of |flat| equal to `value`: m tied entries lie before it.
+
+    One eager scan that stops at the chunk holding it (ascending index order).
+    """
+    dtype = work_dtype(flat)
+    n = flat.numel()
+    size = min(SCAN_CHUNK, n)
+    magnitude = torch.empty(size, dtype=dtype, device=flat.device)
+    equal = torch.empty(size, dtype=torch.float32, device=flat.device)
+    seen = 0
+    for start in range(0, n, SCAN_CHUNK):
+        c = min(SCAN_CHUNK, n - start)
+        m_chunk = torch.abs(flat[start:start + c].to(dtype), out=magnitude[:c])
+        here = int(torch.eq(m_chunk, value, out=equal[:c]).sum())
+        if seen + here > m:
+            return start + int(torch.nonzero(equal[:c]).squeeze(1)[m - seen])
+        seen += here
+    raise ValueError(f"|tensor| holds {seen} entries equal to {value}, not more than {m}")
 
 
 def magnitude_rank_bounds(
@@ -376,17 +444,16 @@ def magnitude_rank_bounds(
     ranks: list[int] | tuple[int, ...],
     *,
     sample_size: int = 1 << 16,
-    chunk_size: int = 1 << 18,
     z: float = 5.0,
 ) -> list[RankBound]:
     """Exact `RankBound`s of |tensor| at the given ascending ranks, with no selection over the whole tensor.
 
     A sorted random sample (fixed seed) brackets each rank's value between two sample quantiles
-    z standard errors apart; one chunked pass counts the entries below each bracket and collects
-    those inside it (about 2 * z / sqrt(sample_size) of the tensor), and `torch.kthvalue` on that
-    small subset gives the exact value. A bracket that misses (probability ~1e-6 at z = 5, or NaNs)
-    falls back to `torch.kthvalue` over the whole tensor, so the answer is always exact.
-    The sample only decides how fast, never what is returned.
+    z standard errors apart; one chunked pass per rank counts the entries below its bracket and
+    collects those inside it (about 2 * z / sqrt(sample_size) of the tensor, with their indices),
+    and `torch.kthvalue` on that small subset gives the exact value. A bracket that misses
+    (probability ~1e-6 at z = 5, or NaNs) falls back to `torch.kthvalue` over the whole tensor, so
+    the answer is always exact. The sample only decides how fast, never what is returned.
     """
     flat = tensor.detach().reshape(-1)
     dtype = work_dtype(tensor)
@@ -406,7 +473,7 @@ def magnitude_rank_bounds(
     generator.manual_seed(0)
     positions = torch.randint(n, (samples,), generator=generator, device=flat.device)
     sample = _sort_magnitudes(flat[positions].abs().to(dtype))  # (S,)
-    brackets = []
+    bounds = []
     for rank in ranks:
         q = (rank + 0.5) / n
         half_width = z * math.sqrt(samples * q * (1 - q)) + 2
@@ -414,39 +481,88 @@ def magnitude_rank_bounds(
         high = math.ceil(q * samples + half_width)
         a = float(sample[low]) if low >= 0 else -math.inf
         b = float(sample[high]) if high < samples else math.inf
-        brackets.append((a, b))
-
-    below, subsets = _bracket_pass(flat, brackets, count_below=True, chunk_size=chunk_size)
-    bounds = []
-    for j, rank in enumerate(ranks):
-        subset = subsets[j]
-        if below[j] <= rank < below[j] + subset.numel():
-            value = torch.kthvalue(subset, rank - below[j] + 1).values
-            bounds.append(RankBound(rank, float(value), below[j] + int((subset < value).sum()),
-                                    int((subset == value).sum())))
-        else:  # the sample missed (or NaNs): select over everything
-            bounds.append(_exact_rank_bound(flat.abs().to(dtype), rank))
+        below, values, indices = _scan_bracket(flat, a, b, count_below=True)
+        bounds.append(_select(flat, rank, below, values, indices))  # a full selection on a miss
     return bounds
+
+
+def _next_up(value: float) -> float:
+    """The smallest float32 above `value` (so |x| >= it means |x| > value); NaN (keeps nothing) above inf."""
+    v = np.float32(value)
+    return math.nan if math.isnan(value) or v == np.inf else float(np.nextafter(v, np.float32(np.inf)))
+
+
+def _next_down(value: float) -> float:
+    """The largest float32 below `value` (so |x| <= it means |x| < value)."""
+    return math.nan if math.isnan(value) else float(np.nextafter(np.float32(value), np.float32(-np.inf)))
 
 
 @dataclass(frozen=True)
 class RankWindow:
-    """The entries of ascending rank in [start, stop): keep lo <= |x| <= hi, except the flat indices `drop`.
+    """The entries of ascending rank in [start, stop) of |x| (rank order: magnitude, then flat index).
 
-    `drop` (ascending int64) lists the entries tied with `lo` or `hi` whose rank falls outside the
-    window; it is empty unless a threshold value is shared by entries on both sides of the window.
+    Entry i is kept iff lo < |x_i| < hi, or |x_i| == lo and i >= lo_cut, or |x_i| == hi and i < hi_cut:
+    of the entries tied at a threshold, the window holds one run of consecutive flat indices, so two
+    cut indices say which. lo_cut = 0 and hi_cut = numel when nothing tied lies outside the window.
     """
 
     lo: float
     hi: float
-    drop: torch.Tensor
+    lo_cut: int
+    hi_cut: int
+
+    def cuts(self, numel: int) -> list[int]:
+        """The flat indices where the window's thresholds change (at most two)."""
+        return [c for c in (self.lo_cut, self.hi_cut) if 0 < c < numel]
+
+    def thresholds(self, start: int, stop: int) -> tuple[float, float]:
+        """(lo, hi) with lo <= |x| <= hi keeping exactly the window's entries among flat indices
+        [start, stop), a range that no cut splits (float32 thresholds, as the fused pass compares)."""
+        lo = self.lo if start >= self.lo_cut else _next_up(self.lo)
+        hi = self.hi if stop <= self.hi_cut else _next_down(self.hi)
+        return lo, hi
 
     def mask(self, tensor: torch.Tensor) -> torch.Tensor:
         """Bool mask of the window, in tensor's shape (equal to `_rank_window_mask` of the same window)."""
         magnitudes = _magnitudes(tensor)
-        keep = (magnitudes >= self.lo) & (magnitudes <= self.hi)
-        keep[self.drop] = False
+        index = torch.arange(magnitudes.numel(), device=magnitudes.device)
+        keep = (magnitudes > self.lo) | ((magnitudes == self.lo) & (index >= self.lo_cut))
+        keep &= (magnitudes < self.hi) | ((magnitudes == self.hi) & (index < self.hi_cut))
         return keep.reshape(tensor.shape)
+
+
+def window_from_bounds(tensor: torch.Tensor, start: int, stop: int, low_bound: RankBound | None,
+                       high_bound: RankBound | None) -> RankWindow:
+    """The `RankWindow` [start, stop) of |tensor| from the bounds at ranks start (if > 0) and stop - 1
+    (if < numel): thresholds plus, where a threshold ties across the window's edge, its cut index
+    (from the bound's tied indices, else one scan that stops at the cut)."""
+    n = tensor.numel()
+    if start >= stop:
+        return RankWindow(math.inf, -math.inf, 0, n)
+    flat = tensor.detach().reshape(-1)
+
+    def cut(bound: RankBound, m: int) -> int:  # flat index of the m-th entry tied at the bound's value
+        return int(bound.tied[m]) if bound.tied is not None else tie_cut(flat, bound.value, m)
+
+    lo, hi, lo_cut, hi_cut = -math.inf, math.inf, 0, n
+    if start > 0:
+        lo = low_bound.value
+        below_window = start - low_bound.below  # tied entries ranked below the window
+        if below_window > 0 and not math.isnan(lo):
+            lo_cut = cut(low_bound, below_window)
+    if stop < n:
+        hi = high_bound.value
+        in_window = stop - high_bound.below  # tied entries ranked inside the window
+        if in_window < high_bound.equal and not math.isnan(hi):
+            hi_cut = cut(high_bound, in_window)
+    return RankWindow(lo, hi, lo_cut, hi_cut)
+
+
+def window_ranks(numel: int, start: int, stop: int) -> list[int]:
+    """The ranks whose bounds a window [start, stop) needs: start if > 0, stop - 1 if < numel."""
+    if start >= stop:
+        return []
+    return ([start] if start > 0 else []) + ([stop - 1] if stop < numel else [])
 
 
 def rank_window(
@@ -458,40 +574,20 @@ def rank_window(
     stats: MagnitudeOrderStats | None = None,
     **bound_options,
 ) -> RankWindow:
-    """Thresholds and tie exceptions of the ascending-rank window [start, stop) of |tensor|.
+    """Thresholds and tie cuts of the ascending-rank window [start, stop) of |tensor|.
 
     Same entries as the selection path (`magnitude_mask`: start = numel - k, stop = numel;
     `magnitude_outliers_mask`: `outlier_window`), ties broken by flat index, but found with
     the given bounds at ranks start and stop - 1, or `stats.rank_bounds`, or else
-    `magnitude_rank_bounds`: a compare plus, only when a threshold ties, one scan for the tied entries.
+    `magnitude_rank_bounds`: a compare, and a cut index only when a threshold ties across the edge.
     """
     n = tensor.numel()
-    empty = torch.zeros(0, dtype=torch.long, device=tensor.device)
-    if start >= stop:
-        return RankWindow(math.inf, -math.inf, empty)
-    ranks = ([start] if start > 0 else []) + ([stop - 1] if stop < n else [])
+    ranks = window_ranks(n, start, stop)
     if bounds is None:
         found = iter(stats.rank_bounds(tensor, ranks) if stats is not None
                      else magnitude_rank_bounds(tensor, ranks, **bound_options))
-        low_bound = next(found) if start > 0 else None
-        high_bound = next(found) if stop < n else None
-    else:
-        low_bound, high_bound = bounds
-    lo, hi, drops = -math.inf, math.inf, []
-    if start > 0:
-        lo = low_bound.value
-        n_ties_below_window = start - low_bound.below
-        if n_ties_below_window > 0:
-            ties = torch.nonzero(_magnitudes(tensor) == lo).squeeze(1)  # ascending flat index
-            drops.append(ties[:n_ties_below_window])
-    if stop < n:
-        hi = high_bound.value
-        n_ties_in_window = stop - high_bound.below
-        if n_ties_in_window < high_bound.equal:
-            ties = torch.nonzero(_magnitudes(tensor) == hi).squeeze(1)
-            drops.append(ties[n_ties_in_window:])
-    drop = torch.unique(torch.cat(drops)) if drops else empty
-    return RankWindow(lo, hi, drop)
+        bounds = (next(found) if start > 0 and ranks else None, next(found) if stop < n and ranks else None)
+    return window_from_bounds(tensor, start, stop, *bounds)
 
 
 # ----------------------------------------------------------------------------- random (DARE)
