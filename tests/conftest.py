@@ -47,3 +47,19 @@ def run_workspace(tmp_path_factory):
         calibrate(tasks, str(base), [str(e) for e in experts], root / "fitness" / "mc", name="mc", random_merges=12,
                   n=8, echo=lambda *a: None)
     return root
+
+
+@pytest.fixture(scope="session")
+def medium_tiny_zoo(tmp_path_factory):
+    """The medium zoo's test fixture (`medium_tiny`: six experts, 8 layers, a few steps), built once
+    with one thread and the test splits sealed, like `tiny_zoo`."""
+    from evomerge.fitness.sealed import sealed_test
+    from evomerge.zoo import build_zoo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with sealed_test("building the medium_tiny zoo"):
+            return build_zoo(tmp_path_factory.mktemp("zoo"), size="medium_tiny", seed=0, progress=False)
+    finally:
+        torch.set_num_threads(threads)

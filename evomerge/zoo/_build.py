@@ -297,7 +297,8 @@ def grid_search(
     score: Callable[[tuple[float, ...]], float], n_experts: int, values: tuple[float, ...], refine_step: float,
     max_rounds: int = 3,
 ) -> GridResult:
-    """Best weights by a coarse grid, then hill-climbing on the 3^K neighbourhood at `refine_step`.
+    """Best weights by a coarse grid, then hill-climbing on the 3^K neighbourhood at `refine_step`
+    (none when it is 0).
 
     Ties keep the earlier point, so the result depends only on the scores. Weights are rounded to
     4 decimals and never negative.
@@ -313,7 +314,7 @@ def grid_search(
     best = max(itertools.product(values, repeat=n_experts), key=evaluate)  # first of equals wins
     best = tuple(round(x, 4) for x in best)
     best_score = seen[best]
-    for _ in range(max_rounds):
+    for _ in range(max_rounds if refine_step > 0 else 0):
         improved = False
         for offsets in itertools.product((-refine_step, 0.0, refine_step), repeat=n_experts):
             w = tuple(round(max(0.0, b + o), 4) for b, o in zip(best, offsets))

@@ -1,12 +1,17 @@
-"""The zoo's two sizes as data: model shape, split sizes, training budgets and the merge grid.
+"""The zoo's sizes as data: tasks, model shape, split sizes, training budgets and the merge grid.
 
-``small`` is the demo default and must meet the quality bars (docs/zoo.md); ``tiny`` is the test
-fixture, built in seconds, with the same structure and no quality promise.
+``small`` (3 experts, 4 layers) is the demo default and must meet the quality bars (docs/zoo.md);
+``tiny`` is its test fixture, built in seconds, with the same structure and no quality promise.
+``medium`` (6 experts, 8 layers) is the zoo where search matters: a task-level grid over six
+experts is no longer affordable; ``medium_tiny`` is its test fixture.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
+
+from evomerge.zoo._tasks import MEDIUM_TASKS, TASKS
+from evomerge.zoo._tokenizer import CHARACTERS, MEDIUM_CHARACTERS
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +62,13 @@ class ZooSize:
     # training forward passes run under autocast to this dtype (weights and optimizer stay float32);
     # None trains in float32. Evaluation and merging are always float32.
     train_autocast: str | None = "bfloat16"
+    # the tasks, one expert each, in expert order, and the tokenizer's characters
+    tasks: tuple[str, ...] = TASKS
+    characters: str = CHARACTERS
+    # 1: one generator draws validation, test and train and the models hash whole task folders
+    # (small, tiny: kept so their models stay as built); 2: test from a generator of its own, and
+    # the models and the evaluation hash train and validation only (benchmarks/PROTOCOL.md section 7)
+    split_format: int = 1
 
     def autocast_dtype(self) -> torch.dtype | None:
         import torch
@@ -140,6 +152,78 @@ SIZES: dict[str, ZooSize] = {
         max_build_seconds=30.0,
     ),
 }
+
+
+_MEDIUM_LIMITS = {"addition": ("n_carries", 1), "subtraction": ("n_borrows", 0), "reversal": ("n_digits", 6),
+                  "sorting": ("n_digits", 6), "rotation": ("n_digits", 6), "maxmin": ("n_digits", 6)}
+
+SIZES["medium"] = ZooSize(
+    name="medium",
+    tasks=MEDIUM_TASKS,
+    characters=MEDIUM_CHARACTERS,
+    split_format=2,
+    hidden=128,
+    layers=8,
+    heads=4,
+    intermediate=512,
+    train_items=20_000,
+    validation_items=1000,
+    test_items=300,
+    base_steps=1000,
+    base_lr=2e-3,
+    base_warmup=30,
+    base_mix={"addition": 24, "subtraction": 24, "reversal": 20, "sorting": 20, "rotation": 20, "maxmin": 20},
+    base_limits=_MEDIUM_LIMITS,
+    expert_steps={t: 500 for t in MEDIUM_TASKS},
+    expert_target=0.95,
+    expert_check_every=50,
+    expert_lr=3e-4,
+    expert_warmup=10,
+    expert_batch=128,
+    replay_rows=60,  # 12 rows of each other task
+    replay_pool=2048,
+    replay_distill=2.0,
+    # 2^6 = 64 corners (each expert left out or taken whole), no refinement: a 3^6 grid is what
+    # search is for
+    grid=(0.0, 1.0),
+    refine_step=0.0,
+    grid_items=200,
+    grid_finalists=5,
+    max_build_seconds=900.0,
+)
+
+SIZES["medium_tiny"] = ZooSize(
+    name="medium_tiny",
+    tasks=MEDIUM_TASKS,
+    characters=MEDIUM_CHARACTERS,
+    split_format=2,
+    hidden=32,
+    layers=8,
+    heads=2,
+    intermediate=64,
+    train_items=1_000,
+    validation_items=40,
+    test_items=40,
+    base_steps=20,
+    base_lr=3e-3,
+    base_warmup=5,
+    base_mix={t: 4 for t in MEDIUM_TASKS},
+    base_limits=_MEDIUM_LIMITS,
+    expert_steps={t: 5 for t in MEDIUM_TASKS},
+    expert_target=0.95,
+    expert_check_every=5,
+    expert_lr=1e-3,
+    expert_warmup=2,
+    expert_batch=16,
+    replay_rows=10,
+    replay_pool=32,
+    replay_distill=2.0,
+    grid=(0.0, 1.0),
+    refine_step=0.0,
+    grid_items=8,
+    grid_finalists=2,
+    max_build_seconds=60.0,
+)
 
 
 def get_size(name: str) -> ZooSize:

@@ -32,8 +32,8 @@ from evomerge.zoo._build import (
     score_tasks,
 )
 from evomerge.zoo._sizes import ZooSize, get_size
-from evomerge.zoo._tasks import TASKS, TaskSplitSizes, make_task_splits
-from evomerge.zoo._tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, build_tokenizer, save_tokenizer
+from evomerge.zoo._tasks import TaskSplitSizes, make_task_splits
+from evomerge.zoo._tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer, save_tokenizer, vocab_for
 from evomerge.zoo._train import (
     BatchPart, encode_examples, init_model, make_sampler, model_config, train, with_teacher,
 )
@@ -45,11 +45,12 @@ MAX_ANSWER_TOKENS = 12  # longest zoo answer is 8 digits; generation_config's de
 
 
 def build_tokenizer_stage(b: _Builder) -> None:
-    key = _hash_json({"stage": "tokenizer/1", "vocab": VOCAB})
+    vocab = vocab_for(b.spec.characters)
+    key = _hash_json({"stage": "tokenizer/1", "vocab": vocab})
 
     def build(folder: Path) -> dict:
-        save_tokenizer(build_tokenizer(), folder)
-        return {"vocab": list(VOCAB)}
+        save_tokenizer(build_tokenizer(b.spec.characters), folder)
+        return {"vocab": list(vocab)}
 
     b.data["tokenizer"] = b.ensure("tokenizer", b.root / "tokenizer", key, b.previous_entry("tokenizer"), build)
     b.save()
@@ -59,11 +60,14 @@ def build_task_stages(b: _Builder) -> None:
     import datasets
 
     sizes = TaskSplitSizes(b.spec.train_items, b.spec.validation_items, b.spec.test_items)
-    for task in TASKS:
-        key = _hash_json({"stage": "task/1", "task": task, "sizes": sizes.__dict__, "seed": b.seed})
+    test_stream = b.spec.split_format == 2
+    for task in b.spec.tasks:
+        # format 2 (test from its own generator) is task/2; the small zoo's folders keep task/1
+        settings = {"stage": "task/2", "test_stream": True} if test_stream else {"stage": "task/1"}
+        key = _hash_json({**settings, "task": task, "sizes": sizes.__dict__, "seed": b.seed})
 
         def build(folder: Path, task: str = task, key: str = key) -> dict:
-            columns = make_task_splits(task, sizes, b.seed)
+            columns = make_task_splits(task, sizes, b.seed, test_stream=test_stream)
             splits = {}
             for split, cols in columns.items():
                 table = datasets.Dataset.from_dict(cols)
@@ -84,6 +88,9 @@ _TASK_DESCRIPTIONS = {
     "addition": "a+b= -> the sum, operands 0-99",
     "reversal": "R<4-8 digits>= -> the digits reversed",
     "sorting": "S<4-8 digits>= -> the digits sorted ascending",
+    "subtraction": "a-b= -> the difference, 0 <= b <= a <= 99",
+    "rotation": "L<4-8 digits>= -> the digits rotated left by one",
+    "maxmin": "M<4-8 digits>= -> the largest digit, then the smallest",
 }
 
 
@@ -122,8 +129,18 @@ def _load_model(path: Path, device: torch.device):
     return model.to(device).eval()
 
 
+def _task_hashes(b: _Builder) -> dict[str, str]:
+    """What the models and the evaluation depend on, per task: the whole folder (format 1, as the
+    small zoo was built), or its train and validation splits only (format 2), so that a test split
+    is never an input of anything the build chooses."""
+    if b.spec.split_format == 1:
+        return {t: b.data["tasks"][t]["hash"] for t in b.spec.tasks}
+    return {t: _hash_json({f: h for f, h in b.data["tasks"][t]["files"].items() if not f.startswith("test/")})
+            for t in b.spec.tasks}
+
+
 def _upstream_hashes(b: _Builder) -> dict:
-    return {"tokenizer": b.data["tokenizer"]["hash"], "tasks": {t: b.data["tasks"][t]["hash"] for t in TASKS}}
+    return {"tokenizer": b.data["tokenizer"]["hash"], "tasks": _task_hashes(b)}
 
 
 def _optimization(s) -> dict:
@@ -149,7 +166,7 @@ def build_base_stage(b: _Builder) -> None:
     key = _hash_json({"stage": "base/1", "shape": _model_shape(b), "training": training, **_upstream_hashes(b)})
 
     def build(folder: Path) -> dict:
-        config = model_config(**_model_shape(b))
+        config = model_config(**_model_shape(b), vocab_size=len(vocab_for(s.characters)))
         model = init_model(config, training["init_seed"]).to(b.device)
         parts = []
         for task, count in s.base_mix.items():
@@ -157,7 +174,7 @@ def build_base_stage(b: _Builder) -> None:
             column, limit = s.base_limits.get(task, ("n_digits", float("inf")))
             rows = [(p, a) for p, a, n in zip(train_split["prompt"], train_split["answer"], train_split[column])
                     if n <= limit]
-            parts.append(BatchPart(encode_examples(*zip(*rows)), count))
+            parts.append(BatchPart(encode_examples(*zip(*rows), vocab=vocab_for(s.characters)), count))
         generator = torch.Generator().manual_seed(training["batch_seed"])
         losses = train(model, make_sampler(parts, generator), steps=s.base_steps, lr=s.base_lr,
                        warmup=s.base_warmup, autocast=s.autocast_dtype(), stage="base", log=b.log,
@@ -192,11 +209,11 @@ def _replay_pools(b: _Builder, base_model, tokenizer) -> dict:
     """Per task: `replay_pool` training prompts with the base's own greedy answers and, when the
     replay is distilled, the base's next-token distributions along them."""
     pools = {}
-    for task in TASKS:
+    for task in b.spec.tasks:
         prompts = _load_split(b, task, "train")["prompt"][: b.spec.replay_pool]
         scorer = ExactMatchScorer(tokenizer, prompts, batch_size=b.spec.eval_batch,
                                   max_new_tokens=MAX_ANSWER_TOKENS, device=b.device)
-        pools[task] = encode_examples(prompts, scorer.decode(base_model))
+        pools[task] = encode_examples(prompts, scorer.decode(base_model), vocab=vocab_for(b.spec.characters))
         if b.spec.replay_distill > 0:
             pools[task] = with_teacher(pools[task], base_model)
     return pools
@@ -215,8 +232,8 @@ def build_expert_stages(b: _Builder) -> None:
             cache["base"], cache["pools"] = base_model, _replay_pools(b, base_model, cache["tokenizer"])
         return cache["base"], cache["pools"]
 
-    for task in TASKS:
-        others = [t for t in TASKS if t != task]
+    for task in s.tasks:
+        others = [t for t in s.tasks if t != task]
         lr, target = s.expert_lr_for(task), s.expert_target_for(task)
         training = {
             "objective": f"{task}, plus replay of {', '.join(others)} " + (
@@ -243,7 +260,7 @@ def build_expert_stages(b: _Builder) -> None:
             model = _load_model(base_path, b.device)
             train_split = _load_split(b, task, "train")
             per_other = s.replay_rows // len(others)
-            parts = [BatchPart(encode_examples(train_split["prompt"], train_split["answer"]),
+            parts = [BatchPart(encode_examples(train_split["prompt"], train_split["answer"], vocab=vocab_for(s.characters)),
                                s.expert_batch - per_other * len(others))]
             parts += [BatchPart(pools[o], per_other) for o in others if per_other > 0]
             generator = torch.Generator().manual_seed(training["batch_seed"])
@@ -282,7 +299,7 @@ def evaluate_stage(b: _Builder) -> None:
     key = _hash_json({
         "stage": "evaluation/4",  # 4: on validation; 3 and earlier scored the test splits
         "models": {name: m["hash"] for name, m in b.data["models"].items()},
-        "tasks": {t: b.data["tasks"][t]["hash"] for t in TASKS},
+        "tasks": _task_hashes(b),
         "grid": list(s.grid), "refine_step": s.refine_step, "eval_batch": s.eval_batch,
         "grid_items": s.grid_items, "grid_finalists": s.grid_finalists,
     })
@@ -301,10 +318,10 @@ def evaluate_stage(b: _Builder) -> None:
 
 
 def _scorers(b: _Builder, tokenizer, split: str, items: int | None = None,
-             tasks: list[str] = TASKS) -> dict[str, ExactMatchScorer]:
-    """One scorer per task over `split` (its first `items` rows when given)."""
+             tasks: list[str] | None = None) -> dict[str, ExactMatchScorer]:
+    """One scorer per task (every task of the zoo by default) over `split` (its first `items` rows when given)."""
     out = {}
-    for task in tasks:
+    for task in b.spec.tasks if tasks is None else tasks:
         data = _load_split(b, task, split)
         if items is not None and items < len(data):
             data = data.select(range(items))
@@ -317,6 +334,7 @@ def _evaluate(b: _Builder) -> dict:
     from evomerge.merge.materializer import Materializer
 
     s = b.spec
+    tasks = list(s.tasks)
     tokenizer = tokenizer_for(b)
     validation = _scorers(b, tokenizer, "validation")
     screening = _scorers(b, tokenizer, "validation", s.grid_items)
@@ -325,10 +343,10 @@ def _evaluate(b: _Builder) -> dict:
         accuracy[name] = {t: v for t, v in score_tasks(_load_model(b.root / entry["path"], b.device), validation).items()
                           if t != "mean"}
     b.log("evaluation: " + "; ".join(
-        f"{name} " + " ".join(f"{100 * acc[t]:.0f}" for t in TASKS) for name, acc in accuracy.items()))
+        f"{name} " + " ".join(f"{100 * acc[t]:.0f}" for t in tasks) for name, acc in accuracy.items()))
 
     materializer = Materializer.from_folders(
-        b.root / b.data["models"][BASE]["path"], [b.root / b.data["models"][t]["path"] for t in TASKS], device=b.device
+        b.root / b.data["models"][BASE]["path"], [b.root / b.data["models"][t]["path"] for t in tasks], device=b.device
     )
 
     def scores_on(scorers: dict) -> Callable[[tuple[float, ...]], dict[str, float]]:
@@ -337,21 +355,22 @@ def _evaluate(b: _Builder) -> dict:
     # The grid is ranked on the first `grid_items` validation items per task (a big validation split
     # is the fitness split and would make a full-split grid the slowest part of the build); the
     # finalists are then re-scored on the whole validation split, which makes the choice.
-    b.log(f"evaluation: grid over task-arithmetic weights {list(s.grid)}^{len(TASKS)} and refinement on "
-          f"{s.grid_items} validation items per task, then the best {s.grid_finalists} on all of them")
+    b.log(f"evaluation: grid over task-arithmetic weights {list(s.grid)}^{len(tasks)}"
+          + (" and refinement" if s.refine_step > 0 else "")
+          + f" on {s.grid_items} validation items per task, then the best {s.grid_finalists} on all of them")
     screen = scores_on(screening)
-    grid = grid_search(lambda w: screen(w)["mean"], len(TASKS), s.grid, s.refine_step)
+    grid = grid_search(lambda w: screen(w)["mean"], len(tasks), s.grid, s.refine_step)
     n_points, seen = grid.n_evaluated, grid.seen
     finalists = sorted(seen, key=lambda w: -seen[w])[: s.grid_finalists]  # stable: ties keep grid order
     final_scores = {w: scores_on(validation)(w) for w in finalists}
     best = max(finalists, key=lambda w: final_scores[w]["mean"])
-    n_items = {t: validation[t].n_items for t in TASKS}
+    n_items = {t: validation[t].n_items for t in tasks}
     screened_items = {t: min(s.grid_items, n) for t, n in n_items.items()}
     merges = {}
     for name, method, weights in (
         ("best_grid", "task_arithmetic", list(best)),
-        ("uniform_task_arithmetic", "task_arithmetic", [1.0] * len(TASKS)),
-        ("averaging", "linear", [1.0] * len(TASKS)),
+        ("uniform_task_arithmetic", "task_arithmetic", [1.0] * len(tasks)),
+        ("averaging", "linear", [1.0] * len(tasks)),
     ):
         model = materializer.apply(method, weight=weights)
         # the chosen grid point was already scored on the whole validation split as a finalist
@@ -368,20 +387,20 @@ def _evaluate(b: _Builder) -> dict:
         f"{name} {merges[name]['weights'] if name == 'best_grid' else ''} validation mean {100 * m['validation']['mean']:.1f}"
         for name, m in merges.items()))
     return {"split": "validation", "accuracy": accuracy, "reference_merges": merges,
-            "quality_bars": _quality_bars(accuracy, merges)}
+            "quality_bars": _quality_bars(accuracy, merges, tasks)}
 
 
-def _quality_bars(accuracy: dict, merges: dict) -> list[dict]:
+def _quality_bars(accuracy: dict, merges: dict, tasks: list[str]) -> list[dict]:
     """The issue's bars, in points on the validation splits (build time is added by `build_zoo`).
 
     The best grid merge was chosen on the same validation split, so its margin is optimistic by
     the selection; benchmarks/PROTOCOL.md keeps test for the final report."""
     def mean(name: str) -> float:
-        return 100 * float(np.mean([accuracy[name][t] for t in TASKS]))
+        return 100 * float(np.mean([accuracy[name][t] for t in tasks]))
 
-    own = {t: 100 * accuracy[t][t] for t in TASKS}
+    own = {t: 100 * accuracy[t][t] for t in tasks}
     best_merge = 100 * merges["best_grid"]["validation"]["mean"]
-    best_expert = max(TASKS, key=mean)
+    best_expert = max(tasks, key=mean)
     rows = [
         ("expert_own_task_min", min(own.values()), BAR_EXPERT_OWN_TASK,
          "lowest expert score on its own task: " + ", ".join(f"{t} {v:.1f}" for t, v in own.items())),

@@ -1,23 +1,39 @@
 """The zoo's skills over digit strings, and their disjoint train / validation / test splits.
 
-Three tasks, each a pure function from an item's digits to (prompt, answer, difficulty features):
+Each task is a pure function from an item's digits to (prompt, answer, difficulty features):
 
-* ``addition``  ``"37+45="`` -> ``"82"``: operands 0-99; hard when there are carries.
-* ``reversal``  ``"R30719="`` -> ``"91703"``: 4-8 digits; hard when long or with repeated digits.
-* ``sorting``   ``"S30719="`` -> ``"01379"``: 4-8 digits; hard when long or far from sorted.
+* ``addition``     ``"37+45="`` -> ``"82"``: operands 0-99; hard when there are carries.
+* ``reversal``     ``"R30719="`` -> ``"91703"``: 4-8 digits; hard when long or with repeated digits.
+* ``sorting``      ``"S30719="`` -> ``"01379"``: 4-8 digits; hard when long or far from sorted.
 
-Difficulty features are kept as columns (``n_digits``, ``n_carries``, ``n_repeats``,
-``n_inversions``) so that fitness code can study or stratify items. Splits are drawn without
-replacement from the prompt space, so no prompt appears in two splits.
+and, for the medium zoo only:
+
+* ``subtraction``  ``"82-45="`` -> ``"37"``: operands 0-99, never negative; hard when it borrows.
+* ``rotation``     ``"L30719="`` -> ``"07193"``: 4-8 digits rotated left by one; hard when long.
+* ``maxmin``       ``"M30719="`` -> ``"90"``: the largest digit, then the smallest; hard when long.
+
+Difficulty features are kept as columns (``n_digits``, ``n_carries``, ``n_borrows``,
+``n_repeats``, ``n_inversions``) so that fitness code can study or stratify items. Splits are
+drawn without replacement from the prompt space, so no prompt appears in two splits.
+
+Two split formats (`make_task_splits(..., test_stream=...)`): the small and tiny zoos draw
+validation, test and train from one generator, in that order (format 1; their models hash the
+whole task folders, so it stays); the medium zoo draws test from a generator of its own, and
+validation and train from another one, skipping the test prompts (format 2,
+benchmarks/PROTOCOL.md section 7): the test items do not depend on how many items train and
+validation hold, and those two splits depend on test only through the prompts they skip.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-TASKS = ("addition", "reversal", "sorting")
+TASKS = ("addition", "reversal", "sorting")  # the small and tiny zoos' tasks, in expert order
+MEDIUM_TASKS = ("addition", "subtraction", "reversal", "sorting", "rotation", "maxmin")
+ALL_TASKS = TASKS + tuple(t for t in MEDIUM_TASKS if t not in TASKS)
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,24 @@ def addition_item(a: int, b: int) -> dict:
     }
 
 
+def subtraction_item(a: int, b: int) -> dict:
+    if a < b:
+        raise ValueError(f"subtraction_item({a}, {b}): the zoo's differences are never negative")
+    borrows, borrow, x, y = 0, 0, a, b
+    while x or y:
+        borrow = int(x % 10 - y % 10 - borrow < 0)
+        borrows += borrow
+        x, y = x // 10, y // 10
+    answer = str(a - b)
+    return {
+        "prompt": f"{a}-{b}=",
+        "answer": answer,
+        "n_digits": max(len(str(a)), len(str(b))),
+        "n_borrows": borrows,
+        "answer_len": len(answer),
+    }
+
+
 def _repeats(digits: str) -> int:
     return len(digits) - len(set(digits))
 
@@ -62,9 +96,27 @@ def sorting_item(digits: str) -> dict:
     }
 
 
+def rotation_item(digits: str) -> dict:
+    return {"prompt": f"L{digits}=", "answer": digits[1:] + digits[0], "n_digits": len(digits),
+            "n_repeats": _repeats(digits)}
+
+
+def maxmin_item(digits: str) -> dict:
+    return {"prompt": f"M{digits}=", "answer": max(digits) + min(digits), "n_digits": len(digits),
+            "n_repeats": _repeats(digits)}
+
+
 def _addition_prompts(n: int, rng: np.random.Generator) -> list[dict]:
     pairs = rng.permutation(100 * 100)[:n]  # every (a, b) with 0 <= a, b <= 99, no repeats
     return [addition_item(int(p // 100), int(p % 100)) for p in pairs]
+
+
+_SUBTRACTION_PAIRS = [(a, b) for a in range(100) for b in range(a + 1)]  # 5,050 prompts
+
+
+def _subtraction_prompts(n: int, rng: np.random.Generator) -> list[dict]:
+    order = rng.permutation(len(_SUBTRACTION_PAIRS))[:n]
+    return [subtraction_item(*_SUBTRACTION_PAIRS[i]) for i in order]
 
 
 def _digit_strings(n: int, rng: np.random.Generator, min_len: int = 4, max_len: int = 8) -> list[str]:
@@ -84,30 +136,57 @@ _GENERATORS: dict[str, Callable[[int, np.random.Generator], list[dict]]] = {
     "addition": _addition_prompts,
     "reversal": lambda n, rng: [reversal_item(d) for d in _digit_strings(n, rng)],
     "sorting": lambda n, rng: [sorting_item(d) for d in _digit_strings(n, rng)],
+    "subtraction": _subtraction_prompts,
+    "rotation": lambda n, rng: [rotation_item(d) for d in _digit_strings(n, rng)],
+    "maxmin": lambda n, rng: [maxmin_item(d) for d in _digit_strings(n, rng)],
 }
+PROMPT_SPACE = {"addition": 100 * 100, "subtraction": len(_SUBTRACTION_PAIRS)}  # the others: 10^4 + ... + 10^8
 
 
-def make_task_splits(task: str, sizes: TaskSplitSizes, seed: int) -> dict[str, dict[str, list]]:
+def make_task_splits(task: str, sizes: TaskSplitSizes, seed: int, test_stream: bool = False) -> dict[str, dict[str, list]]:
     """Column dictionaries for the train, validation and test splits of `task`.
 
-    The validation and test splits are drawn first so that their size does not depend on the
-    training budget; addition's train split is capped by its 10,000 possible prompts.
+    `test_stream=False` (format 1, the small and tiny zoos): one generator seeded by (seed, task
+    index) draws validation, then test, then train. `test_stream=True` (format 2, the medium zoo):
+    test comes from its own generator (seed, task name, "test"); validation then train from
+    another one (seed, task name, "develop"), which skips every test prompt. Either way validation
+    and test are drawn first, so their items do not depend on the training budget, and a task
+    with a finite prompt space (addition, subtraction) gets what is left for train.
     """
     if task not in _GENERATORS:
-        raise ValueError(f"unknown task {task!r}; the zoo's tasks are {', '.join(TASKS)}")
-    rng = np.random.default_rng([seed, TASKS.index(task)])
-    n_eval = sizes.validation + sizes.test
-    wanted = n_eval + sizes.train
-    if task == "addition":
-        wanted = min(wanted, 100 * 100)
-    items = _GENERATORS[task](wanted, rng)
-    bounds = {"validation": (0, sizes.validation), "test": (sizes.validation, n_eval), "train": (n_eval, wanted)}
+        raise ValueError(f"unknown task {task!r}; the zoo's tasks are {', '.join(ALL_TASKS)}")
+    space = PROMPT_SPACE.get(task)
+
+    def cap(n: int) -> int:
+        return n if space is None else min(n, space)
+
+    if test_stream:
+        test = _GENERATORS[task](sizes.test, _stream(seed, task, "test"))
+        held_out = {item["prompt"] for item in test}
+        # at most len(test) of the develop stream's prompts are test prompts: draw that many more
+        develop = [item for item in _GENERATORS[task](cap(sizes.validation + sizes.train + sizes.test),
+                                                      _stream(seed, task, "develop"))
+                   if item["prompt"] not in held_out][: sizes.validation + sizes.train]
+        chunks = {"train": develop[sizes.validation:], "validation": develop[: sizes.validation], "test": test}
+    else:
+        rng = np.random.default_rng([seed, TASKS.index(task)])
+        n_eval = sizes.validation + sizes.test
+        wanted = cap(n_eval + sizes.train)
+        items = _GENERATORS[task](wanted, rng)
+        chunks = {"train": items[n_eval:wanted], "validation": items[: sizes.validation],
+                  "test": items[sizes.validation:n_eval]}
+    keys = next(chunk[0] for chunk in chunks.values() if chunk)  # every item has the same columns
     splits = {}
     for split in ("train", "validation", "test"):
-        lo, hi = bounds[split]
-        chunk = items[lo:hi]
+        chunk = chunks[split]
         columns = {"id": [f"{task}-{split}-{i:05d}" for i in range(len(chunk))]}
-        for key in items[0]:
+        for key in keys:
             columns[key] = [item[key] for item in chunk]
         splits[split] = columns
     return splits
+
+
+def _stream(seed: int, task: str, purpose: str) -> np.random.Generator:
+    """A generator for one (seed, task, purpose), independent of every other purpose's."""
+    words = np.frombuffer(hashlib.sha256(f"{task}/{purpose}".encode()).digest()[:8], dtype=np.uint32)
+    return np.random.default_rng([seed, *map(int, words)])

@@ -16,15 +16,25 @@ from evomerge._atomic import write_json_atomic
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 CHARACTERS = "0123456789+=RS"  # digits, the addition operator, the answer cue, the task markers
-VOCAB: dict[str, int] = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(CHARACTERS))}
+# the medium zoo's extra tasks: subtraction's operator, the rotation and max/min markers. Appended,
+# so every character keeps its id and the small zoo's prompts encode alike in either vocabulary
+MEDIUM_CHARACTERS = CHARACTERS + "-LM"
+
+
+def vocab_for(characters: str) -> dict[str, int]:
+    """Token -> id: the special tokens, then one token per character."""
+    return {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(characters))}
+
+
+VOCAB: dict[str, int] = vocab_for(CHARACTERS)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = (VOCAB[t] for t in SPECIAL_TOKENS)
 
 
-def build_tokenizer():
-    """A `PreTrainedTokenizerFast` over `VOCAB`: one token per character, `<bos>` prepended."""
+def build_tokenizer(characters: str = CHARACTERS):
+    """A `PreTrainedTokenizerFast` over `vocab_for(characters)`: one token per character, `<bos>` prepended."""
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.WordLevel(VOCAB, unk_token=UNK))
+    backend = Tokenizer(models.WordLevel(vocab_for(characters), unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one piece per char
     backend.decoder = decoders.Fuse()  # join characters without spaces
     backend.post_processor = processors.TemplateProcessing(
@@ -46,9 +56,10 @@ def save_tokenizer(tokenizer, folder: str | Path) -> None:
     write_json_atomic(config_path, config)
 
 
-def encode_chars(text: str) -> list[int]:
+def encode_chars(text: str, vocab: dict[str, int] = VOCAB) -> list[int]:
     """Token ids of `text` without `<bos>`: the same ids the saved tokenizer produces."""
     try:
-        return [VOCAB[c] for c in text]
+        return [vocab[c] for c in text]
     except KeyError as error:
-        raise ValueError(f"character {error.args[0]!r} in {text!r} is not in the zoo vocabulary {CHARACTERS!r}") from None
+        characters = "".join(t for t in vocab if t not in SPECIAL_TOKENS)
+        raise ValueError(f"character {error.args[0]!r} in {text!r} is not in the zoo vocabulary {characters!r}") from None

@@ -54,11 +54,11 @@ def with_teacher(examples: EncodedExamples, teacher, batch_size: int = 512) -> E
     return EncodedExamples(examples.inputs, examples.targets, examples.lengths, torch.cat(chunks))
 
 
-def encode_examples(prompts: Sequence[str], answers: Sequence[str]) -> EncodedExamples:
+def encode_examples(prompts: Sequence[str], answers: Sequence[str], vocab: dict[str, int] = VOCAB) -> EncodedExamples:
     sequences = []
     for prompt, answer in zip(prompts, answers, strict=True):
-        prompt_ids = [BOS_ID] + encode_chars(prompt)
-        answer_ids = encode_chars(answer) + [EOS_ID]
+        prompt_ids = [BOS_ID] + encode_chars(prompt, vocab)
+        answer_ids = encode_chars(answer, vocab) + [EOS_ID]
         sequences.append((prompt_ids, answer_ids))
     width = max(len(p) + len(a) for p, a in sequences) - 1
     inputs = torch.full((len(sequences), width), PAD_ID, dtype=torch.long)
@@ -74,11 +74,12 @@ def encode_examples(prompts: Sequence[str], answers: Sequence[str]) -> EncodedEx
     return EncodedExamples(inputs, targets, lengths)
 
 
-def model_config(hidden: int, layers: int, heads: int, intermediate: int, max_positions: int = 64):
+def model_config(hidden: int, layers: int, heads: int, intermediate: int, max_positions: int = 64,
+                 vocab_size: int = len(VOCAB)):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(VOCAB),
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,

@@ -1,0 +1,162 @@
+"""The medium zoo's structure, through its seconds-long variant `medium_tiny` (same tasks, depth and
+split format; no quality promise): six experts, eight layers, test splits from their own
+generators, models and evaluation that never depend on a test split, bars on validation."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from evomerge.zoo import BASE, Manifest, build_zoo, get_size, make_task_splits
+from evomerge.zoo._build import grid_search
+from evomerge.zoo._tasks import MEDIUM_TASKS, TaskSplitSizes, maxmin_item, rotation_item, subtraction_item
+from evomerge.zoo._tokenizer import CHARACTERS, MEDIUM_CHARACTERS, VOCAB, vocab_for
+
+SOLVE = {
+    "addition": lambda p: str(sum(int(x) for x in p[:-1].split("+"))),
+    "subtraction": lambda p: str(int(p[:-1].split("-")[0]) - int(p[:-1].split("-")[1])),
+    "reversal": lambda p: p[1:-1][::-1],
+    "sorting": lambda p: "".join(sorted(p[1:-1])),
+    "rotation": lambda p: p[2:-1] + p[1],
+    "maxmin": lambda p: max(p[1:-1]) + min(p[1:-1]),
+}
+
+
+def _one_thread(fn, *args, **kwargs):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_medium_and_its_fixture_share_their_structure():
+    medium, fixture = get_size("medium"), get_size("medium_tiny")
+    for spec in (medium, fixture):
+        assert len(spec.tasks) >= 6 and spec.tasks == MEDIUM_TASKS
+        assert spec.layers >= 8 and spec.split_format == 2
+        assert set(spec.base_mix) == set(spec.base_limits) == set(spec.expert_steps) == set(spec.tasks)
+    assert fixture.layers == medium.layers and fixture.grid == medium.grid and fixture.refine_step == 0
+
+
+def test_hand_worked_items_of_the_new_tasks():
+    assert subtraction_item(82, 45) == {"prompt": "82-45=", "answer": "37", "n_digits": 2, "n_borrows": 1,
+                                       "answer_len": 2}
+    assert subtraction_item(57, 31)["n_borrows"] == 0 and subtraction_item(7, 7)["answer"] == "0"
+    with pytest.raises(ValueError, match="never negative"):
+        subtraction_item(3, 4)
+    assert rotation_item("30719") == {"prompt": "L30719=", "answer": "07193", "n_digits": 5, "n_repeats": 0}
+    assert maxmin_item("30770") == {"prompt": "M30770=", "answer": "70", "n_digits": 5, "n_repeats": 2}
+
+
+def test_the_medium_vocabulary_extends_the_small_one():
+    """The small zoo's characters keep their ids; the new tasks' characters are appended."""
+    medium = vocab_for(MEDIUM_CHARACTERS)
+    assert MEDIUM_CHARACTERS.startswith(CHARACTERS) and vocab_for(CHARACTERS) == VOCAB
+    assert all(medium[token] == i for token, i in VOCAB.items()) and len(medium) == len(VOCAB) + 3
+
+
+def test_test_splits_come_from_their_own_generator():
+    """Format 2: test does not move when train or validation grow; those skip every test prompt;
+    everything depends on the seed only."""
+    for task in MEDIUM_TASKS:
+        small = make_task_splits(task, TaskSplitSizes(train=40, validation=10, test=15), 0, test_stream=True)
+        large = make_task_splits(task, TaskSplitSizes(train=90, validation=30, test=15), 0, test_stream=True)
+        assert small["test"] == large["test"]
+        assert small["validation"]["prompt"] == large["validation"]["prompt"][:10]
+        assert small == make_task_splits(task, TaskSplitSizes(train=40, validation=10, test=15), 0, test_stream=True)
+        other = make_task_splits(task, TaskSplitSizes(train=40, validation=10, test=15), 1, test_stream=True)
+        assert other["test"]["prompt"] != small["test"]["prompt"]
+        test = set(large["test"]["prompt"])
+        assert not test & set(large["train"]["prompt"]) and not test & set(large["validation"]["prompt"])
+    # a finite prompt space (subtraction: 5,050 prompts) leaves train what validation and test do not take
+    full = make_task_splits("subtraction", TaskSplitSizes(train=10_000, validation=1000, test=300), 0, test_stream=True)
+    assert len(full["train"]["id"]) == 5050 - 1300
+
+
+def test_the_fixture_has_six_experts_of_eight_layers_that_load(medium_tiny_zoo: Manifest):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    zoo = medium_tiny_zoo
+    assert zoo.size == "medium_tiny" and zoo.tasks == list(MEDIUM_TASKS) and zoo.experts == list(MEDIUM_TASKS)
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.tokenizer_path))
+    assert len(tokenizer("82-45=").input_ids) == 7 and tokenizer.unk_token_id not in tokenizer("L1M2-").input_ids
+    for name in [BASE, *zoo.experts]:
+        model = AutoModelForCausalLM.from_pretrained(str(zoo.model_path(name)))
+        assert model.config.num_hidden_layers == 8 and model.config.vocab_size == len(vocab_for(MEDIUM_CHARACTERS))
+    for task in zoo.tasks:
+        splits = datasets.load_from_disk(str(zoo.task_path(task)))
+        prompts = {name: split["prompt"] for name, split in splits.items()}
+        assert all(len(set(p)) == len(p) for p in prompts.values()), task
+        assert not set(prompts["test"]) & (set(prompts["train"]) | set(prompts["validation"])), task
+        assert not set(prompts["train"]) & set(prompts["validation"]), task
+        for name in ("train", "validation"):  # the build's own splits; test is left unread
+            assert all(SOLVE[task](p) == a for p, a in zip(prompts[name], splits[name]["answer"])), (task, name)
+
+
+def test_the_fixture_evaluates_on_validation_over_every_corner(medium_tiny_zoo: Manifest):
+    evaluation = medium_tiny_zoo.data["evaluation"]
+    assert evaluation["split"] == "validation"
+    merges = medium_tiny_zoo.reference_merges
+    assert all("test" not in merge for merge in merges.values())
+    grid = merges["best_grid"]["grid"]
+    assert grid["n_evaluated"] == 2 ** 6 and set(merges["best_grid"]["weights"]) <= {0.0, 1.0}
+    assert merges["uniform_task_arithmetic"]["weights"] == [1.0] * 6
+    bars = {b["bar"] for b in medium_tiny_zoo.quality_bars}
+    assert {"expert_own_task_min", "experts_own_mean_minus_base_mean", "best_merge_minus_uniform_task_arithmetic",
+            "best_merge_minus_averaging", "build_seconds"} <= bars
+    assert set(evaluation["accuracy"]) == {BASE, *MEDIUM_TASKS}
+
+
+def test_a_changed_test_split_retrains_nothing(medium_tiny_zoo: Manifest, tmp_path):
+    """Models and evaluation hash train and validation only: a damaged test split is rewritten
+    (identically, from its own generator) and nothing downstream is redone."""
+    copy = tmp_path / "zoo"
+    shutil.copytree(medium_tiny_zoo.root, copy / "medium_tiny")
+    arrow = sorted((copy / "medium_tiny" / "tasks" / "rotation" / "test").glob("*.arrow"))[0]
+    arrow.write_bytes(arrow.read_bytes()[:-7] + b"corrupt")
+    rebuilt = _one_thread(build_zoo, copy, size="medium_tiny", seed=0, progress=False)
+    assert rebuilt.built == ["task rotation"] and "evaluation" in rebuilt.reused
+    assert rebuilt.content_hash == medium_tiny_zoo.content_hash
+    # and the model keys do not change when the test files do
+    manifest = json.loads((copy / "medium_tiny" / "zoo.json").read_text())
+    assert manifest["models"]["rotation"]["key"] == medium_tiny_zoo.data["models"]["rotation"]["key"]
+
+
+@pytest.mark.slow
+def test_two_medium_tiny_builds_are_byte_identical(medium_tiny_zoo: Manifest, tmp_path):
+    second = _one_thread(build_zoo, tmp_path, size="medium_tiny", seed=0, progress=False)
+    assert second.content_hash == medium_tiny_zoo.content_hash
+
+
+def test_a_grid_without_refinement_scores_every_corner_once():
+    calls = []
+
+    def score(w):
+        calls.append(w)
+        return sum(w)
+
+    result = grid_search(score, 6, (0.0, 1.0), 0.0)
+    assert result.n_evaluated == len(calls) == 64 and result.weights == (1.0,) * 6
+
+
+def test_zoo_presets_reproduce_the_fixtures_validation_accuracies(medium_tiny_zoo: Manifest):
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.fitness.tasks import load_task
+
+    zoo = medium_tiny_zoo
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.tokenizer_path))
+    scorers = {}
+    for task in zoo.tasks:
+        spec = load_task(f"zoo_{task}", {"dataset": {"path": str(zoo.task_path(task))}})
+        scorers[task] = spec.make_scorer(tokenizer, spec.load_split("fitness"), device="cpu")
+    for name in [BASE, zoo.experts[1]]:
+        model = AutoModelForCausalLM.from_pretrained(str(zoo.model_path(name)), dtype=torch.float32).eval()
+        for task, scorer in scorers.items():
+            assert float(np.mean(scorer(model))) == zoo.accuracy[name][task], (name, task)
