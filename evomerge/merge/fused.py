@@ -253,25 +253,21 @@ def masked_block(plan: MaskedMerge, base: torch.Tensor, tvs: torch.Tensor, draws
 
 
 def masked_l1_block(plan: MaskedMerge, tvs: torch.Tensor, draws: torch.Tensor | None,
-                    scratch: _Scratch | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+                    scratch: _Scratch | None = None, keep: torch.Tensor | None = None, *,
+                    nonfinite: bool = True) -> torch.Tensor:
     """(K,) float32 L1 norms of the block's masked task vectors (all of it when the plan has no mask).
 
     `keep` (K, c) float 1/0 replaces the plan's mask when given. Non-finite entries count 0, as in
-    `sparsify.finite_l1`: a block whose sums come out finite holds none (the sum of non-negative
-    values is NaN or inf otherwise), so only such a block pays for `nan_to_num`; the result is the
-    same either way.
+    `sparsify.finite_l1`; `nonfinite=False` skips that step, for a caller that knows the block
+    holds none (its sums come out finite: a sum of non-negative values is NaN or inf otherwise).
     """
     scratch = scratch or _Scratch()
     shape = tuple(tvs.shape)
     if keep is None and plan.masks:
         keep = _keep_mask(plan, tvs, draws, scratch)
     magnitude = torch.abs(tvs, out=scratch.take("l1", shape, tvs))
-    if keep is not None:
-        magnitude.mul_(keep)
-    sums = magnitude.sum(1)
-    if bool(torch.isfinite(sums).all()):
-        return sums
-    magnitude = torch.abs(tvs, out=magnitude).nan_to_num_(nan=0.0, posinf=0.0)
+    if nonfinite:
+        magnitude.nan_to_num_(nan=0.0, posinf=0.0)
     if keep is not None:
         magnitude.mul_(keep)
     return magnitude.sum(1)
@@ -333,9 +329,12 @@ class FusedOps:
             scratch = self._local.scratch = _Scratch()
         return scratch
 
-    def map_chunks(self, fn: Callable[[int, int, _Scratch], object], numel: int) -> list:
-        """[fn(start, stop, scratch) for each chunk of [0, numel)], on the worker pool, ops single-threaded."""
-        bounds = [(s, min(s + self.chunk_size, numel)) for s in range(0, numel, self.chunk_size)]
+    def map_chunks(self, fn: Callable[[int, int, _Scratch], object], numel: int, chunk_size: int | None = None) -> list:
+        """[fn(start, stop, scratch) for each chunk of [0, numel)], on the worker pool, ops single-threaded.
+
+        Chunks of `chunk_size` entries (default: the ops' own)."""
+        size = chunk_size or self.chunk_size
+        bounds = [(s, min(s + size, numel)) for s in range(0, numel, size)]
         with torch_threads(1):
             if self.workers == 1 or len(bounds) < 2:
                 scratch = self._scratch()

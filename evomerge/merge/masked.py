@@ -51,6 +51,7 @@ from evomerge.merge.sparsify import (
 __all__ = ["MaskedCoefficients", "WindowCache", "l1_norms", "merge_masked"]
 
 DRAW_CHUNK = 1 << 16  # uniforms drawn per call: the same stream as one torch.rand(n), in cache-sized pieces
+L1_CHUNK = 1 << 18  # entries per float32 partial sum of the L1 rescale norms, in both executors
 ALIGN = 16  # compiled passes start on 64-byte boundaries (a misaligned input costs Inductor a copy on GPU)
 
 
@@ -245,17 +246,23 @@ def _masked_l1_norms(ops: FusedOps, segments: Sequence[Segment], tvs: torch.Tens
                      draws: torch.Tensor | None) -> torch.Tensor:
     """(K,) L1 norms of the masked task vectors, in the same chunks whichever executor asks.
 
-    The chunks are `ops.chunk_size` pieces of [0, N) whatever the segments: a chunk that a cut
+    Float32 sums of `L1_CHUNK`-entry pieces of [0, N) (whatever the segments: a chunk that a cut
     splits takes its mask from each segment and is summed whole, so a tensor of one chunk is summed
-    as the pure kernel sums it.
+    as the pure kernel sums it), added in float64. Non-finite entries count 0: a chunk whose sums
+    come out finite holds none, so only a chunk that does not is summed again without them.
     """
-    def block(start: int, stop: int, scratch) -> torch.Tensor:
+    def block(start: int, stop: int, scratch, nonfinite: bool = False) -> torch.Tensor:
         parts = [(max(s, start), min(e, stop), plan) for s, e, plan in segments if s < stop and e > start]
         if len(parts) == 1:
             return masked_l1_block(parts[0][2], tvs[:, start:stop], None if draws is None else draws[:, start:stop],
-                                   scratch).double()
+                                   scratch, nonfinite=nonfinite)
         keep = torch.cat([keep_mask(plan, tvs[:, a:b], None if draws is None else draws[:, a:b])
                           for a, b, plan in parts], 1)
-        return masked_l1_block(parts[0][2], tvs[:, start:stop], None, scratch, keep=keep).double()
+        return masked_l1_block(parts[0][2], tvs[:, start:stop], None, scratch, keep=keep, nonfinite=nonfinite)
 
-    return torch.stack(ops.map_chunks(block, tvs.shape[1])).sum(0).float()
+    n = tvs.shape[1]
+    sums = torch.stack(ops.map_chunks(block, n, L1_CHUNK))  # (chunks, K) float32
+    for chunk in torch.nonzero(~torch.isfinite(sums).all(1)).view(-1).tolist():
+        start = chunk * L1_CHUNK
+        sums[chunk] = block(start, min(start + L1_CHUNK, n), None, nonfinite=True)
+    return sums.double().sum(0).float()
