@@ -1,7 +1,7 @@
 """Merge throughput: in-memory materialization vs a plain copy, and `evomerge merge` vs `mergekit-yaml`.
 
 Usage: .venv/bin/python benchmarks/merge_throughput.py [--reps 3] [--threads default,1] [--skip-disk]
-       [--json benchmarks/results/merge_throughput_<label>.json]
+       [--order-stats-grid 65536|none] [--stats-memory] [--json benchmarks/results/merge_throughput_<label>.json]
 
 P1 The search's per-candidate path: GB/s of weight bytes read and written by the materializer
     for task_arithmetic, ties and dare_ties, next to a plain `torch` copy of the same number of
@@ -15,6 +15,10 @@ P2 The file-to-file path: wall time and peak resident memory of `evomerge merge`
 Targets (issue 2): P1 >= 0.5 of copy bandwidth for task_arithmetic, >= 0.35 for ties;
 P2 >= 3x faster than mergekit end to end, with equal outputs. Since issue 13 the materializer's
 magnitude thresholds are exact (the same tensors `evomerge merge` writes), so P1 includes that cost.
+`--order-stats-grid` sets the materializer's order statistics for P1 (default: its default grid;
+`none`: full sorted statistics). `--stats-memory` adds P1 memory lines: for full and grid statistics,
+in a fresh process each, the bytes the statistics take and the peak resident memory after loading
+and one ties candidate (the statistics are built at the first magnitude-pruned candidate).
 `--json` writes every number (and the printed lines) to a file.
 Every section prints the 1-minute load average: on a shared machine the numbers move with it.
 """
@@ -74,14 +78,23 @@ def copy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
 RESULTS: dict = {"P1": {}, "P2": {}}
 
 
-def materializer_bandwidth(base: Path, experts: list[Path], reps: int, thread_counts: list[int]) -> list[str]:
+def grid_option(value: str | None) -> dict:
+    """Materializer keyword for --order-stats-grid (empty: its default)."""
+    if value is None:
+        return {}
+    return {"order_stats_grid": None if value.lower() == "none" else int(value)}
+
+
+def materializer_bandwidth(base: Path, experts: list[Path], reps: int, thread_counts: list[int],
+                           grid: str | None = None) -> list[str]:
     from evomerge.merge.materializer import Materializer
 
     t0 = time.perf_counter()
-    mat = Materializer.from_folders(base, experts, device="cpu", compile=True)
+    mat = Materializer.from_folders(base, experts, device="cpu", compile=True, **grid_option(grid))
     n_bytes = mat.weight_bytes
     print(f"materializer load: {time.perf_counter() - t0:.1f}s, compile={mat.compile}, "
-          f"bytes per candidate {n_bytes / 1e9:.2f} GB ({load()})", flush=True)
+          f"order_stats_grid={mat.order_stats_grid}, bytes per candidate {n_bytes / 1e9:.2f} GB ({load()})", flush=True)
+    RESULTS["P1"]["order_stats_grid"] = mat.order_stats_grid
     rng = np.random.default_rng(0)
     k, layers = len(experts), mat.num_layers
     methods = ("task_arithmetic", "ties", "dare_ties")
@@ -132,6 +145,45 @@ def materializer_bandwidth(base: Path, experts: list[Path], reps: int, thread_co
             target = f" (target >= {targets[method]})" if method in targets else ""
             lines.append(f"P1 threads={threads}: materialize {method:16s} {gbps:6.2f} GB/s  "
                          f"{best[threads, method] * 1e3:5.0f} ms/candidate  ratio to copy {gbps / floor:.2f}{target}")
+    return lines
+
+
+def memory_probe(base: Path, experts: list[Path], grid: str) -> dict:
+    """In this (fresh) process: statistics bytes and peak RSS after loading and one ties candidate."""
+    import resource
+
+    from evomerge.merge.materializer import Materializer
+
+    mat = Materializer.from_folders(base, experts, device="cpu", compile=False, **grid_option(grid))
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    rng = np.random.default_rng(0)
+    k, layers = len(experts), mat.num_layers
+    mat.apply("ties", weight=rng.uniform(0.2, 1.0, (k, layers)), density=rng.uniform(0.2, 0.9, (k, layers)))
+
+    def nbytes(stats) -> int:
+        return sum(t.numel() * t.element_size() for t in (stats.values, stats.ranks, stats.below, stats.not_above)
+                   if t is not None)
+
+    return {"order_stats_grid": mat.order_stats_grid,
+            "task_vector_gb": sum(s.task_vectors.numel() * 4 for s in mat.tensors) / 1e9,
+            "order_stats_gb": sum(nbytes(st) for s in mat.tensors for st in s.magnitude_stats) / 1e9,
+            "peak_rss_loaded_gb": rss_loaded,
+            "peak_rss_after_ties_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def stats_memory(grids: list[str]) -> list[str]:
+    lines = []
+    for grid in grids:
+        done = subprocess.run([sys.executable, __file__, "--memory-probe", grid], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory probe failed:\n{done.stderr[-3000:]}")
+        probe = json.loads(done.stdout.strip().splitlines()[-1])
+        RESULTS["P1"][f"memory order_stats_grid={probe['order_stats_grid']}"] = probe
+        lines.append(f"P1 memory, order_stats_grid={probe['order_stats_grid']}: statistics "
+                     f"{probe['order_stats_gb']:.3f} GB next to {probe['task_vector_gb']:.2f} GB of task vectors; "
+                     f"peak RSS {probe['peak_rss_loaded_gb']:.2f} GB loaded, "
+                     f"{probe['peak_rss_after_ties_gb']:.2f} GB after the first ties candidate")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -264,8 +316,15 @@ def main() -> None:
                         help="torch thread counts for P1 and OMP_NUM_THREADS for P2, comma-separated")
     parser.add_argument("--skip-disk", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--order-stats-grid", help="materializer order statistics for P1: a grid size or 'none' (full)")
+    parser.add_argument("--stats-memory", action="store_true", help="P1 memory lines: full vs grid statistics")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one process of --stats-memory
     parser.add_argument("--json", type=Path, help="write the results here (e.g. benchmarks/results/merge_throughput_after.json)")
     args = parser.parse_args()
+    if args.memory_probe is not None:
+        base, experts, _ = build_family()
+        print(json.dumps(memory_probe(base, experts, args.memory_probe)))
+        return
     settings = list(dict.fromkeys(s.strip() for s in args.threads.split(",")))
     torch.manual_seed(0)
     base, experts, n_params = build_family()
@@ -274,8 +333,10 @@ def main() -> None:
     lines = []
     if not args.skip_memory:
         counts = list(dict.fromkeys(DEFAULT_THREADS if s == "default" else int(s) for s in settings))
-        lines += materializer_bandwidth(base, experts, args.reps, counts)
+        lines += materializer_bandwidth(base, experts, args.reps, counts, args.order_stats_grid)
         print("\n".join(lines), flush=True)
+    if args.stats_memory:
+        lines += stats_memory(["none", "65536"])
     if not args.skip_disk:
         lines += disk_merge(base, experts, settings)  # prints each comparison as it finishes
     if args.json is not None:

@@ -163,7 +163,8 @@ class Materializer:
 
         `compile="auto"` compiles the fused paths with `torch.compile` when the model is large
         enough for that to pay off; `order_stats_grid` is how many ranks of each expert's sorted
-        |task vector| are kept per tensor (default 65,536: about 2 MB per expert and tensor; a
+        |task vector| are kept per tensor (default 65,536, at most one per 256 entries: 12 bytes each,
+        so at most 0.8 MB per expert and tensor and under 2% of the task vectors; a
         candidate's thresholds then cost one compiled counting pass over each pruned expert's
         tensor and a selection over the few entries between two grid values. None keeps all of
         it, as much memory again as the task vectors, for thresholds by binary search).

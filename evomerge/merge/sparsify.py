@@ -128,7 +128,7 @@ class MagnitudeOrderStats:
 
     `values` holds ascending |delta| at the ascending ranks `ranks`; `ranks is None` means `values`
     is the full sorted vector. Grid stats (tensors larger than `grid`) keep `grid` evenly spaced
-    ranks plus, for each, how many entries lie below its value (`below`) and at or below it
+    ranks (at most one per GRID_SPACING entries) plus, for each, how many entries lie below its value (`below`) and at or below it
     (`not_above`). Either way `rank_bounds` is exact: between two grid ranks the value at any rank
     is bracketed, so only the entries inside the bracket (about numel / grid) are selected over.
     Build it from the delta the kernel will sparsify, i.e. `task_vectors(base, experts)[i]`
@@ -143,19 +143,24 @@ class MagnitudeOrderStats:
 
     @classmethod
     def from_delta(cls, delta: torch.Tensor, grid: int | None = 65536) -> "MagnitudeOrderStats":
-        """Sort |delta| once; keep all of it if numel <= grid (or grid is None), else `grid` evenly spaced ranks."""
+        """Sort |delta| once; keep all of it if numel <= grid (or grid is None), else evenly spaced ranks:
+        `grid` of them, or one per GRID_SPACING entries when that is fewer (a bracket then holds about
+        GRID_SPACING entries, which a selection handles as fast as fewer), 12 bytes each."""
         sorted_magnitudes = _sort_magnitudes(_magnitudes(delta))
         n = sorted_magnitudes.numel()
         if grid is None or n <= grid:
             return cls(numel=n, values=sorted_magnitudes)
         if grid < 2:
             raise ValueError(f"grid must be >= 2 (or None for full stats); got {grid}")
-        # Spacing (n - 1) / (grid - 1) > 1, so rounded ranks are strictly increasing, from 0 to n - 1.
-        ranks = torch.linspace(0, n - 1, grid, dtype=torch.float64).round().long().to(delta.device)
+        points = min(grid, max(2, n // GRID_SPACING))
+        # Spacing (n - 1) / (points - 1) > 1, so rounded ranks are strictly increasing, from 0 to n - 1.
+        ranks = torch.linspace(0, n - 1, points, dtype=torch.float64).round().long().to(delta.device)
         values = sorted_magnitudes[ranks].clone()
         below = torch.searchsorted(sorted_magnitudes, values, right=False)
         not_above = torch.searchsorted(sorted_magnitudes, values, right=True)
-        return cls(numel=n, values=values, ranks=ranks.cpu(), below=below.cpu(), not_above=not_above.cpu())
+        index = torch.int32 if n < 2**31 else torch.int64
+        return cls(numel=n, values=values, ranks=ranks.to("cpu", index), below=below.to("cpu", index),
+                   not_above=not_above.to("cpu", index))
 
     @property
     def is_exact(self) -> bool:
@@ -338,7 +343,8 @@ def _exact_rank_bound(magnitudes: torch.Tensor, rank: int) -> RankBound:
     return RankBound(rank, float(value), below, equal)
 
 
-RANK_BLOCK = 256  # entries per block of a bracket scan: blocks holding a bracket member are gathered whole
+RANK_BLOCK = 64  # entries per block of a bracket scan: blocks holding a bracket member are gathered whole
+GRID_SPACING = 256  # grid stats keep at most one rank per this many entries (a bracket: ~this many members)
 SCAN_CHUNK = 1 << 16  # entries per step of an eager scan (a multiple of RANK_BLOCK), cache-sized
 
 
@@ -390,13 +396,14 @@ def bracket_members(flat: torch.Tensor, a: float, b: float,
         return _scan_bracket(flat, a, b, count_below=False)[1:]
     dtype = work_dtype(flat)
     whole = counts.numel() * RANK_BLOCK
-    blocks = torch.nonzero(counts).squeeze(1)  # (H,)
-    offsets = torch.arange(RANK_BLOCK, device=flat.device)
-    values = torch.cat([flat[:whole].view(-1, RANK_BLOCK)[blocks].reshape(-1), flat[whole:]]).abs().to(dtype)
-    indices = torch.cat([(blocks[:, None] * RANK_BLOCK + offsets).reshape(-1),
-                         torch.arange(whole, flat.numel(), device=flat.device)])
-    inside = (values >= a) & (values <= b)
-    return values[inside], indices[inside]
+    blocks = torch.nonzero(counts).squeeze(1)  # (H,) ascending
+    gathered = flat[:whole].view(-1, RANK_BLOCK)[blocks].abs().to(dtype)  # (H, RANK_BLOCK)
+    hits = torch.nonzero((gathered >= a) & (gathered <= b))  # (M, 2), row-major: ascending flat index
+    tail = flat[whole:].abs().to(dtype)
+    tail_hits = torch.nonzero((tail >= a) & (tail <= b)).squeeze(1)
+    values = torch.cat([gathered[hits[:, 0], hits[:, 1]], tail[tail_hits]])
+    indices = torch.cat([blocks[hits[:, 0]] * RANK_BLOCK + hits[:, 1], tail_hits + whole])
+    return values, indices
 
 
 def select_in_bracket(flat: torch.Tensor, rank: int, a: float, b: float, below: int,
