@@ -118,3 +118,13 @@ def test_tie_runs_are_cut_exactly(tmp_path, tied_family, grid, method, settings)
     if method.startswith("breadcrumbs"):
         per_expert["gamma"] = [0.01, 0.1, 0.2]
     assert_scored_equals_exported(tmp_path, tied_family, materializer, method, per_expert, settings)
+
+
+def test_compiled_bracket_counts_cut_tie_runs_exactly(tmp_path, tied_family):
+    """The compiled path (one counting pass per tensor, merge passes split at the cuts) equals the export too."""
+    materializer = Materializer.from_folders(tied_family[0], tied_family[1], device="cpu", seed=11, compile=True,
+                                             order_stats_grid=1024)
+    per_expert = {"weight": [0.9, 0.5, 0.7], "density": [0.3, 0.55, 0.8], "gamma": [0.01, 0.1, 0.2]}
+    for method in ("ties", "breadcrumbs_ties"):
+        assert_scored_equals_exported(tmp_path / method, tied_family, materializer, method, per_expert)
+    assert materializer._ops.compile, "torch.compile fell back to eager"
