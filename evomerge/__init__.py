@@ -2,6 +2,7 @@
 
 Heavy submodules load on first use, so `import evomerge` stays fast:
     evomerge.Run.load("runs/<name>")      inspect a search (Pareto set, log, plots, export)
+    evomerge.Search.create("run.yaml")    a search to drive: .step() one generation, .run() to the budget
     evomerge.start_search("run.yaml")     the Python side of `evomerge search`
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Run": ("evomerge.runs.run", "Run"),
+    "Search": ("evomerge.runs.search", "Search"),
     "start_search": ("evomerge.runs.search", "start_search"),
     "resume_search": ("evomerge.runs.search", "resume_search"),
     "merge_recipe": ("evomerge.merge.engine", "merge_recipe"),
