@@ -66,7 +66,7 @@ def test_corner_genomes_decode_to_the_obvious_task_level_merges():
 
 
 @pytest.mark.parametrize("name", ["task_arithmetic_per_layer", "ties_per_layer", "dare_ties_per_block",
-                                  "task_arithmetic_attn_mlp_per_block"])
+                                  "task_arithmetic_attn_mlp_per_block", "task_arithmetic_depth_curve"])
 def test_genome_yaml_evomerge_merge_reproduces_materializer(tmp_path, family, name):
     base, experts = family
     space = SearchSpace.load(name).bind(num_layers=4, num_experts=2)
@@ -177,3 +177,25 @@ def test_decode_equals_the_recipe_path_it_replaced(family, name):
                 assert (None if expected is None else tuple(expected)) == got, (tensor_name, param)
         assert decoded.materializer_settings() == {("lambda_" if k == "lambda" else k): v
                                                     for k, v in space.space.settings.items()}
+
+
+def test_a_depth_curve_is_a_mergekit_gradient_over_its_control_points():
+    """granularity `curve`: each expert's weight is 3 anchors interpolated linearly over depth, so the
+    layer values are np.interp of the anchors at layer / (L - 1), and the recipe holds the anchors."""
+    bound = SearchSpace.load("task_arithmetic_depth_curve").bind(num_layers=5, num_experts=2)
+    assert bound.dim == 3 * 2 and bound.num_blocks == 3 and list(bound.gene_blocks) == [0, 0, 1, 1, 2, 2]
+    genome = np.array([0.0, 1.2, 1.0, 0.6, 0.5, 0.0])  # (control point, expert)
+    anchors = genome.reshape(3, 2)
+    weight = bound.per_layer(genome)["weight"][0]  # (K, L)
+    for k in range(2):
+        np.testing.assert_allclose(weight[k], np.interp(np.linspace(0, 1, 5), [0, 0.5, 1], anchors[:, k]), atol=1e-12)
+    decoded = bound.decode(genome)
+    assert decoded.settings["weight"] == ([0.0, 1.0, 0.5], [1.2, 0.6, 0.0])
+    corners = bound.corner_genomes()
+    assert [tuple(bound.per_layer(g)["weight"][0][:, 2]) for g in corners] == [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0),
+                                                                               (1.0, 1.0)]
+    with pytest.raises(SearchSpaceError, match="4 control points for a model of 3 layers"):
+        SearchSpace.from_dict({**bound.space.to_dict(), "control_points": 4}).bind(num_layers=3, num_experts=2)
+    with pytest.raises(SearchSpaceError, match="`control_points` only applies to granularity `curve`"):
+        SearchSpace.from_dict({"name": "x", "method": "ties", "control_points": 3,
+                               "parameters": {"weight": {"low": 0, "high": 1}}})

@@ -35,7 +35,7 @@ from evomerge.merge.params import resolve_setting, to_float
 from evomerge.merge.recipe import GLOBAL_PARAMETERS, MODEL_PARAMETERS, MergeRecipe, load_recipe
 
 SEARCHABLE = ("weight", "density", "gamma", "epsilon")
-GRANULARITIES = ("global", "block", "layer")
+GRANULARITIES = ("global", "block", "layer", "curve")
 # Component name -> mergekit filter substring. Order matters: the first matching filter wins.
 COMPONENT_FILTERS = {"attention": "self_attn", "mlp": "mlp"}
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "search_spaces"
@@ -59,6 +59,7 @@ class SearchSpace:
     method: str
     granularity: str = "layer"
     block_size: int = 1
+    control_points: int = 3  # granularity `curve`: anchors of each depth curve
     parameters: Mapping[str, Bounds] = field(default_factory=dict)
     components: tuple[str, ...] = ()  # e.g. ("attention", "mlp"); "rest" is implied when non-empty
     settings: Mapping[str, Any] = field(default_factory=dict)  # fixed global method parameters
@@ -67,7 +68,8 @@ class SearchSpace:
     # ------------------------------------------------------------- construction
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<search space>") -> "SearchSpace":
-        known = {"name", "method", "granularity", "block_size", "parameters", "components", "settings", "description"}
+        known = {"name", "method", "granularity", "block_size", "control_points", "parameters", "components", "settings",
+                 "description"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SearchSpaceError(f"{source}: field `{unknown[0]}` is not supported; fields: {sorted(known)}")
@@ -85,6 +87,11 @@ class SearchSpace:
             raise SearchSpaceError(f"{source}: field `block_size` must be >= 1, got {block_size}")
         if granularity != "block" and "block_size" in data:
             raise SearchSpaceError(f"{source}: field `block_size` only applies to granularity `block`")
+        control_points = int(data.get("control_points", 3))
+        if control_points < 2:
+            raise SearchSpaceError(f"{source}: field `control_points` must be >= 2, got {control_points}")
+        if granularity != "curve" and "control_points" in data:
+            raise SearchSpaceError(f"{source}: field `control_points` only applies to granularity `curve`")
         params: dict[str, Bounds] = {}
         raw_params = data["parameters"]
         if not isinstance(raw_params, Mapping) or not raw_params:
@@ -116,6 +123,7 @@ class SearchSpace:
                     f"{source}: field `settings.{key}` is not a setting of {method!r}; valid: {sorted(GLOBAL_PARAMETERS[method])}"
                 )
         return cls(name=str(data["name"]), method=method, granularity=granularity, block_size=block_size,
+                   control_points=control_points,
                    parameters=params, components=components, settings=settings,
                    description=str(data.get("description", "")))
 
@@ -135,6 +143,8 @@ class SearchSpace:
         data: dict[str, Any] = {"name": self.name, "method": self.method, "granularity": self.granularity}
         if self.granularity == "block":
             data["block_size"] = self.block_size
+        if self.granularity == "curve":
+            data["control_points"] = self.control_points
         data["parameters"] = {k: {"low": b.low, "high": b.high} for k, b in self.parameters.items()}
         if self.components:
             data["components"] = list(self.components)
@@ -155,8 +165,13 @@ class SearchSpace:
             block_of_layer = [0] * num_layers
         elif self.granularity == "block":
             block_of_layer = [layer // self.block_size for layer in range(num_layers)]
-        else:
+        elif self.granularity == "layer":
             block_of_layer = list(range(num_layers))
+        else:  # curve: genes are anchors along depth, not layers
+            if self.control_points > max(2, num_layers):
+                raise SearchSpaceError(f"search space {self.name!r}: {self.control_points} control points for a model "
+                                       f"of {num_layers} layers; use at most {max(2, num_layers)}")
+            block_of_layer = []
         return BoundSpace(self, num_layers, num_experts, tuple(block_of_layer))
 
 
@@ -228,15 +243,20 @@ class BoundSpace:
     space: SearchSpace
     num_layers: int
     num_experts: int
-    block_of_layer: tuple[int, ...]
+    block_of_layer: tuple[int, ...]  # empty for granularity `curve`
 
     @property
     def method(self) -> str:
         return self.space.method
 
     @property
+    def is_curve(self) -> bool:
+        return self.space.granularity == "curve"
+
+    @property
     def num_blocks(self) -> int:
-        return max(self.block_of_layer) + 1
+        """Gene groups along depth: blocks of layers, or a curve's control points."""
+        return self.space.control_points if self.is_curve else max(self.block_of_layer) + 1
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -267,8 +287,8 @@ class BoundSpace:
 
     @property
     def gene_blocks(self) -> np.ndarray:
-        """(dim,) block (layer, group of layers, or 0 for the whole stack) of each gene, non-decreasing:
-        where crossovers may split."""
+        """(dim,) block (layer, group of layers, control point, or 0 for the whole stack) of each gene,
+        non-decreasing: where crossovers may split."""
         return np.repeat(np.arange(self.num_blocks), self.dim // self.num_blocks)
 
     def gene_names(self) -> list[str]:
@@ -317,20 +337,39 @@ class BoundSpace:
         return np.stack([self.task_level_genome({"weight": w}) for w in subsets])
 
     def per_layer(self, genome: np.ndarray) -> dict[str, np.ndarray]:
-        """{param: array (groups, K, L)}: each gene expanded to the layers of its block."""
-        genes = self.check(genome).reshape(self._shape)[list(self.block_of_layer)]  # (L, G, P, K)
+        """{param: array (groups, K, L)}: each layer's value (a block's gene, or a curve at the layer's depth)."""
+        if self.is_curve:  # resolved as the materializer resolves the decoded setting at each layer's depth
+            settings = self.decode(genome).settings
+            depth = [layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0 for layer in range(self.num_layers)]
+            out = {}
+            for pname, per_expert in settings.items():
+                arr = np.empty((len(self.groups), self.num_experts, self.num_layers))
+                for k, setting in enumerate(per_expert):
+                    for g in range(len(self.groups)):
+                        value = setting[g]["value"] if self.space.components else setting
+                        arr[g, k] = [resolve_setting(value, "", t, cast=to_float) for t in depth]
+                out[pname] = arr
+            return out
+        genes = self._anchors(genome)  # (L, G, P, K)
         return {pname: np.ascontiguousarray(genes[:, :, p, :].transpose(1, 2, 0))
                 for p, pname in enumerate(self.param_names)}
+
+    def _anchors(self, genome: np.ndarray) -> np.ndarray:
+        """(anchors, G, P, K): a curve's control points, or each layer's block genes."""
+        genes = self.check(genome).reshape(self._shape)
+        return genes if self.is_curve else genes[list(self.block_of_layer)]
 
     # ------------------------------------------------------------- the decoder
     def decode(self, genome: np.ndarray) -> DecodedGenome:
         """The genome as recipe settings: per parameter and expert a scalar when constant across
-        depth, else one anchor per layer; per group a {filter, value} entry when components are searched."""
+        depth, else a mergekit gradient (one anchor per layer, or a curve's control points); per group
+        a {filter, value} entry when components are searched."""
+        anchors = self._anchors(genome)  # (anchors along depth, G, P, K)
         settings: dict[str, tuple[Any, ...]] = {}
-        for pname, values in self.per_layer(genome).items():  # (G, K, L)
+        for p, pname in enumerate(self.param_names):
             per_expert = []
             for k in range(self.num_experts):
-                by_group = [_gradient(values[g, k]) for g in range(len(self.groups))]
+                by_group = [_gradient(anchors[:, g, p, k]) for g in range(len(self.groups))]
                 if self.space.components:
                     entries = [{"filter": COMPONENT_FILTERS[c], "value": by_group[g]}
                                for g, c in enumerate(self.space.components)]
