@@ -32,7 +32,8 @@ import yaml
 from evomerge.merge.layers import LayerMap, TensorPosition
 from evomerge.merge.materializer import CoefficientFn, TensorCoefficients
 from evomerge.merge.params import resolve_setting, to_float
-from evomerge.merge.recipe import GLOBAL_PARAMETERS, MODEL_PARAMETERS, MergeRecipe, load_recipe
+from evomerge.merge.methods import METHODS, method_row
+from evomerge.merge.recipe import MergeRecipe, load_recipe
 
 SEARCHABLE = ("weight", "density", "gamma", "epsilon")
 GRANULARITIES = ("global", "block", "layer", "curve")
@@ -77,8 +78,9 @@ class SearchSpace:
             if required not in data:
                 raise SearchSpaceError(f"{source}: field `{required}` is required")
         method = data["method"]
-        if method not in MODEL_PARAMETERS:
-            raise SearchSpaceError(f"{source}: field `method`: unknown method {method!r}; valid: {sorted(MODEL_PARAMETERS)}")
+        if method not in METHODS:
+            raise SearchSpaceError(f"{source}: field `method`: unknown method {method!r}; valid: {sorted(METHODS)}")
+        row = method_row(method)  # what the method takes, its defaults and valid ranges
         granularity = data.get("granularity", "layer")
         if granularity not in GRANULARITIES:
             raise SearchSpaceError(f"{source}: field `granularity`: {granularity!r} is not one of {list(GRANULARITIES)}")
@@ -100,17 +102,18 @@ class SearchSpace:
             where = f"{source}: field `parameters.{pname}`"
             if pname not in SEARCHABLE:
                 raise SearchSpaceError(f"{where}: not searchable; searchable: {list(SEARCHABLE)}")
-            if pname not in MODEL_PARAMETERS[method]:
-                raise SearchSpaceError(f"{where}: {method!r} has no such parameter; it takes {sorted(MODEL_PARAMETERS[method])}")
+            rule = row.per_model.get(pname)
+            if rule is None:
+                raise SearchSpaceError(f"{where}: {method!r} has no such parameter; it takes {sorted(row.per_model)}")
             if not isinstance(spec, Mapping) or set(spec) != {"low", "high"}:
                 raise SearchSpaceError(f"{where}: expected {{low: ..., high: ...}}, got {spec!r}")
             low, high = float(spec["low"]), float(spec["high"])
             if not low < high:
                 raise SearchSpaceError(f"{where}: low {low} must be below high {high}")
-            if pname in ("density", "gamma", "epsilon") and not (0.0 <= low and high <= 1.0):
-                raise SearchSpaceError(f"{where}: bounds must lie in [0, 1], got [{low}, {high}]")
+            if not (rule.low <= low and high <= rule.high):
+                raise SearchSpaceError(f"{where}: bounds must lie in [{rule.low:g}, {rule.high:g}], got [{low}, {high}]")
             params[pname] = Bounds(low, high)
-        if "weight" in MODEL_PARAMETERS[method] and "weight" not in params:
+        if "weight" in row.per_model and "weight" not in params:
             raise SearchSpaceError(f"{source}: field `parameters.weight` is required for {method!r}")
         components = tuple(data.get("components") or ())
         for comp in components:
@@ -118,10 +121,9 @@ class SearchSpace:
                 raise SearchSpaceError(f"{source}: field `components`: unknown component {comp!r}; valid: {list(COMPONENT_FILTERS)}")
         settings = dict(data.get("settings") or {})
         for key in settings:
-            if key not in GLOBAL_PARAMETERS[method]:
+            if key not in row.settings:
                 raise SearchSpaceError(
-                    f"{source}: field `settings.{key}` is not a setting of {method!r}; valid: {sorted(GLOBAL_PARAMETERS[method])}"
-                )
+                    f"{source}: field `settings.{key}` is not a setting of {method!r}; valid: {sorted(row.settings)}")
         return cls(name=str(data["name"]), method=method, granularity=granularity, block_size=block_size,
                    control_points=control_points,
                    parameters=params, components=components, settings=settings,
