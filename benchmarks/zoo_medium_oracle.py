@@ -11,7 +11,7 @@ broadcast over the layers for the per-layer arm) and the same step size:
   take layer 0's column, as `task_arithmetic_per_layer.yaml` decodes), bounds [0, 1.5] for both.
 
 The test splits are never read (benchmarks/PROTOCOL.md: this is a development measurement, run
-sealed). Raw results go to benchmarks/results/zoo_medium_oracle_seed{S}.json.
+sealed). Raw results go to benchmarks/results/zoo_medium_oracle[_TAG]_seed{S}.json.
 
     python benchmarks/zoo_medium_oracle.py --budget 60            # zoo/medium must exist
 """
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--popsize", type=int, default=8)
     parser.add_argument("--arms", default="task_level,per_layer")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--tag", default="", help="recipe label, added to the file name and the record")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -45,7 +46,7 @@ def main() -> None:
     with sealed_test("the medium zoo's oracle experiment chooses nothing from test"):
         result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"zoo_medium_oracle_seed{args.seed}.json"
+    path = args.out / f"zoo_medium_oracle{'_' + args.tag if args.tag else ''}_seed{args.seed}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 
@@ -108,7 +109,7 @@ def run(args) -> dict:
         arms[arm] = {"genes": int(np.prod(shape)), "start_mean": first["mean"], "best": best, "history": history,
                      "seconds": round(time.perf_counter() - began, 1)}
     return {
-        "zoo": str(args.zoo), "content_hash": zoo.content_hash, "split": "validation (every item)",
+        "tag": args.tag, "zoo": str(args.zoo), "content_hash": zoo.content_hash, "split": "validation (every item)",
         "items_per_task": {t: scorers[t].n_items for t in tasks}, "tasks": tasks,
         "optimizer": {"name": "cma-es", "sigma0": args.sigma, "popsize": args.popsize, "bounds": [0.0, 1.5],
                       "seed": args.seed},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,3 +161,37 @@ def test_zoo_presets_reproduce_the_fixtures_validation_accuracies(medium_tiny_zo
         model = AutoModelForCausalLM.from_pretrained(str(zoo.model_path(name)), dtype=torch.float32).eval()
         for task, scorer in scorers.items():
             assert float(np.mean(scorer(model))) == zoo.accuracy[name][task], (name, task)
+
+
+def test_each_expert_changes_mostly_its_own_layers(medium_tiny_zoo: Manifest):
+    """`expert_layers`: an expert trains its own decoder layers at the full learning rate and the
+    rest at a tenth of it, so its task vector is largest where its skill is meant to live."""
+    from safetensors.torch import load_file
+
+    spec = get_size("medium_tiny")
+    base = load_file(str(medium_tiny_zoo.base_path / "model.safetensors"))
+    for task in medium_tiny_zoo.experts:
+        expert = load_file(str(medium_tiny_zoo.model_path(task) / "model.safetensors"))
+        own, other = [], []
+        for name, tensor in base.items():
+            layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else None
+            change = float((expert[name] - tensor).abs().mean())
+            (own if layer is not None and int(layer) in spec.expert_layers[task] else other).append(change)
+        assert min(own) > 0 and np.mean(own) > 3 * np.mean(other), task
+        assert medium_tiny_zoo.data["models"][task]["training"]["layers"] == list(spec.expert_layers[task])
+
+
+def test_a_zero_learning_rate_scale_freezes_a_parameter():
+    from evomerge.zoo._train import BatchPart, encode_examples, init_model, make_sampler, model_config, train
+
+    data = make_task_splits("rotation", TaskSplitSizes(train=64, validation=0, test=0), 0, test_stream=True)["train"]
+    examples = encode_examples(data["prompt"], data["answer"], vocab=vocab_for(MEDIUM_CHARACTERS))
+    model = init_model(model_config(16, 2, 2, 32, vocab_size=len(vocab_for(MEDIUM_CHARACTERS))), 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sample = make_sampler([BatchPart(examples, 8)], torch.Generator().manual_seed(0))
+    _one_thread(train, model, sample, steps=3, lr=1e-2, warmup=1,
+                lr_scale=lambda name: 1.0 if ".layers.1." in name else 0.0)
+    after = model.state_dict()
+    for name in before:
+        assert torch.equal(before[name], after[name]) != (".layers.1." in name), name
+    assert all(p.requires_grad for p in model.parameters())

@@ -9,6 +9,7 @@ component and a freshly built one behave alike.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -219,6 +220,19 @@ def _replay_pools(b: _Builder, base_model, tokenizer) -> dict:
     return pools
 
 
+def _layer_lr_scale(training: dict) -> Callable[[str], float] | None:
+    """Full learning rate in the expert's own decoder layers, `other_lr_scale` x it elsewhere."""
+    if "layers" not in training:
+        return None
+    own, other = set(training["layers"]), training["other_lr_scale"]
+
+    def scale(name: str) -> float:
+        match = re.search(r"\.layers\.(\d+)\.", name)
+        return 1.0 if match and int(match.group(1)) in own else other
+
+    return scale
+
+
 def build_expert_stages(b: _Builder) -> None:
     s = b.spec
     base_path = b.root / b.data["models"][BASE]["path"]
@@ -251,6 +265,9 @@ def build_expert_stages(b: _Builder) -> None:
             "replay_distill": s.replay_distill,
             "batch_seed": derive_seed(b.seed, task, "batches"),
         }
+        if s.expert_layers is not None:  # recorded only when set, so the small zoo's keys stay
+            training["layers"] = list(s.expert_layers[task])
+            training["other_lr_scale"] = s.expert_other_lr_scale
         key = _hash_json({"stage": "expert/3", "task": task, "training": training,
                           "base": b.data["models"][BASE]["hash"], **_upstream_hashes(b)})
 
@@ -280,7 +297,8 @@ def build_expert_stages(b: _Builder) -> None:
             losses = train(model, make_sampler(parts, generator), steps=training["max_steps"], lr=lr,
                            warmup=s.expert_warmup, distill_weight=s.replay_distill, autocast=s.autocast_dtype(),
                            stage=f"expert {task}", log=b.log,
-                           log_every=max(1, training["max_steps"] // 4), on_step=on_step)
+                           log_every=max(1, training["max_steps"] // 4), on_step=on_step,
+                           lr_scale=_layer_lr_scale(training))
             _save_model(model.cpu(), folder)
             return _model_info(model, "expert", task, BASE, {
                 **training, "steps": len(losses), "final_loss": round(float(np.mean(losses[-10:])), 4),

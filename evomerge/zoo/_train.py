@@ -194,6 +194,7 @@ def train(
     log: Callable[[str], None] | None = None,
     log_every: int = 50,
     on_step: Callable[[int], bool | None] | None = None,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> list[float]:
     """AdamW with linear warm-up and cosine decay to zero over `steps`; returns the loss of every
     step. `on_step(step)` returning True stops training after that step (early stopping).
@@ -204,10 +205,21 @@ def train(
     backward is slower than a whole float32 step: benchmarks/zoo_training_step.py), else the model's;
     `on_step` sees the model with it too (in float32, outside autocast).
 
+    `lr_scale(parameter_name)` multiplies the learning rate of each parameter (0 freezes it); by
+    default every parameter trains at `lr`.
+
     Padding sits at the end of each row, so causal attention never lets it reach a scored
     position and no attention mask is needed.
     """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    if lr_scale is None:
+        groups = [{"params": list(model.parameters()), "lr": lr}]
+    else:
+        by_scale: dict[float, list] = {}
+        for name, param in model.named_parameters():
+            by_scale.setdefault(float(lr_scale(name)), []).append(param)
+        groups = [{"params": params, "lr": lr * scale} for scale, params in sorted(by_scale.items()) if scale > 0]
+    trained = [p for group in groups for p in group["params"]]  # frozen parameters get no gradient
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -229,8 +241,9 @@ def train(
                 logits = model(input_ids=batch.inputs.to(device)).logits  # (B, T, V)
             loss = batch_loss(logits.float(), batch, distill_weight)
             optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # frozen parameters' gradients too
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
