@@ -16,7 +16,7 @@ import click
 from evomerge.errors import USER_ERRORS, OptionError
 
 # API argument -> the flag that sets it, so an OptionError from the API names what the user typed.
-FLAGS = {"out_dir": "--out", "max_shard_bytes": "--shard-size", "device": "--device"}
+FLAGS = {"out_dir": "--out", "max_shard_bytes": "--shard-size", "device": "--device", "by": "--choose-by"}
 
 
 def _fail(exc: Exception) -> None:
@@ -192,18 +192,25 @@ def resume_command(run_dir: Path, address: str | None, quiet: bool) -> None:
         _fail(exc)
 
 
+CHOOSE_BY_HELP = ("How the default member is chosen: mean (the highest mean over tasks, the worst task breaking "
+                  "ties), worst (the highest worst task, the mean breaking ties), or W1,W2,... (one weight per task "
+                  "in the run's task order, normalised; the worst task breaking ties).")
+
+
 @main.command("pareto")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def pareto_command(run_dir: Path) -> None:
+@click.option("--choose-by", "choose_by", default="mean", show_default=True, help=CHOOSE_BY_HELP)
+def pareto_command(run_dir: Path, choose_by: str) -> None:
     """Print the run's Pareto set (estimated accuracy per task; test scores once verified)."""
     import pandas as pd
 
-    from evomerge.runs.run import Run
+    from evomerge.runs.run import ChoiceRule, Run
 
     try:
         run = Run.load(run_dir)
+        rule = ChoiceRule.parse(choose_by, run.tasks)
         frame = run.pareto
-        chosen = run.best_balanced() if not frame.empty else None
+        chosen = run.best_balanced(rule) if not frame.empty else None
     except _run_errors() as exc:
         _fail(exc)
     if frame.empty:
@@ -215,9 +222,10 @@ def pareto_command(run_dir: Path) -> None:
     table.insert(0, "export", ["*" if member == chosen else "" for member in table.index])
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.precision", 3):
         click.echo(table.to_string())
-    click.echo(f"\n* member {chosen}: what `evomerge export` takes by default (the highest mean over tasks, then the "
-               "highest worst task);\n  `evomerge export --finalists N` re-scores the N best on the whole fitness "
-               "split and may take another.")
+    flag = "" if rule.by == "mean" else f" --choose-by {choose_by}"
+    click.echo(f"\n* member {chosen}: what `evomerge export{flag}` takes by default ({rule.describe()});\n"
+               f"  `evomerge export{flag} --finalists N` re-scores the N best on the whole fitness split and may "
+               "take another.")
 
 
 @main.command("verify")
@@ -240,28 +248,32 @@ def verify_command(run_dir: Path, members: tuple[int, ...], role: str, quiet: bo
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--member", "member", type=int, default=None,
-              help="Candidate id (default: the best balanced member by the compressed fitness).")
+              help="Candidate id (default: the best Pareto member by --choose-by on the compressed fitness).")
 @click.option("--finalists", type=int, default=None,
               help="Without --member: score this many best Pareto members on the whole fitness split and "
                    "export the best of them there (recorded in verify.json).")
+@click.option("--choose-by", "choose_by", default=None, help=CHOOSE_BY_HELP + "  [default: mean]")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True,
               help="Replace OUT if it is a model folder evomerge wrote; never a folder holding other files, "
                    "nor an input model.")
 @click.option("--shard-size", default="5GB", show_default=True)
 @quiet_option(loads_models=False)
-def export_command(run_dir: Path, member: int | None, finalists: int | None, out_dir: Path, overwrite: bool,
-                   shard_size: str, quiet: bool) -> None:
+def export_command(run_dir: Path, member: int | None, finalists: int | None, choose_by: str | None, out_dir: Path,
+                   overwrite: bool, shard_size: str, quiet: bool) -> None:
     """Write a Pareto member as a Hugging Face model folder plus recipe.yaml (mergekit format)."""
-    from evomerge.runs.run import Run
+    from evomerge.runs.run import ChoiceRule, Run
 
     if member is not None and finalists is not None:
         _fail(click.UsageError("give --member or --finalists, not both"))
+    if member is not None and choose_by is not None:
+        _fail(click.UsageError("give --member or --choose-by, not both"))
     try:
         run = Run.load(run_dir)
-        run.check_export(out_dir, overwrite=overwrite, max_shard_bytes=shard_size)  # before any scoring
+        rule = ChoiceRule.parse(choose_by or "mean", run.tasks)  # before any scoring
+        run.check_export(out_dir, overwrite=overwrite, max_shard_bytes=shard_size)
         if member is None:
-            member = run.choose(finalists, echo=click.echo) if finalists else run.best_balanced()
+            member = run.choose(finalists, by=rule, echo=click.echo) if finalists else run.best_balanced(rule)
         path = run.export(member, out_dir, overwrite=overwrite, max_shard_bytes=shard_size, progress=not quiet)
     except _run_errors() as exc:
         _fail(exc)

@@ -80,7 +80,50 @@ def test_the_zoo_build_reads_no_test_split(tiny_zoo):
 # --------------------------------------------------------------------------- the demo
 
 
-def test_demo_reads_test_only_in_its_final_report(run_workspace, tmp_path, capsys):
+def hand_scored_accuracy(model_dir: Path, task_dir: Path, split: str) -> float:
+    """Multiple-choice accuracy, one unpadded forward per choice in float64: the gold choice must have
+    the highest summed log-probability of its tokens after the prompt (independent of evomerge's scorer)."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    correct = []
+    for item in datasets.load_from_disk(str(task_dir))[split]:
+        prompt_ids = tokenizer(item["prompt"]).input_ids
+        scores = []
+        for choice in item["choices"]:
+            choice_ids = tokenizer(choice, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + choice_ids])).logits[0].double()  # (T, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            scores.append(sum(logp[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(choice_ids)))
+        correct.append(int(np.argmax(scores)) == item["label"])
+    return float(np.mean(correct))
+
+
+def merged_on_disk(workspace: Path, out: Path, method: str, weights, density=None) -> Path:
+    """A baseline written by the streaming `merge` engine from a mergekit YAML (not the demo's
+    in-memory materializer), so the test's numbers come by another path."""
+    from evomerge.merge.engine import merge_recipe
+
+    parameters = [{"weight": float(w), **({"density": density} if density is not None else {})} for w in weights]
+    experts = [{"model": str(workspace / "fam" / f"expert_{i}"), "parameters": p} for i, p in enumerate(parameters)]
+    if method == "linear":  # a weighted mean of the experts (normalised: mergekit's default)
+        recipe = {"merge_method": method, "dtype": "float32", "models": experts}
+    else:
+        recipe = {"merge_method": method, "base_model": str(workspace / "fam" / "base"), "dtype": "float32",
+                  "models": [{"model": str(workspace / "fam" / "base")}] + experts}
+    return merge_recipe(recipe, out).out_dir
+
+
+def test_demo_reads_test_only_in_its_final_report_and_its_verdicts_are_right(run_workspace, tmp_path, capsys):
+    """The demo's steps 1-4 read no test split, its report does; the report's last block ("beats X by
+    +N.N points" / "does not beat X (-N.N)") equals differences computed here from models written
+    to disk by the streaming engine (or exported) and scored by hand."""
+    import re
+
     from evomerge.demo import DemoPaths, develop, report
     from evomerge.testing import write_run_config
 
@@ -88,17 +131,55 @@ def test_demo_reads_test_only_in_its_final_report(run_workspace, tmp_path, capsy
     paths = DemoPaths(calibration=tmp_path / "never_needed.yaml", fitness=run_workspace / "fitness" / "mc",
                       run_config=config, export=tmp_path / "export", zoo_dir=None)
     with recorded_test_reads() as reads:
-        run, member = develop(paths)  # sealed: a test read in steps 1-4 would raise
+        run, member, corner = develop(paths)  # sealed: a test read in steps 1-4 would raise
         assert reads == []
         assert not is_sealed()
         assert (paths.export / "recipe.yaml").is_file()
         assert set(run.verified()) == {"fitness"}  # the choice scored finalists on the fitness split only
-        table = report(run, member)
+        text = report(run, member, corner)
     assert {r.task for r in reads} == {"sums_a", "sums_b"} and {r.role for r in reads} == {"test"}
-    assert f"evomerge member {member}" in table
     assert set(run.verified()) == {"fitness", "test"}
+    assert set(run.verified()["test"]) == {str(i) for i in run.pareto.index}  # all verified, a few printed
     out = capsys.readouterr().out
-    assert out.index("4/6 choose") < out.index("5/6 verify")
+    assert out.index("4/6 choose") < out.index("5/6 verify") < out.index("6/6")
+
+    tasks = ["sums_a", "sums_b"]
+    task_dirs = [run_workspace / "tasks" / t for t in tasks]
+
+    def score(model_dir: Path, split: str) -> list[float]:
+        return [hand_scored_accuracy(model_dir, d, split) for d in task_dirs]
+
+    # the best corner, chosen on validation: the highest mean (then worst task) of base, each expert, both
+    corners = [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)]
+    validation = {c: score(merged_on_disk(run_workspace, tmp_path / f"corner{c}", "task_arithmetic", c), "validation")
+                  for c in corners}
+    best = max(validation.values(), key=lambda v: (np.mean(v), min(v)))
+    assert validation[tuple(corner)] == best
+
+    fam = run_workspace / "fam"
+    models = {"base": fam / "base", "expert: expert_0": fam / "expert_0", "expert: expert_1": fam / "expert_1",
+              "uniform task arithmetic (w=1)": merged_on_disk(run_workspace, tmp_path / "uniform", "task_arithmetic", [1, 1]),
+              "averaging (w=1/K)": merged_on_disk(run_workspace, tmp_path / "average", "linear", [1, 1]),
+              "TIES (w=1, density 0.5)": merged_on_disk(run_workspace, tmp_path / "ties", "ties", [1, 1], density=0.5)}
+    taken = "+".join(f"expert_{i}" for i, w in enumerate(corner) if w) or "base"
+    models[f"best corner on validation ({taken})"] = merged_on_disk(run_workspace, tmp_path / "corner", "task_arithmetic",
+                                                                      corner)
+    test = {label: score(path, "test") for label, path in models.items()}
+    chosen = score(run.export(member, tmp_path / "member"), "test")
+    expected = []
+    for label, scores in test.items():
+        diff = 100 * (np.mean(chosen) - np.mean(scores))
+        expected.append(f"beats {label} by {diff:+.1f} points (test mean)" if diff > 0
+                        else f"does not beat {label} ({diff:+.1f})")
+    lines = text.splitlines()
+    verdicts = lines[lines.index(f"evomerge member {member}, chosen on validation, on the full test split:") + 1:]
+    assert [line.strip() for line in verdicts] == expected
+    # the table's rows (per task, mean, worst) agree with the hand-scored numbers too
+    table = text.split("\n\n")[0].splitlines()[2:]  # below the header and its rule
+    rows = {re.split(r"\s{2,}", line)[0]: line.split()[-4:] for line in table}
+    assert len(rows) == len(test) + 1
+    for label, scores in {**test, f"evomerge member {member}": chosen}.items():
+        assert rows[label] == [f"{v:.3f}" for v in [*scores, np.mean(scores), min(scores)]], label
     shutil.rmtree(run.path)
 
 

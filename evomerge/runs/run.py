@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -105,14 +105,27 @@ class Run:
         # first format: one split's scores under "members"
         return {data.get("split", "test"): data["members"]} if data.get("members") else {}
 
-    def choose(self, finalists: int = 5, *, among: list[int] | None = None, device: str | None = None,
-               echo=print) -> int:
-        """The member to take without looking at the test split: the `finalists` Pareto members with
-        the best compressed-fitness mean (the worst task breaking ties) are scored on the whole
-        fitness split, and the best mean there wins (ties: the better compressed fitness).
-        `among`: choose from these candidate ids instead of the Pareto set.
+    def ranked(self, by: ChooseBy = "mean", frame: pd.DataFrame | None = None) -> list[int]:
+        """Pareto member ids (or `frame`'s rows: a column per task), best first by the rule `by`
+        (`ChoiceRule`) applied to the compressed-fitness estimates."""
+        frame = self.pareto if frame is None else frame
+        if frame.empty:
+            raise RunStoreError(f"{self.path}: the Pareto set is empty")
+        return ChoiceRule.parse(by, self.tasks).ranked(frame)
+
+    def choose(self, finalists: int = 5, *, by: ChooseBy = "mean", among: list[int] | None = None,
+               device: str | None = None, echo=print) -> int:
+        """The member to take without looking at the test split: the `finalists` Pareto members
+        ranked best by the rule `by` on the compressed fitness are scored on the whole fitness split,
+        and the best by the same rule there wins (full ties: the better compressed-fitness rank).
+        `by`: "mean" (the default; the worst task breaking ties), "worst" (the mean breaking ties),
+        or one weight per task in the run's task order (normalised; the worst task breaking ties);
+        see `ChoiceRule`. `among`: choose from these candidate ids instead of the Pareto set.
 
         Costs finalists x (fitness split items) item evaluations; recorded in verify.json."""
+        rule = ChoiceRule.parse(by, self.tasks)  # a bad rule fails before any scoring
+        if finalists < 1:
+            raise ValueError(f"finalists must be at least 1, got {finalists}")
         if among is None:
             frame = self.pareto
         else:
@@ -121,22 +134,16 @@ class Run:
             frame = frame.assign(mean=frame.mean(axis=1))
         if frame.empty:
             raise RunStoreError(f"{self.path}: the Pareto set is empty")
-        if finalists < 1:
-            raise ValueError(f"finalists must be at least 1, got {finalists}")
-        worst = frame[self.tasks].min(axis=1)
-        ranked = [int(i) for i in frame.assign(worst=worst).sort_values(["mean", "worst"], ascending=False).index]
-        shortlist = ranked[:finalists]
+        shortlist = rule.ranked(frame)[:finalists]
         scores = self.verify(shortlist, role="fitness", device=device, echo=echo)
-        best = max(range(len(shortlist)), key=lambda r: (np.mean(list(scores[str(shortlist[r])].values())), -r))
-        return shortlist[best]
+        full = pd.DataFrame([scores[str(i)] for i in shortlist], index=shortlist)[self.tasks]
+        return rule.ranked(full)[0]  # a stable sort: full ties keep the compressed-fitness order
 
-    def best_balanced(self) -> int:
-        """The Pareto member with the highest mean over tasks (the worst task breaking ties)."""
-        frame = self.pareto
-        if frame.empty:
-            raise RunStoreError(f"{self.path}: the Pareto set is empty")
-        worst = frame[self.tasks].min(axis=1)
-        return int(frame.assign(worst=worst).sort_values(["mean", "worst"], ascending=False).index[0])
+    def best_balanced(self, by: ChooseBy = "mean") -> int:
+        """The Pareto member `evomerge export` takes by default: the best by the rule `by` on the
+        compressed fitness ("mean": the highest mean over tasks, the worst task breaking ties;
+        "worst"; or weights per task; see `ChoiceRule`)."""
+        return self.ranked(by)[0]
 
     # ------------------------------------------------------------- export and verify
     def check_export(self, out_dir: str | os.PathLike, *, overwrite: bool = False,
@@ -243,6 +250,74 @@ class Run:
         return plot_coefficient_heatmap(values[parameter], space.groups, [Path(e).name for e in self.config.models.experts],
                                         parameter=parameter, bounds=(spec.low, spec.high),
                                         title=f"member {candidate_id}: {parameter} per layer", axes=ax)
+
+
+ChooseBy = Union[str, Sequence[float]]
+CHOOSE_BY_NAMES = ("mean", "worst")
+
+
+@dataclass(frozen=True)
+class ChoiceRule:
+    """How a member is chosen from its per-task accuracies (`Run.choose`, `Run.best_balanced`,
+    `evomerge export --choose-by`, the marker of `evomerge pareto`):
+
+    * `mean`: the highest mean over tasks, the worst task breaking ties (the default);
+    * `worst`: the highest worst task (the best guarantee on every task), the mean breaking ties;
+    * weights, one per task in the run's task order: the highest weighted mean, the weights
+      normalised to sum to 1, the worst task breaking ties.
+
+    Members tied on both keep their order (a stable sort)."""
+
+    by: str  # "mean", "worst" or "weights"
+    tasks: tuple[str, ...]
+    weights: tuple[float, ...] | None = None  # normalised; only for by == "weights"
+
+    @classmethod
+    def parse(cls, by: "ChooseBy | ChoiceRule", tasks: Sequence[str]) -> "ChoiceRule":
+        """`by`: "mean", "worst", a sequence of weights, or the same as text ("1,0,2")."""
+        from evomerge.errors import OptionError
+
+        tasks = tuple(tasks)
+        if isinstance(by, ChoiceRule):
+            by = by.by if by.weights is None else by.weights
+        if isinstance(by, str) and by.strip().lower() in CHOOSE_BY_NAMES:
+            return cls(by.strip().lower(), tasks)
+        expected = (f"expected mean, worst or {len(tasks)} non-negative weights separated by commas, one per task "
+                    f"({','.join(tasks)})")
+        try:
+            values = [float(v) for v in (by.split(",") if isinstance(by, str) else by)]
+        except (TypeError, ValueError):
+            raise OptionError("by", f"{expected}, got {by!r}") from None
+        if len(values) != len(tasks) or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+            raise OptionError("by", f"{expected}, not all zero, got {by!r}")
+        total = sum(values)
+        return cls("weights", tasks, tuple(v / total for v in values))
+
+    def describe(self) -> str:
+        if self.by == "mean":
+            return "the highest mean over tasks, then the highest worst task"
+        if self.by == "worst":
+            return "the highest worst task, then the highest mean over tasks"
+        weights = ", ".join(f"{t} {w:.3g}" for t, w in zip(self.tasks, self.weights))
+        return f"the highest weighted mean ({weights}), then the highest worst task"
+
+    def keys(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """(primary, secondary) per row of `frame` (a column per task; a `mean` column, when there,
+        is the mean pareto.json recorded)."""
+        scores = frame[list(self.tasks)].astype(float)
+        mean = frame["mean"] if "mean" in frame.columns else scores.mean(axis=1)
+        worst = scores.min(axis=1)
+        if self.by == "mean":
+            return pd.DataFrame({"primary": mean, "secondary": worst})
+        if self.by == "worst":
+            return pd.DataFrame({"primary": worst, "secondary": mean})
+        weighted = scores.to_numpy() @ np.asarray(self.weights)
+        return pd.DataFrame({"primary": weighted, "secondary": worst}, index=frame.index)
+
+    def ranked(self, frame: pd.DataFrame) -> list[int]:
+        """`frame`'s index, best first."""
+        keys = self.keys(frame)
+        return [int(i) for i in keys.sort_values(["primary", "secondary"], ascending=False, kind="stable").index]
 
 
 GROUP_TITLES = {"attention": "attention (self_attn)", "mlp": "MLP", "rest": "rest (norms, embeddings, lm_head)",
