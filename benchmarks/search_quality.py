@@ -1,27 +1,35 @@
-"""Search quality: which optimizer finds the best merges for a fixed number of candidate evaluations.
+"""Search quality: which optimizer finds the best merges for a fixed budget of item evaluations.
 
 Two studies, one script:
 
-``zoo`` (issue 5, item 7) -- on the small zoo with its compressed fitness, equal budgets of
-candidate evaluations (default 150) and several seeds for random, CMA-ES, NSGA-II, M2N2 and MAP,
-searching per-layer task-arithmetic coefficients. Every Pareto member (by the compressed fitness,
-among the first ``budget`` candidates: runs that overshoot in their last generation are cut) is
-re-scored on the *test* split with full data (``Run.verify``), never the fitness subset, in the final step:
-every search and choice runs first with the test splits sealed (benchmarks/PROTOCOL.md). Baselines, scored the
-same way: the base, each expert, uniform task arithmetic (weight 1 per expert), plain averaging
-(linear, 1/K each), mergekit-default TIES (weight 1, density 0.5 -- mergekit has no default
-density; 0.5 is the common choice -- normalize on, as mergekit) and the zoo's best task-level grid
-merge (chosen by the zoo build on the full validation split). Item evaluations of a search =
-calibration of the compressed fitness + the run's own; the grid's = its candidates x the validation
-items of every task. Targets (printed as PASS / MISS):
-  1. the best strategy matches or beats the grid merge's mean test accuracy with fewer item
-     evaluations than the grid spent;
-  2. it beats uniform task arithmetic by at least 10 points;
-  3. M2N2 and MAP beat random search in test hypervolume at equal budget.
+``zoo`` (issue 14, item 3) -- on a built zoo (``--zoo zoo/small`` or ``zoo/medium``), every
+strategy (random, CMA-ES, NSGA-II, M2N2, MAP, or any registered optimizer) searching per-layer
+task-arithmetic coefficients with the zoo's compressed fitness, each both *unseeded* and *seeded*
+with the same warm-start set (the first ``--warm-start`` task-level corners), against baselines at
+matched total item budgets (benchmarks/search_quality_table.py says how each is matched):
+(a) the 2^K corners scored on the full validation split, the best chosen; (b) the same optimizers
+over one weight per expert (``task_arithmetic_global``); (c) a mergekit-evolve-style run: CMA-ES over
+layer groups, fitness = the mean on a fixed random subset of validation items, no IRT; (d) a
+Mergenetic-style run: GA over one global TIES weight and density per expert, 20 random items per
+task with gp-IRT calibrated on the endpoints only; (e) fixed recipes: uniform task arithmetic,
+TIES with mergekit defaults, averaging, each expert, the base.
 
-    python benchmarks/search_quality.py zoo          # full study: calibration, 15 runs, verification
-    python benchmarks/search_quality.py zoo --seeds 1 --budget 12 --strategies random,m2n2   # smoke
-    python benchmarks/search_quality.py zoo ... --record                      # also benchmarks/RESULTS.md
+Item evaluations are counted for everything: calibration, the candidates' subsets, the finalists'
+whole-validation re-scoring that chooses a member, the corners' full-split scoring. Two phases:
+
+1. development, with every test split sealed (benchmarks/PROTOCOL.md): the fitnesses, then one job
+   per (row, seed) -- search, Pareto set among the first ``budget`` candidates, the chosen member
+   (on validation only) -- in a pool of ``--jobs`` processes, one torch thread each;
+2. the final step, reading test once: each job's Pareto set and chosen member (and the fixed
+   recipes) on the full test splits.
+
+Each job writes its record to ``<results>/<row>/seedNN.json`` (``deterministic.json`` for the
+corners and the fixed recipes) the moment it finishes, and the final step adds its ``test`` field;
+``--resume`` skips finished jobs and resumes interrupted searches from their checkpoints. The tables
+(``--record``: benchmarks/RESULTS.md) are generated from those records only.
+
+    python benchmarks/search_quality.py zoo --zoo zoo/small --seeds 2 --budget 16 --strategies random,map --jobs 2
+    python benchmarks/search_quality.py zoo --zoo zoo/medium --seeds 10 --budget 120 --jobs 2 --resume --record
 
 ``synthetic`` -- the measurement behind ``evomerge.search.optimizers.PRESCREEN_DEFAULTS``: every
 registered optimizer with and without surrogate pre-screening at equal *evaluated* budgets, on
@@ -41,6 +49,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,12 +58,16 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.stats import mean_sd
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_quality_table import (ItemCosts, Row, item_evaluations, plan_budgets, report,  # noqa: E402
+                                  study_rows, test_summary)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+SPACES = Path(__file__).resolve().parent / "search_spaces"
 DEFAULT_STRATEGIES = ("random", "cma", "nsga2", "m2n2", "map")
-# Settings per strategy for a 150-evaluation per-layer search; the rest are library defaults.
+# Settings per strategy for a 100-200-evaluation search; the rest are library defaults. Warm starts
+# are a setting of the row (seeded / unseeded), not of the strategy.
 # MAP's terms="auto": the paper's full quadratic needs a design of 2 x (1 + d + d(d+1)/2) points
 # (182 for d = 12), more than the whole budget; see MAPOptimizer.
 STRATEGY_SETTINGS: dict[str, dict[str, Any]] = {
@@ -65,25 +79,15 @@ STRATEGY_SETTINGS: dict[str, dict[str, Any]] = {
     "de": {"pop_size": 20},
     "twopointsde": {"batch_size": 10},
     "ngopt": {"batch_size": 10},  # budget filled in from --budget
-    "m2n2": {"archive_size": 20, "batch_size": 4, "initial_genomes": "corners"},  # the paper starts from the seed models
-    "map": {"batch_size": 8, "terms": "auto", "initial_genomes": "corners"},
+    "m2n2": {"archive_size": 20, "batch_size": 4},
+    "map": {"batch_size": 8, "terms": "auto"},
 }
 
 
-SEEDED = "+corners"  # a strategy name with this suffix starts from the task-level corner merges
-
-
-def optimizer_name(strategy: str) -> str:
-    return strategy.removesuffix(SEEDED)
-
-
-def strategy_settings(strategy: str, budget: int) -> dict[str, Any]:
-    name = optimizer_name(strategy)
+def strategy_settings(name: str, budget: int) -> dict[str, Any]:
     settings = dict(STRATEGY_SETTINGS.get(name, {}))
     if name == "ngopt":
         settings["budget"] = budget
-    if strategy.endswith(SEEDED):
-        settings["initial_genomes"] = "corners"
     return settings
 
 
@@ -229,30 +233,18 @@ def synthetic_table(rows: list[dict], args: argparse.Namespace) -> tuple[str, di
     return "\n".join(lines) + "\n", verdicts
 
 
-# =============================================================================== zoo
-def load_or_build_zoo(zoo_dir: Path, size: str):
-    from evomerge.zoo import Manifest, build_zoo
-
-    try:
-        return Manifest.load(zoo_dir)
-    except FileNotFoundError:
-        print(f"no zoo at {zoo_dir}: building it (size {size})", flush=True)
-        return build_zoo(zoo_dir, size=size)
+# =============================================================================== zoo: fitnesses
+def quiet(*args, **kwargs) -> None:
+    pass
 
 
-def ensure_fitness(manifest, work: Path, args: argparse.Namespace) -> Path:
-    """The zoo's compressed fitness: reuse ``<work>/fitness/<name>`` or calibrate it from a config
-    written next to it (same settings as presets/fitness/examples/zoo_small_calibration.yaml)."""
+def _calibrated(manifest, work: Path, name: str, settings: dict[str, Any]) -> Path:
+    """A compressed fitness calibrated from a config written beside it; reused when it loads."""
     import yaml
 
-    from evomerge.fitness.calibrate import DEFAULT_RANDOM_MERGES, calibrate_from_config
+    from evomerge.fitness.calibrate import calibrate_from_config
     from evomerge.fitness.compressed import CompressedFitness, FitnessError
 
-    random_merges = DEFAULT_RANDOM_MERGES if args.random_merges is None else args.random_merges
-    from evomerge.fitness.calibrate import DEFAULT_IRT_DIMS, DEFAULT_SUBSET_METHOD
-
-    name = (f"zoo_{manifest.size}_{manifest.content_hash[:8]}_bench_r{random_merges}_n{args.subset}"
-            f"_{DEFAULT_SUBSET_METHOD}_d{DEFAULT_IRT_DIMS}")
     target = work / "fitness" / name
     if target.exists():
         try:
@@ -261,297 +253,470 @@ def ensure_fitness(manifest, work: Path, args: argparse.Namespace) -> Path:
             return target
         except FitnessError as exc:
             print(f"compressed fitness: {exc}; recalibrating", flush=True)
-    config = {
-        "name": name,
-        "models": {"base": str(manifest.base_path), "experts": [str(p) for p in manifest.expert_paths]},
-        "tasks": [{"preset": f"zoo_{t}", "dataset": {"path": str(manifest.task_path(t))}} for t in manifest.tasks],
-        "calibration": {"random_merges": random_merges, "method": "task_arithmetic", "weight": [0.0, 1.5],
-                        "density": [0.2, 1.0], "seed": 0},
-        "subset": {"n": args.subset, "seed": 0},  # the rest: `evomerge fitness calibrate` defaults
-    }
+    config = {"name": name,
+              "models": {"base": str(manifest.base_path), "experts": [str(p) for p in manifest.expert_paths]},
+              "tasks": [{"preset": f"zoo_{t}", "dataset": {"path": str(manifest.task_path(t))}} for t in manifest.tasks],
+              **settings}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"compressed fitness: calibrating {target} from {path}", flush=True)
-    return calibrate_from_config(path, out_dir=target, overwrite=True)
+    return calibrate_from_config(path, out_dir=target, overwrite=True, echo=quiet)
 
 
-def optimizer_block(strategy: str, factor: float | None, budget: int) -> dict[str, Any]:
-    """The run config's `optimizer` entry; `prescreen` 1 turns the surrogate pre-screening off."""
-    settings = strategy_settings(strategy, budget)
-    return {"name": optimizer_name(strategy), "settings": settings, "prescreen": 1 if factor is None else float(factor)}
+def main_fitness(manifest, work: Path, subset: int, random_merges: int | None) -> Path:
+    """The searched rows' fitness: the calibration defaults (endpoints + random merges, anchors
+    subsets of `subset` items per task, gp-IRT)."""
+    from evomerge.fitness.calibrate import DEFAULT_IRT_DIMS, DEFAULT_RANDOM_MERGES, DEFAULT_SUBSET_METHOD
+
+    merges = DEFAULT_RANDOM_MERGES if random_merges is None else random_merges
+    name = (f"zoo_{manifest.size}_{manifest.content_hash[:8]}_bench_r{merges}_n{subset}_{DEFAULT_SUBSET_METHOD}"
+            f"_d{DEFAULT_IRT_DIMS}")
+    return _calibrated(manifest, work, name, {
+        "calibration": {"random_merges": merges, "method": "task_arithmetic", "weight": [0.0, 1.5],
+                        "density": [0.2, 1.0], "seed": 0},
+        "subset": {"n": subset, "seed": 0}})  # the rest: `evomerge fitness calibrate` defaults
 
 
-def prescreen_factor(strategy: str, option: str) -> float | None:
+def mergenetic_fitness(manifest, work: Path, items: int) -> Path:
+    """Mergenetic-style (MERGE^3): only the base and the experts scored on the whole validation
+    split, `items` random items per task, gp-IRT. With no random merges evomerge sets the mixing
+    weight by its in-sample bias-variance rule on the endpoints (Mergenetic hard-codes 0.5)."""
+    name = f"zoo_{manifest.size}_{manifest.content_hash[:8]}_mergenetic_endpoints_n{items}_random"
+    return _calibrated(manifest, work, name, {
+        "calibration": {"random_merges": 0, "method": "task_arithmetic", "seed": 0},
+        "subset": {"n": items, "method": "random", "seed": 0},
+        "mixing": {"method": "bias-variance"}, "estimator": "gp-IRT"})
+
+
+def random_subset_fitness(manifest, work: Path, main_path: Path, items: int) -> Path:
+    """mergekit-evolve-style: the plain mean over a fixed random subset of `items` validation items
+    per task (seed 0), with no calibration at all. A `CompressedFitness` whose estimator is
+    'subset' (the subset's mean); its item parameters are zero placeholders that 'subset' never
+    reads, so nothing is scored to build it (0 item evaluations)."""
+    from evomerge.fitness.calibrate import _model_fingerprints
+    from evomerge.fitness.compressed import CompressedFitness, FitnessError, TaskFitness
+    from evomerge.fitness.estimators import CompressedEstimator
+    from evomerge.fitness.irt import IRTParams
+    from evomerge.fitness.subsets import select_items
+    from evomerge.fitness.tasks import dataset_hash
+
+    name = f"zoo_{manifest.size}_{manifest.content_hash[:8]}_mergekit_random_n{items}"
+    target = work / "fitness" / name
+    if target.exists():
+        try:
+            CompressedFitness.load(target)
+            return target
+        except FitnessError:
+            pass
+    main = CompressedFitness.load(main_path)
+    tasks = {}
+    for t, tf in main.tasks.items():
+        split = tf.task.load_split("fitness")
+        ids = tf.task.item_ids(split)
+        subset = select_items(min(items, len(ids)), "random", seed=0, n_items=len(ids))
+        zeros = np.zeros(len(ids))
+        estimator = CompressedEstimator(IRTParams(zeros, zeros, np.zeros(1)), subset, None, {}, mixing_method="none")
+        tasks[t] = TaskFitness(tf.task, [ids[i] for i in subset.items], estimator, dataset_hash(split), len(ids))
+    meta = {"models": main.meta["models"], "item_evaluations": 0, "calibration_models": 0,
+            "model_fingerprints": _model_fingerprints(str(manifest.base_path), [str(p) for p in manifest.expert_paths],
+                                                      False),
+            "note": "random subset, estimator 'subset' (plain mean); no IRT: placeholder item parameters"}
+    return CompressedFitness(name, tasks, "subset", meta).save(target, overwrite=True)
+
+
+# =============================================================================== zoo: jobs
+def validation_items(fitness) -> tuple[int, int]:
+    """(items of every task's whole fitness split, the smallest task's)."""
+    sizes = [len(fitness.task(t).task.load_split("fitness")) for t in fitness.task_names]
+    return sum(sizes), min(sizes)
+
+
+def record_path(results: Path, row: Row, seed: int | None) -> Path:
+    return results / row.key / ("deterministic.json" if seed is None else f"seed{seed:02d}.json")
+
+
+def write_record(path: Path, record: dict) -> None:
+    from evomerge._atomic import write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+
+
+def run_config(spec: dict):
+    """The run config of one searched (row, seed); warm starts are the space's first corners."""
+    from evomerge.runs.config import load_run_config
+    from evomerge.runs.problem import bind_space
+
+    row, seed = Row(**spec["row"]), spec["seed"]
+    settings = strategy_settings(row.optimizer, row.candidates)
+    data = {"name": f"{row.key}_s{seed}", "models": spec["models"], "search_space": row.space,
+            "fitness": {"name": spec["fitness"][row.fitness], "estimator": row.estimator},
+            "optimizer": {"name": row.optimizer, "settings": settings, "prescreen": spec["prescreen"][row.key]},
+            "budget": {"evaluations": row.candidates},
+            "workers": {"backend": "inprocess", "threads_per_worker": 1, "device": spec["device"]},
+            "seed": seed, "runs_dir": spec["runs_dir"]}
+    config = load_run_config(data, root=Path(spec["runs_dir"]))
+    if row.seeded:
+        corners = bind_space(config).corner_genomes(spec["warm_start"])
+        data["optimizer"]["settings"]["initial_genomes"] = corners.tolist()
+        config = load_run_config(data, root=Path(spec["runs_dir"]))
+    return config
+
+
+def search_job(spec: dict) -> dict:
+    """Development step of one searched (row, seed): search (resumed if interrupted), its Pareto set
+    among the first `candidates` evaluations, the member it chooses on validation. No test split."""
+    from evomerge.runs.run import Run
+    from evomerge.runs.search import resume_search, start_search
+    from evomerge.runs.store import RunStoreError
+    from evomerge.search.pareto import non_dominated_mask
+
+    row, seed = Row(**spec["row"]), spec["seed"]
+    config = run_config(spec)
+    path = Path(config.runs_dir) / config.name
+    started = time.perf_counter()
+    resumed = (path / "run.json").is_file()
+    try:
+        path = resume_search(path, progress=False, echo=quiet) if resumed else None
+    except RunStoreError:
+        path = None
+    if path is None:
+        path = start_search(config, overwrite=True, progress=False, echo=quiet)
+    seconds_search = time.perf_counter() - started
+    run = Run.load(path)
+    tasks = run.tasks
+    # Equal budgets: a generation may overshoot the budget (NSGA-II's 20 at a time); only the
+    # first `candidates` evaluations count.
+    evaluations = run.evaluations
+    evaluations = evaluations[evaluations.index < row.candidates]
+    ok = evaluations[evaluations["status"] == "ok"]
+    F = ok[tasks].to_numpy(dtype=float)  # (n, tasks) fitness estimates
+    front = non_dominated_mask(F)
+    ids = [int(i) for i in ok.index[front]]
+    by_fitness = [ids[j] for j in np.lexsort((F[front].min(axis=1), F[front].mean(axis=1)))[::-1]]
+    started = time.perf_counter()
+    if row.finalists:  # `Run.choose`: the best finalists by fitness, re-scored on the whole validation split
+        chosen = run.choose(row.finalists, among=ids, echo=quiet)
+        finalists = min(row.finalists, len(ids))
+        validation = run.verified()["fitness"][str(chosen)]
+    else:  # mergekit-evolve / Mergenetic take their best fitness
+        chosen, finalists, validation = by_fitness[0], 0, None
+    record = {
+        "row": row.key, "seed": seed, "run": str(path), "resumed": resumed,
+        "candidates": int(len(evaluations)), "failed": int((evaluations["status"] != "ok").sum()),
+        "pareto_ids": ids, "chosen_id": int(chosen),
+        "chosen_fitness": {t: float(ok.loc[chosen, t]) for t in tasks},
+        "chosen_validation": validation, "finalists": finalists,
+        "item_evaluations": item_evaluations(calibration=spec["calibration_items"][row.fitness],
+                                             search=int(evaluations["item_evaluations"].sum()),
+                                             finalists=finalists * spec["validation_items"]),
+        "seconds": {"search": seconds_search, "choose": time.perf_counter() - started},
+    }
+    write_record(Path(spec["path"]), record)
+    return record
+
+
+def _materializer_and_tasks(spec: dict, role: str):
+    from evomerge.fitness.calibrate import population_scorers
+    from evomerge.fitness.compressed import CompressedFitness
+
+    fitness = CompressedFitness.load(spec["fitness"]["main"])
+    tasks = [fitness.task(t).task for t in fitness.task_names]
+    materializer, scorers, _ = population_scorers(tasks, spec["models"]["base"], spec["models"]["experts"],
+                                                  device=spec["device"], role=role)
+    return materializer, scorers, fitness.task_names
+
+
+def corners_job(spec: dict) -> dict:
+    """Baseline (a), development step: every expert subset at weight 1 on the whole validation
+    split; the best validation mean (the worst task breaking ties) is chosen."""
+    import itertools
+
+    from evomerge.fitness.calibrate import score_population
+    from evomerge.search.pareto import non_dominated_mask
+
+    started = time.perf_counter()
+    materializer, scorers, tasks = _materializer_and_tasks(spec, "fitness")
+    K = len(spec["models"]["experts"])
+    weights = [list(w) for w in itertools.product((0.0, 1.0), repeat=K)]
+    responses = score_population(materializer, "task_arithmetic", [{"weight": np.array(w)} for w in weights],
+                                 scorers, echo=quiet)
+    V = np.stack([responses[t].mean(axis=1) for t in tasks], axis=1)  # (2^K, tasks) validation accuracy
+    chosen = int(np.lexsort((V.min(axis=1), V.mean(axis=1)))[-1])
+    record = {"row": "corners", "seed": None, "weights": weights, "candidates": len(weights),
+              "validation": [dict(zip(tasks, map(float, v))) for v in V],
+              "pareto_ids": [int(i) for i in np.flatnonzero(non_dominated_mask(V))], "chosen_id": chosen,
+              "item_evaluations": item_evaluations(full_split=sum(int(r.size) for r in responses.values())),
+              "seconds": {"score": time.perf_counter() - started}}
+    write_record(Path(spec["path"]), record)
+    return record
+
+
+def test_job(spec: dict) -> dict:
+    """The final step for one record: its Pareto set and chosen member on the full test splits."""
+    record = json.loads(Path(spec["path"]).read_text())
+    started = time.perf_counter()
+    if spec["test_of"] == "search":
+        from evomerge.runs.run import Run
+
+        run = Run.load(record["run"])
+        test = run.verify(record["pareto_ids"], role="test", echo=quiet)
+        tasks = run.tasks
+    else:  # the corners
+        materializer, scorers, tasks = _materializer_and_tasks(spec, "test")
+        test = {}
+        for i in record["pareto_ids"]:
+            model = materializer.apply("task_arithmetic", weight=np.array(record["weights"][i]))
+            test[str(i)] = {t: float(np.mean(scorer(model))) for t, scorer in scorers.items()}
+    record["test"] = {**test_summary(test, record["pareto_ids"], record["chosen_id"], tasks), "members": test,
+                      "seconds": time.perf_counter() - started}
+    write_record(Path(spec["path"]), record)
+    return record
+
+
+def fixed_test_job(spec: dict) -> list[dict]:
+    """Baseline (e), the final step: each fixed recipe on the full test splits (nothing is chosen)."""
+    from evomerge.merge.recipe import MODEL_PARAMETERS
+
+    materializer, scorers, tasks = _materializer_and_tasks(spec, "test")
+    out = []
+    for row_json, path in zip(spec["rows"], spec["paths"]):
+        row = Row(**row_json)
+        method, params = row.recipe["method"], row.recipe["params"]
+        started = time.perf_counter()
+        model = materializer.apply(method, **{k: np.array(v) for k, v in params.items() if k in MODEL_PARAMETERS[method]})
+        test = {"0": {t: float(np.mean(scorer(model))) for t, scorer in scorers.items()}}
+        record = {"row": row.key, "seed": None, "recipe": row.recipe, "pareto_ids": [0], "chosen_id": 0,
+                  "item_evaluations": item_evaluations(),
+                  "test": {**test_summary(test, [0], 0, tasks), "members": test,
+                           "seconds": time.perf_counter() - started}}
+        write_record(Path(path), record)
+        out.append(record)
+    return out
+
+
+JOBS = {"search": search_job, "corners": corners_job, "test": test_job, "fixed": fixed_test_job}
+_SEAL = None
+
+
+def _init_worker(seal_reason: str | None) -> None:
+    """A pool process: one torch thread, warnings off, and in the development phase every test
+    split sealed for the process's lifetime (the seal is per process)."""
+    global _SEAL
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    if seal_reason:
+        from evomerge.fitness.sealed import sealed_test
+
+        _SEAL = sealed_test(seal_reason)
+        _SEAL.__enter__()
+
+
+def _run_job(spec: dict):
+    return JOBS[spec["kind"]](spec)
+
+
+def run_jobs(specs: list[dict], jobs: int, phase: str, seal_reason: str | None) -> None:
+    """Run the jobs on `jobs` processes (inline for 1), printing a line as each finishes."""
+    if not specs:
+        print(f"{phase}: nothing to do", flush=True)
+        return
+    print(f"{phase}: {len(specs)} jobs on {jobs} process{'es' if jobs > 1 else ''}", flush=True)
+    started, done = time.perf_counter(), 0
+
+    def finished(spec: dict, result) -> None:
+        nonlocal done
+        done += 1
+        elapsed = time.perf_counter() - started
+        eta = elapsed / done * (len(specs) - done)
+        print(f"[{phase} {done}/{len(specs)}] {describe(spec, result)} | {_clock(elapsed)} elapsed, "
+              f"~{_clock(eta)} left", flush=True)
+
+    if jobs <= 1:
+        import torch
+
+        torch.set_num_threads(1)
+        for spec in specs:
+            finished(spec, _run_job(spec))
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(seal_reason,))
+    try:
+        pending = {pool.submit(_run_job, spec): spec for spec in specs}
+        while pending:
+            ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in ready:
+                finished(pending.pop(future), future.result())
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def describe(spec: dict, result) -> str:
+    if spec["kind"] == "fixed":
+        return "fixed recipes: " + ", ".join(f"{r['row']} {100 * r['test']['chosen_mean']:.1f}" for r in result)
+    r = result
+    head = f"{r['row']}" + ("" if r.get("seed") is None else f" seed {r['seed']}")
+    items = f"{r['item_evaluations']['total']:,} item evals"
+    if spec["kind"] == "test":
+        t = r["test"]
+        return (f"{head}: test chosen mean {100 * t['chosen_mean']:.1f}, worst {100 * t['chosen_worst']:.1f}, "
+                f"Pareto HV {t['hv']:.4f} ({t['pareto_size']} members, {t['seconds']:.0f}s)")
+    if spec["kind"] == "corners":
+        v = r["validation"][r["chosen_id"]]
+        return (f"{head}: {r['candidates']} corners, chosen {r['weights'][r['chosen_id']]} (validation mean "
+                f"{100 * np.mean(list(v.values())):.1f}), {items}, {r['seconds']['score']:.0f}s")
+    chosen = r["chosen_validation"] or r["chosen_fitness"]
+    on = "validation" if r["chosen_validation"] else "fitness"
+    return (f"{head}: {r['candidates']} candidates{' (resumed)' if r['resumed'] else ''}, Pareto {len(r['pareto_ids'])}, "
+            f"chosen #{r['chosen_id']} ({on} mean {100 * np.mean(list(chosen.values())):.1f}), {items}, "
+            f"{r['seconds']['search'] + r['seconds']['choose']:.0f}s")
+
+
+# =============================================================================== zoo: the study
+def prescreen_factor(optimizer: str, option: str) -> float:
+    """The run config's `prescreen` (1 = off)."""
     from evomerge.search.optimizers import PRESCREEN_DEFAULTS
 
     if option == "default":
-        return PRESCREEN_DEFAULTS.get(optimizer_name(strategy))
-    return None if option == "off" else float(option)
+        return float(PRESCREEN_DEFAULTS.get(optimizer) or 1)
+    return 1.0 if option == "off" else float(option)
 
 
-def run_strategy(strategy: str, seed: int, manifest, fitness_path: Path, work: Path, args: argparse.Namespace,
-                 tasks: list[str], calibration_items: int, fitness_split_items: int) -> dict[str, Any]:
-    from evomerge.runs.config import load_run_config
-    from evomerge.runs.run import Run
-    from evomerge.runs.search import start_search
-    from evomerge.search.pareto import hypervolume, non_dominated_mask
-
-    factor = prescreen_factor(strategy, args.prescreen)
-    name = f"{strategy.replace('+', '_')}{'' if factor is None else f'_ps{factor:g}'}_b{args.budget}_s{seed}"
-    data = {
-        "name": name,
-        "models": {"base": str(manifest.base_path), "experts": [str(p) for p in manifest.expert_paths]},
-        "search_space": args.search_space,
-        "fitness": {"name": str(fitness_path)},
-        "optimizer": optimizer_block(strategy, factor, args.budget),
-        "budget": {"evaluations": args.budget},
-        "workers": {"backend": "inprocess", "threads_per_worker": args.threads, "device": args.device},
-        "seed": seed,
-        "runs_dir": str(work / "runs"),
-    }
-    config = load_run_config(data, root=work)
-    started = time.perf_counter()
-    path = start_search(config, overwrite=True, progress=args.progress, echo=lambda *a, **k: None)
-    search_seconds = time.perf_counter() - started
-    run = Run.load(path)
-    # Equal budgets: the loop finishes the generation that reaches the budget (NSGA-II's 8th
-    # generation of 20 ends at 160), so only the first `budget` candidates count.
-    evaluations = run.evaluations
-    evaluations = evaluations[evaluations.index < args.budget]
-    ok = evaluations[evaluations["status"] == "ok"]
-    F = ok[tasks].to_numpy(dtype=float)  # (n, tasks) compressed-fitness estimates
-    front = non_dominated_mask(F)
-    ids = [int(i) for i in ok.index[front]]
-    # The member a user would take without the test split (`Run.choose` among the first `budget`
-    # candidates' Pareto set); the finalists' item evaluations are counted in the search's cost.
-    by_fitness = [ids[j] for j in np.lexsort((F[front].min(axis=1), F[front].mean(axis=1)))[::-1]]
-    finalists = by_fitness[: args.finalists]
-    started = time.perf_counter()
-    chosen = run.choose(args.finalists, among=ids, echo=lambda *a, **k: None) if finalists else by_fitness[0]
-    validation = run.verified().get("fitness", {})
-    choose_seconds = time.perf_counter() - started
-    finalist_items = len(finalists) * int(fitness_split_items)
-    seconds = {c[len("seconds_"):]: float(evaluations[c].mean()) for c in evaluations.columns
-               if c.startswith("seconds_")}
-    row = {
-        "strategy": strategy, "seed": seed, "prescreen": factor, "run": str(path),
-        "candidates": int(len(evaluations)), "failed": int((evaluations["status"] != "ok").sum()),
-        "run_item_evaluations": int(evaluations["item_evaluations"].sum()),
-        "item_evaluations": calibration_items + int(evaluations["item_evaluations"].sum()) + finalist_items,
-        "finalist_item_evaluations": finalist_items, "finalists": len(finalists),
-        "pareto_size": len(ids), "pareto_ids": ids, "hv_fitness": hypervolume(F[front], 0.0),
-        "chosen_id": chosen,
-        "chosen_mean_fitness": float(ok.loc[chosen, tasks].mean()),
-        "chosen_mean_validation": float(np.mean([validation[str(chosen)][t] for t in tasks])) if finalists else None,
-        "top_fitness_id": by_fitness[0],
-        "seconds_search": search_seconds, "seconds_choose": choose_seconds,
-        "seconds_per_candidate": search_seconds / max(len(evaluations), 1), "seconds_breakdown": seconds,
-    }
-    print(f"  {name:28s} {row['candidates']} candidates in {search_seconds:.0f}s "
-          f"({row['seconds_per_candidate']:.2f} s/candidate: "
-          + ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items())
-          + f") | Pareto {len(ids)} | chosen #{chosen} (fitness {row['chosen_mean_fitness']:.3f}) | "
-          f"choose {choose_seconds:.0f}s", flush=True)
-    return row
+STUDY_IDENTITY = ("zoo_hash", "plan", "costs", "warm_start", "prescreen", "spaces", "finalists")
 
 
-def score_on_test(row: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
-    """The final step for one run (benchmarks/PROTOCOL.md): its Pareto members on the full test
-    split (`Run.verify`), after every run has searched and chosen."""
-    from evomerge.runs.run import Run
-    from evomerge.search.pareto import hypervolume
+def open_results(results: Path, study: dict, resume: bool) -> None:
+    """Refuse to mix two studies in one folder: --resume continues one with the same identity
+    (zoo, budgets, settings; seeds and rows may be added); without it the folder must hold no records."""
+    path = results / "study.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if not resume:
+            if any(results.glob("*/*.json")):
+                raise SystemExit(f"{results} holds records of an earlier study: pass --resume to continue it, "
+                                 "or remove the folder to start again")
+        else:
+            changed = [k for k in STUDY_IDENTITY if old.get(k) != study.get(k)]
+            if changed:
+                raise SystemExit(f"{results}: --resume with other settings than the study there ({', '.join(changed)} "
+                                 "differ); use another --results folder")
+    results.mkdir(parents=True, exist_ok=True)
+    from evomerge._atomic import write_json_atomic
 
-    ids = row["pareto_ids"]
-    started = time.perf_counter()
-    test = Run.load(row["run"]).verify(ids, role="test", echo=lambda *a, **k: None)
-    T = np.array([[test[str(i)][t] for t in tasks] for i in ids])  # (members, tasks) full test split
-    return {**row, "hv_test": hypervolume(T, 0.0), "best_mean_test": float(T.mean(axis=1).max()),
-            "chosen_mean_test": float(np.mean([test[str(row["chosen_id"])][t] for t in tasks])),
-            "top_fitness_mean_test": float(np.mean([test[str(row["top_fitness_id"])][t] for t in tasks])),
-            "seconds_verify": time.perf_counter() - started}
-
-
-def score_baselines(manifest, fitness, tasks: list[str], device: str | None) -> list[dict[str, Any]]:
-    """Base, experts and reference merges on the full test split, through the same materializer."""
-    from transformers import AutoTokenizer
-
-    from evomerge.merge.materializer import Materializer
-
-    materializer = Materializer.from_folders(manifest.base_path, manifest.expert_paths, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(manifest.base_path, trust_remote_code=False)
-    scorers = fitness.full_scorers(tokenizer, role="test", device=materializer.device)
-    K = len(manifest.expert_paths)
-    grid = manifest.reference_merges["best_grid"]
-    merges = [("base", "task_arithmetic", {"weight": [0.0] * K})]
-    merges += [(f"expert: {name}", "task_arithmetic", {"weight": list(np.eye(K)[k])})
-               for k, name in enumerate(manifest.experts)]
-    merges += [
-        ("uniform task arithmetic (weight 1)", "task_arithmetic", {"weight": [1.0] * K}),
-        ("averaging (linear, 1/K)", "linear", {"weight": [1.0 / K] * K}),
-        ("TIES, mergekit defaults (weight 1, density 0.5)", "ties", {"weight": [1.0] * K, "density": [0.5] * K}),
-        (f"best grid merge {list(grid['weights'])}", "task_arithmetic", {"weight": list(grid["weights"])}),
-    ]
-    rows = []
-    for label, method, params in merges:
-        model = materializer.apply(method, **params)
-        accuracy = {t: float(np.mean(scorer(model))) for t, scorer in scorers.items()}
-        rows.append({"baseline": label, "method": method, "params": params, "test": accuracy,
-                     "mean_test": float(np.mean([accuracy[t] for t in tasks]))})
-        print(f"  {label:50s} " + " ".join(f"{t}={v:.3f}" for t, v in accuracy.items())
-              + f" mean={rows[-1]['mean_test']:.3f}", flush=True)
-    return rows
-
-
-def grid_item_evaluations(manifest) -> tuple[int, int]:
-    """(grid candidates, item evaluations) of the zoo's grid, as its manifest records them (older
-    manifests: every grid point on every task's whole validation split)."""
-    grid = manifest.reference_merges["best_grid"]["grid"]
-    n_points = int(grid["n_evaluated"])
-    if "item_evaluations" in grid:
-        return n_points, int(grid["item_evaluations"])
-    items = sum(int(manifest.data["tasks"][t]["splits"]["validation"]) for t in manifest.tasks)
-    return n_points, n_points * items
-
-
-def zoo_report(rows: list[dict], baselines: list[dict], manifest, calibration_items: int,
-               args: argparse.Namespace) -> str:
-    grid_points, grid_items = grid_item_evaluations(manifest)
-    grid_row = next(b for b in baselines if b["baseline"].startswith("best grid")) if baselines else None
-    uniform = next(b for b in baselines if b["baseline"].startswith("uniform")) if baselines else None
-    # without the baselines, a manifest's test numbers (zoo.json before PROTOCOL.md) or none
-    grid_mean = grid_row["mean_test"] if grid_row else float(
-        manifest.reference_merges["best_grid"].get("test", {}).get("mean", float("nan")))
-    uniform_mean = (uniform["mean_test"] if uniform else float(
-        manifest.reference_merges["uniform_task_arithmetic"].get("test", {}).get("mean", float("nan"))))
-    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
-    summary = {}
-    for s in strategies:
-        sel = [r for r in rows if r["strategy"] == s]
-        summary[s] = {k: float(np.mean([r[k] for r in sel])) for k in
-                      ("hv_test", "best_mean_test", "chosen_mean_test", "top_fitness_mean_test", "item_evaluations",
-                       "seconds_per_candidate",
-                       "candidates", "pareto_size")}
-        summary[s]["hv_sd"] = mean_sd([r["hv_test"] for r in sel]).sd  # ddof = 1 (PROTOCOL.md)
-        summary[s]["chosen_sd"] = mean_sd([r["chosen_mean_test"] for r in sel]).sd
-        summary[s]["seeds"] = len(sel)
-        summary[s]["prescreen"] = sel[0]["prescreen"]
-    test_sizes = ", ".join(f"{t} {manifest.data['tasks'][t]['splits']['test']}" for t in manifest.tasks)
-    lines = [
-        f"### Search quality on the {manifest.size} zoo ({args.search_space}, budget {args.budget} candidates, "
-        f"{args.seeds} seeds)",
-        "",
-        f"`python benchmarks/search_quality.py zoo --budget {args.budget} --seeds {args.seeds} --strategies "
-        f"{args.strategies} --prescreen {args.prescreen}`. All accuracies on the full test splits "
-        f"({test_sizes} items). "
-        f"*chosen* = of the {args.finalists} Pareto members with the best compressed-fitness mean, the one with "
-        "the best mean on the whole fitness (validation) split: what a user would take without the test split; "
-        "*top-fitness* = the Pareto member with the best compressed-fitness mean alone; *best* = the Pareto "
-        "member with the best test mean (an upper bound that peeks at the test split). Item evaluations = "
-        f"calibration ({calibration_items}) + the run's subset evaluations + the finalists' validation scoring.",
-        "",
-        "| strategy | prescreen | test hv (sd) | chosen test mean (sd) | top-fitness test mean | best test mean | "
-        "Pareto size | item evals | s/candidate |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s, v in summary.items():
-        lines.append(f"| {s} | {v['prescreen'] or 'off'} | {v['hv_test']:.4f} ({v['hv_sd']:.4f}) | "
-                     f"{100 * v['chosen_mean_test']:.1f} ({100 * v['chosen_sd']:.1f}) | "
-                     f"{100 * v['top_fitness_mean_test']:.1f} | {100 * v['best_mean_test']:.1f} | "
-                     f"{v['pareto_size']:.0f} | {v['item_evaluations']:.0f} | {v['seconds_per_candidate']:.2f} |")
-    if baselines:
-        lines += ["", "| baseline | " + " | ".join(baselines[0]["test"]) + " | mean |",
-                  "|---|" + "---|" * (len(baselines[0]["test"]) + 1)]
-        for b in baselines:
-            lines.append(f"| {b['baseline']} | " + " | ".join(f"{100 * v:.1f}" for v in b["test"].values())
-                         + f" | {100 * b['mean_test']:.1f} |")
-    grid = manifest.reference_merges["best_grid"]["grid"]
-    ranked = grid.get("screened_on", "the full validation splits")
-    lines += ["", f"Grid merge: {grid_points} task-level candidates ranked on {ranked}"
-              + (f", the best {grid['finalists']} re-scored on the full validation splits" if "finalists" in grid else "")
-              + f" = {grid_items} item evaluations; test mean {100 * grid_mean:.1f}.", ""]
-    if summary:
-        best = max(summary, key=lambda s: summary[s]["chosen_mean_test"])
-        b = summary[best]
-        t1 = b["chosen_mean_test"] >= grid_mean and b["item_evaluations"] < grid_items
-        t1_peek = b["best_mean_test"] >= grid_mean and b["item_evaluations"] < grid_items
-        t2 = b["chosen_mean_test"] - uniform_mean >= 0.10
-        lines.append(f"Targets (best strategy by chosen test mean: **{best}**):")
-        lines.append(f"1. matches/beats the grid merge with fewer item evaluations: **{'PASS' if t1 else 'MISS'}** "
-                     f"(chosen {100 * b['chosen_mean_test']:.1f} vs grid {100 * grid_mean:.1f}; "
-                     f"{b['item_evaluations']:.0f} vs {grid_items} item evaluations; with the test-peeking best "
-                     f"member {100 * b['best_mean_test']:.1f}: {'PASS' if t1_peek else 'MISS'})")
-        lines.append(f"2. beats uniform task arithmetic by >= 10 points: **{'PASS' if t2 else 'MISS'}** "
-                     f"({100 * (b['chosen_mean_test'] - uniform_mean):+.1f} points over {100 * uniform_mean:.1f})")
-        if "random" in summary:
-            for s in ("m2n2", "map"):
-                if s in summary:
-                    ok = summary[s]["hv_test"] > summary["random"]["hv_test"]
-                    lines.append(f"3. {s} beats random search in test hypervolume: **{'PASS' if ok else 'MISS'}** "
-                                 f"({summary[s]['hv_test']:.4f} vs {summary['random']['hv_test']:.4f})")
-    return "\n".join(lines) + "\n"
+    write_json_atomic(path, study)
 
 
 def zoo_main(args: argparse.Namespace) -> None:
-    """Searches and choices with the test splits sealed; then, the final step, test scoring."""
-    from evomerge.fitness.sealed import sealed_test
-
-    with sealed_test("search_quality zoo: searches, choices and baselines' settings"):
-        manifest, fitness, rows, calibration_items, results_path, cache = zoo_develop(args)
-    print("final step: Pareto sets and baselines on the full test split", flush=True)
-    tasks = fitness.task_names
-    for i, row in enumerate(rows):
-        if "hv_test" not in row:  # runs cached by an earlier invocation keep their test scores
-            rows[i] = cache[row["key"]] = score_on_test(row, tasks)
-            results_path.write_text(json.dumps(cache, indent=1))
-    work = Path(args.work)
-    baselines = []
-    if not args.skip_baselines:
-        print("baselines on the full test split:", flush=True)
-        baselines = score_baselines(manifest, fitness, tasks, args.device)
-    (work / "baselines.json").write_text(json.dumps(baselines, indent=1))
-    report = zoo_report(rows, baselines, manifest, calibration_items, args)
-    print()
-    print(report)
-    if args.record:
-        raw = ROOT / "benchmarks" / "results" / "search_quality_zoo.json"
-        raw.write_text(json.dumps({"argv": vars(args) | {"func": None}, "zoo": manifest.content_hash,
-                                   "runs": rows, "baselines": baselines}, indent=1, default=str))
-        print(f"raw per-seed results: {raw}")
-        record_section("search_quality:zoo", report)
-
-
-def zoo_develop(args: argparse.Namespace):
-    """Everything before the final step: the zoo, the compressed fitness, every run's search and
-    its chosen member (on the fitness split). Reads no test split."""
     from evomerge.fitness.compressed import CompressedFitness
+    from evomerge.fitness.sealed import sealed_test
+    from evomerge.zoo import Manifest
 
-    manifest = load_or_build_zoo(Path(args.zoo), args.size)
-    work = Path(args.work)
+    zoo = Path(args.zoo).resolve()
+    manifest = Manifest.load(zoo)
+    if not manifest.content_hash:
+        raise SystemExit(f"{zoo / 'zoo.json'} has no content hash: the zoo is being built; wait for the build to finish")
+    work = Path(args.work or ROOT / "runs" / "search_quality" / f"{manifest.size}_{manifest.content_hash[:8]}").resolve()
+    results = Path(args.results or ROOT / "benchmarks" / "results" /
+                   f"search_quality_{manifest.size}_{manifest.content_hash[:8]}_b{args.budget}").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    fitness_path = Path(args.fitness) if args.fitness else ensure_fitness(manifest, work, args)
-    fitness = CompressedFitness.load(fitness_path)
-    tasks = fitness.task_names
-    calibration_items = int(fitness.meta.get("item_evaluations", 0))
-    fitness_split_items = sum(len(fitness.task(t).task.load_split("fitness")) for t in tasks)
-    print(f"fitness {fitness_path}: {fitness.items_per_candidate} items per candidate; calibration cost "
-          f"{calibration_items} item evaluations", flush=True)
-    results_path = work / "results.json"
-    cache = json.loads(results_path.read_text()) if args.resume and results_path.exists() else {}
-    rows = []
-    for strategy in args.strategies.split(","):
-        for seed in range(args.seeds):
-            key = (f"{strategy}|{seed}|{args.budget}|{args.prescreen}|{args.search_space}|{fitness_path}"
-                   f"|finalists{args.finalists}")
-            if key in cache:
-                rows.append({**cache[key], "key": key})
-                print(f"  {strategy} seed {seed}: reusing {cache[key]['run']}", flush=True)
-                continue
-            row = run_strategy(strategy, seed, manifest, fitness_path, work, args, tasks, calibration_items,
-                               fitness_split_items)
-            rows.append({**row, "key": key})
-            cache[key] = rows[-1]
-            results_path.write_text(json.dumps(cache, indent=1))
-    return manifest, fitness, rows, calibration_items, results_path, cache
+    strategies = args.strategies.split(",")
+    seedings = {"both": [False, True], "unseeded": [False], "seeded": [True]}[args.seeding]
+    reason = "search_quality zoo: fitnesses, searches and choices (development phase)"
+    with sealed_test(reason):
+        main_path = main_fitness(manifest, work, args.subset, args.random_merges)
+        main = CompressedFitness.load(main_path)
+        n_val, smallest = validation_items(main)
+        costs = ItemCosts(len(manifest.experts), len(main.task_names), n_val, smallest,
+                          int(main.meta.get("item_evaluations", 0)), main.items_per_candidate)
+        plan = plan_budgets(costs, args.budget, args.finalists)
+        fitness = {"main": str(main_path)}
+        if not args.skip_baselines:
+            fitness["mergenetic"] = str(mergenetic_fitness(manifest, work, plan.mergenetic["items_per_task"]))
+            fitness["mergekit"] = str(random_subset_fitness(manifest, work, main_path, plan.mergekit["items_per_task"]))
+            endpoint = int(CompressedFitness.load(fitness["mergenetic"]).meta["item_evaluations"])
+            if endpoint != costs.endpoint_calibration:
+                raise SystemExit(f"endpoint calibration cost {endpoint} != (K + 1) x validation {costs.endpoint_calibration}")
+    spaces = {"per-layer": args.search_space, "task-level": "task_arithmetic_global",
+              "mergekit-evolve": str(SPACES / "task_arithmetic_layer_groups.yaml"),
+              "mergenetic": str(SPACES / "ties_global.yaml")}
+    rows = study_rows(strategies, seedings, plan, per_layer_space=spaces["per-layer"],
+                      task_level_space=spaces["task-level"], mergekit_space=spaces["mergekit-evolve"],
+                      mergenetic_space=spaces["mergenetic"], experts=manifest.experts,
+                      baselines=not args.skip_baselines)
+    prescreen = {r.key: (prescreen_factor(r.optimizer, args.prescreen) if r.family in ("per-layer", "task-level")
+                         else 1.0) for r in rows if r.optimizer}
+    study = {"zoo": str(zoo), "zoo_size": manifest.size, "zoo_hash": manifest.content_hash, "seeds": args.seeds,
+             "command": "python benchmarks/search_quality.py " + " ".join(args.argv),
+             "costs": vars(costs) | {"endpoint_calibration": costs.endpoint_calibration, "corners": costs.corners},
+             "plan": plan.to_json(), "warm_start": args.warm_start, "prescreen": prescreen, "spaces": spaces,
+             "finalists": args.finalists, "fitness": fitness, "rows": [r.to_json() for r in rows]}
+    open_results(results, study, args.resume)
+    print(f"zoo {zoo} ({manifest.size}, {costs.experts} experts, {costs.tasks} tasks, {n_val:,} validation items); "
+          f"records in {results}; runs in {work / 'runs'}", flush=True)
+    print(f"budgets (item evaluations): searched rows {plan.search['total']:,} ({args.budget} candidates); "
+          f"mergekit-evolve-style {plan.mergekit['total']:,} ({plan.mergekit['candidates']} x "
+          f"{plan.mergekit['items_per_task']} items/task); Mergenetic-style {plan.mergenetic['total']:,} "
+          f"({plan.mergenetic['candidates']} candidates); corners {plan.corners['total']:,}", flush=True)
+    for note in plan.notes:
+        print(f"  note: {note}", flush=True)
+
+    base = {"models": {"base": str(manifest.base_path), "experts": [str(p) for p in manifest.expert_paths]},
+            "fitness": fitness, "device": args.device, "runs_dir": str(work / "runs"), "prescreen": prescreen,
+            "warm_start": args.warm_start, "validation_items": n_val,
+            "calibration_items": {"main": costs.calibration, "mergenetic": costs.endpoint_calibration, "mergekit": 0}}
+    dev, final = [], []
+    fixed_rows = [r for r in rows if r.family == "fixed"]
+    for row in rows:
+        if row.family == "fixed":
+            continue
+        for seed in ([None] if row.deterministic else range(args.seeds)):
+            path = record_path(results, row, seed)
+            spec = {**base, "kind": "corners" if row.family == "corners" else "search", "row": row.to_json(),
+                    "seed": seed, "path": str(path)}
+            record = json.loads(path.read_text()) if args.resume and path.is_file() else None
+            if record is None:
+                dev.append(spec)
+            if record is None or "test" not in record:
+                final.append({**spec, "kind": "test", "test_of": spec["kind"]})
+    # longest first: the corners (2^K full-split scorings), then the rows with the most candidates
+    dev.sort(key=lambda s: (s["kind"] != "corners", -Row(**s["row"]).candidates))
+    with sealed_test(reason):
+        run_jobs(dev, args.jobs, "development (test sealed)", reason)
+
+    # ------------------------------------------------------------------ the final step: test, once
+    final_specs = list(final)
+    pending_fixed = [r for r in fixed_rows
+                     if not (args.resume and "test" in _load(record_path(results, r, None)))]
+    if pending_fixed:
+        final_specs.append({**base, "kind": "fixed", "rows": [r.to_json() for r in pending_fixed],
+                            "paths": [str(record_path(results, r, None)) for r in pending_fixed]})
+    run_jobs(final_specs, args.jobs, "final step (test, read once)", None)
+
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("*/*.json"))]
+    wanted = {r.key for r in rows}
+    markdown, comparisons = report(rows, [r for r in records if r["row"] in wanted], study)
+    (results / "comparisons.json").write_text(json.dumps([c.to_json() for c in comparisons], indent=1))
+    print()
+    print(markdown)
+    if args.record:
+        record_section("search_quality:zoo", markdown, Path(args.results_md))
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # =============================================================================== CLI
@@ -559,30 +724,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="study", required=True)
 
-    z = sub.add_parser("zoo", help="issue 5 item 7: strategies vs baselines on the small zoo")
-    z.add_argument("--zoo", default=str(ROOT / "zoo" / "small"), help="zoo folder (built with size=small if missing)")
-    z.add_argument("--size", default="small", help="zoo size to build when --zoo is missing")
-    z.add_argument("--work", default=str(ROOT / "runs" / "search_quality"),
-                   help="folder for the calibration config, the compressed fitness and the runs")
-    z.add_argument("--fitness", default=None, help="an existing compressed fitness (default: calibrate one in --work)")
-    z.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
-                   help=f"comma list of optimizer names; NAME{SEEDED} starts NAME from the task-level corner merges")
-    z.add_argument("--seeds", type=int, default=3)
-    z.add_argument("--budget", type=int, default=150, help="candidate evaluations per run")
+    z = sub.add_parser("zoo", help="issue 14 item 3: strategies (unseeded / seeded) vs baselines at matched item budgets")
+    z.add_argument("--zoo", default=str(ROOT / "zoo" / "small"), help="a built zoo folder (zoo/small, zoo/medium)")
+    z.add_argument("--work", default=None, help="fitnesses and run folders (default runs/search_quality/<size>_<hash>)")
+    z.add_argument("--results", default=None, help="per-seed records (default benchmarks/results/"
+                                                   "search_quality_<size>_<hash>_b<budget>)")
+    z.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma list of registered optimizers")
+    z.add_argument("--seeding", choices=("both", "unseeded", "seeded"), default="both",
+                   help="rows per strategy: without and with the warm-start set")
+    z.add_argument("--warm-start", type=int, default=8,
+                   help="warm-start set: the first N task-level corners (base, each expert, ..., all experts)")
+    z.add_argument("--seeds", type=int, default=10)
+    z.add_argument("--budget", type=int, default=150, help="candidate evaluations per searched row")
     z.add_argument("--search-space", default="task_arithmetic_per_layer")
     z.add_argument("--prescreen", default="default",
-                   help="'default' (PRESCREEN_DEFAULTS), 'off', or a factor for every strategy")
-    z.add_argument("--random-merges", type=int, default=None,
-                   help="calibration population (+ K + 1 endpoints); default: the calibration default")
-    z.add_argument("--subset", type=int, default=20, help="fitness items per task")
+                   help="'default' (PRESCREEN_DEFAULTS), 'off', or a factor, for the per-layer and task-level rows")
+    z.add_argument("--random-merges", type=int, default=None, help="calibration random merges (default: the library's)")
+    z.add_argument("--subset", type=int, default=20, help="fitness items per task of the searched rows")
     z.add_argument("--finalists", type=int, default=5,
-                   help="best Pareto members by compressed fitness re-scored on the whole fitness split to choose one")
-    z.add_argument("--skip-baselines", action="store_true")
+                   help="best Pareto members by fitness re-scored on the whole validation split to choose one")
+    z.add_argument("--skip-baselines", action="store_true", help="only the per-layer rows")
+    z.add_argument("--jobs", type=int, default=2, help="processes running (row, seed) jobs, one torch thread each")
     z.add_argument("--device", default=None)
-    z.add_argument("--threads", type=int, default=1, help="torch threads of the in-process worker")
-    z.add_argument("--resume", action="store_true", help="reuse finished runs recorded in <work>/results.json")
-    z.add_argument("--no-progress", dest="progress", action="store_false", help="hide the per-run progress bar")
+    z.add_argument("--resume", action="store_true", help="skip finished jobs, resume interrupted searches")
     z.add_argument("--record", action="store_true", help="write the tables into benchmarks/RESULTS.md")
+    z.add_argument("--results-md", default=str(RESULTS_MD), help=argparse.SUPPRESS)
     z.set_defaults(func=zoo_main)
 
     s = sub.add_parser("synthetic", help="pre-screening on/off per optimizer (PRESCREEN_DEFAULTS)")
@@ -596,7 +762,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--record", action="store_true", help="write the table into benchmarks/RESULTS.md")
     s.set_defaults(func=synthetic_main)
 
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv
     warnings.simplefilter("ignore")  # pymoo / nevergrad chatter
     args.func(args)
 
