@@ -697,7 +697,8 @@ def zoo_main(args: argparse.Namespace) -> None:
         run_jobs(dev, args.jobs, "development (test sealed)", reason)
 
     # ------------------------------------------------------------------ the final step: test, once
-    final_specs = list(final)
+    # longest first again: the Pareto sets to score grow with the candidates (Mergenetic-style: hundreds)
+    final_specs = sorted(final, key=lambda s: -Row(**s["row"]).candidates)
     pending_fixed = [r for r in fixed_rows
                      if not (args.resume and "test" in _load(record_path(results, r, None)))]
     if pending_fixed:
