@@ -139,3 +139,27 @@ def write_run_config(root: str | Path, file_name: str, **changes) -> Path:
     path = Path(root) / f"{file_name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def hand_scored_accuracy(model_dir: str | Path, task_dir: str | Path, split: str) -> float:
+    """Multiple-choice accuracy, one unpadded forward per choice in float64: the gold choice must have
+    the highest summed log-probability of its tokens after the prompt (independent of evomerge's scorer)."""
+    import datasets
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    correct = []
+    for item in datasets.load_from_disk(str(task_dir))[split]:
+        prompt_ids = tokenizer(item["prompt"]).input_ids
+        scores = []
+        for choice in item["choices"]:
+            choice_ids = tokenizer(choice, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + choice_ids])).logits[0].double()  # (T, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            scores.append(sum(logp[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(choice_ids)))
+        correct.append(int(np.argmax(scores)) == item["label"])
+    return float(np.mean(correct))

@@ -19,7 +19,7 @@ import pytest
 from evomerge.fitness.sealed import SealedSplitError, is_sealed, read_log, recorded_test_reads, sealed_test
 from evomerge.fitness.tasks import TaskSpec
 from evomerge.stats import bootstrap_interval, mean_sd, paired_difference
-from evomerge.testing import choice_task_preset, make_choice_task
+from evomerge.testing import choice_task_preset, hand_scored_accuracy, make_choice_task
 
 
 @pytest.fixture(scope="module")
@@ -78,29 +78,6 @@ def test_the_zoo_build_reads_no_test_split(tiny_zoo):
 
 
 # --------------------------------------------------------------------------- the demo
-
-
-def hand_scored_accuracy(model_dir: Path, task_dir: Path, split: str) -> float:
-    """Multiple-choice accuracy, one unpadded forward per choice in float64: the gold choice must have
-    the highest summed log-probability of its tokens after the prompt (independent of evomerge's scorer)."""
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    correct = []
-    for item in datasets.load_from_disk(str(task_dir))[split]:
-        prompt_ids = tokenizer(item["prompt"]).input_ids
-        scores = []
-        for choice in item["choices"]:
-            choice_ids = tokenizer(choice, add_special_tokens=False).input_ids
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt_ids + choice_ids])).logits[0].double()  # (T, V)
-            logp = torch.log_softmax(logits, dim=-1)
-            scores.append(sum(logp[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(choice_ids)))
-        correct.append(int(np.argmax(scores)) == item["label"])
-    return float(np.mean(correct))
 
 
 def merged_on_disk(workspace: Path, out: Path, method: str, weights, density=None) -> Path:

@@ -25,6 +25,7 @@ from evomerge.cli import main
 from evomerge.merge.checkpoint import ModelFolder
 from evomerge.runs.config import ConfigError, load_run_config
 from evomerge.runs.run import Run
+from evomerge.testing import hand_scored_accuracy
 
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
 
@@ -193,28 +194,6 @@ def test_export_reloads_and_its_recipe_reproduces_the_weights(workspace, referen
         torch.testing.assert_close(tensor, live[name], rtol=1e-6, atol=1e-7)
 
 
-def hand_scored_test_accuracy(model_dir: Path, task_dir: Path) -> float:
-    """Multiple-choice accuracy on the test split, one unpadded forward per choice in float64: the
-    gold choice must have the highest summed log-probability of its tokens after the prompt."""
-    import datasets
-    from transformers import AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    correct = []
-    for item in datasets.load_from_disk(str(task_dir))["test"]:
-        prompt_ids = tokenizer(item["prompt"]).input_ids
-        scores = []
-        for choice in item["choices"]:
-            choice_ids = tokenizer(choice, add_special_tokens=False).input_ids
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt_ids + choice_ids])).logits[0].double()  # (T, V)
-            logp = torch.log_softmax(logits, dim=-1)
-            scores.append(sum(logp[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(choice_ids)))
-        correct.append(int(np.argmax(scores)) == item["label"])
-    return float(np.mean(correct))
-
-
 def test_verify_records_full_test_split_scores(workspace, reference_run, tmp_path):
     import shutil
 
@@ -230,7 +209,7 @@ def test_verify_records_full_test_split_scores(workspace, reference_run, tmp_pat
     for member in run.pareto.index:
         exported = run.export(int(member), tmp_path / f"m{member}")
         for task in run.tasks:
-            expected = hand_scored_test_accuracy(exported, workspace / "tasks" / task)
+            expected = hand_scored_accuracy(exported, workspace / "tasks" / task, "test")
             assert verified["test"][str(member)][task] == expected, (member, task)
     assert "sums_a_test" in run.pareto.columns
     # choosing on the fitness split keeps the test scores and picks the best full-fitness-split mean
