@@ -163,3 +163,13 @@ def hand_scored_accuracy(model_dir: str | Path, task_dir: str | Path, split: str
             scores.append(sum(logp[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(choice_ids)))
         correct.append(int(np.argmax(scores)) == item["label"])
     return float(np.mean(correct))
+
+
+def one_torch_thread(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` with one torch thread (as the zoo fixtures build), then the count as it was."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from evomerge.fitness.scoring import ExactMatchScorer, exact_match
+from evomerge.testing import one_torch_thread
 from evomerge.zoo import BASE, MANIFEST_NAME, TASKS, Manifest, build_zoo, make_task_splits
 from evomerge.zoo._build import grid_search
 from evomerge.zoo._tasks import TaskSplitSizes, addition_item, reversal_item, sorting_item
@@ -26,14 +27,6 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-def _one_thread(fn, *args, **kwargs):
-    """Run with the thread count the `tiny_zoo` fixture builds with, so bytes can be compared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _model(path: Path):
@@ -207,7 +200,7 @@ def test_base_training_is_deterministic_given_the_seed():
         train(model, sample, steps=4, lr=1e-3, warmup=1)
         return model.state_dict()
 
-    first, again, other = _one_thread(run, 0), _one_thread(run, 0), _one_thread(run, 1)
+    first, again, other = one_torch_thread(run, 0), one_torch_thread(run, 0), one_torch_thread(run, 1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
@@ -273,7 +266,7 @@ def test_distilled_replay_loss_is_the_teachers_kl_and_hard_rows_cross_entropy():
 def test_second_build_reuses_everything(tiny_zoo: Manifest, tmp_path):
     copy = tmp_path / "zoo"
     shutil.copytree(tiny_zoo.root, copy / "tiny")
-    again = _one_thread(build_zoo, copy, size="tiny", seed=0, progress=False)
+    again = one_torch_thread(build_zoo, copy, size="tiny", seed=0, progress=False)
     assert again.built == []
     assert "model base" in again.reused and "evaluation" in again.reused
     assert again.content_hash == tiny_zoo.content_hash
@@ -286,7 +279,7 @@ def test_deleted_and_corrupted_files_are_rebuilt_identically(tiny_zoo: Manifest,
     (copy / "tiny" / "models" / "addition" / "model.safetensors").unlink()
     arrow = sorted((copy / "tiny" / "tasks" / "sorting" / "test").glob("*.arrow"))[0]
     arrow.write_bytes(arrow.read_bytes()[:-7] + b"corrupt")
-    rebuilt = _one_thread(build_zoo, copy, size="tiny", seed=0, progress=False)
+    rebuilt = one_torch_thread(build_zoo, copy, size="tiny", seed=0, progress=False)
     assert sorted(rebuilt.built) == ["model addition", "task sorting"]
     # same seed, same machine: the same bytes, so nothing downstream had to be redone
     assert (copy / "tiny" / "models" / "addition" / "model.safetensors").read_bytes() == \
@@ -302,13 +295,13 @@ def test_a_component_with_a_stale_key_is_rebuilt(tiny_zoo: Manifest, tmp_path):
     manifest = json.loads((copy / "tiny" / MANIFEST_NAME).read_text())
     manifest["tasks"]["addition"]["key"] = "stale"
     (copy / "tiny" / MANIFEST_NAME).write_text(json.dumps(manifest))
-    rebuilt = _one_thread(build_zoo, copy, size="tiny", seed=0, progress=False)
+    rebuilt = one_torch_thread(build_zoo, copy, size="tiny", seed=0, progress=False)
     assert rebuilt.built == ["task addition"]  # regenerated identically, so the models stay valid
 
 
 @pytest.mark.slow
 def test_two_builds_from_scratch_are_byte_identical(tiny_zoo: Manifest, tmp_path):
-    second = _one_thread(build_zoo, tmp_path, size="tiny", seed=0, progress=False)
+    second = one_torch_thread(build_zoo, tmp_path, size="tiny", seed=0, progress=False)
     for name in [BASE, *tiny_zoo.experts]:
         assert (second.model_path(name) / "model.safetensors").read_bytes() == \
             (tiny_zoo.model_path(name) / "model.safetensors").read_bytes(), name

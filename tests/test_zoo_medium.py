@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from evomerge.testing import one_torch_thread
 from evomerge.zoo import BASE, Manifest, build_zoo, get_size, make_task_splits
 from evomerge.zoo._build import grid_search
 from evomerge.zoo._tasks import MEDIUM_TASKS, TaskSplitSizes, maxmin_item, rotation_item, subtraction_item
@@ -25,13 +26,6 @@ SOLVE = {
 }
 
 
-def _one_thread(fn, *args, **kwargs):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_medium_and_its_fixture_share_their_structure():
@@ -120,7 +114,7 @@ def test_a_changed_test_split_retrains_nothing(medium_tiny_zoo: Manifest, tmp_pa
     shutil.copytree(medium_tiny_zoo.root, copy / "medium_tiny")
     arrow = sorted((copy / "medium_tiny" / "tasks" / "rotation" / "test").glob("*.arrow"))[0]
     arrow.write_bytes(arrow.read_bytes()[:-7] + b"corrupt")
-    rebuilt = _one_thread(build_zoo, copy, size="medium_tiny", seed=0, progress=False)
+    rebuilt = one_torch_thread(build_zoo, copy, size="medium_tiny", seed=0, progress=False)
     assert rebuilt.built == ["task rotation"] and "evaluation" in rebuilt.reused
     assert rebuilt.content_hash == medium_tiny_zoo.content_hash
     # and the model keys do not change when the test files do
@@ -130,7 +124,7 @@ def test_a_changed_test_split_retrains_nothing(medium_tiny_zoo: Manifest, tmp_pa
 
 @pytest.mark.slow
 def test_two_medium_tiny_builds_are_byte_identical(medium_tiny_zoo: Manifest, tmp_path):
-    second = _one_thread(build_zoo, tmp_path, size="medium_tiny", seed=0, progress=False)
+    second = one_torch_thread(build_zoo, tmp_path, size="medium_tiny", seed=0, progress=False)
     assert second.content_hash == medium_tiny_zoo.content_hash
 
 
@@ -189,7 +183,7 @@ def test_a_zero_learning_rate_scale_freezes_a_parameter():
     model = init_model(model_config(16, 2, 2, 32, vocab_size=len(vocab_for(MEDIUM_CHARACTERS))), 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sample = make_sampler([BatchPart(examples, 8)], torch.Generator().manual_seed(0))
-    _one_thread(train, model, sample, steps=3, lr=1e-2, warmup=1,
+    one_torch_thread(train, model, sample, steps=3, lr=1e-2, warmup=1,
                 lr_scale=lambda name: 1.0 if ".layers.1." in name else 0.0)
     after = model.state_dict()
     for name in before:
