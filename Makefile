@@ -25,9 +25,9 @@ $(STAMP): pyproject.toml
 		echo "no CUDA: installed the CPU torch==$(TORCH_VERSION) wheel found locally; adding its dependencies"; \
 		$(PIP) install -q torch==$(TORCH_VERSION); \
 	else \
-		echo "no CUDA: installing CPU torch==$(TORCH_VERSION) from the PyTorch CPU index"; \
-		$(PIP) install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu \
-		  --extra-index-url https://pypi.org/simple; \
+		echo "no CUDA and no local CPU wheel: installing torch==$(TORCH_VERSION) from pip's configured index"; \
+		echo "(point PIP_INDEX_URL at a CPU build index first if that index would give you a CUDA build)"; \
+		$(PIP) install -q torch==$(TORCH_VERSION); \
 	fi
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
