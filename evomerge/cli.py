@@ -192,6 +192,22 @@ def resume_command(run_dir: Path, address: str | None, quiet: bool) -> None:
         _fail(exc)
 
 
+@main.command("plan")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def plan_command(config: Path) -> None:
+    """Per worker, the bytes each memory mode needs on device and host for CONFIG's models (from the
+    safetensors headers: nothing is loaded), and the mode chosen; fails when no mode fits."""
+    from evomerge.runs.plan import plan_run
+
+    try:
+        plan = plan_run(config)
+    except _run_errors() as exc:
+        _fail(exc)
+    click.echo(plan.format())
+    if plan.chosen is None and not plan.remote:
+        _fail(plan.error())
+
+
 CHOOSE_BY_HELP = ("How the default member is chosen: mean (the highest mean over tasks, the worst task breaking "
                   "ties), worst (the highest worst task, the mean breaking ties), or W1,W2,... (one weight per task "
                   "in the run's task order, normalised; the worst task breaking ties).")
@@ -278,6 +294,61 @@ def export_command(run_dir: Path, member: int | None, finalists: int | None, cho
     except _run_errors() as exc:
         _fail(exc)
     click.echo(f"exported member {member} to {path} (recipe: {path / 'recipe.yaml'})")
+
+
+# ------------------------------------------------------------------------------- models from outside, scores
+@main.command("import-gguf")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output model folder.")
+@click.option("--dtype", default="float32", show_default=True,
+              help="Dtype of the written weights (float32 keeps the dequantized values exactly; bfloat16, float16).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it is a model folder evomerge wrote; never a folder holding other files.")
+@quiet_option()
+def import_gguf_command(gguf_file: Path, out_dir: Path, dtype: str, overwrite: bool, quiet: bool) -> None:
+    """Dequantize a llama.cpp GGUF_FILE into a merge-ready Hugging Face folder (safetensors, tokenizer, chat template)."""
+    from evomerge.merge.gguf import import_gguf
+
+    try:
+        report = import_gguf(gguf_file, out_dir, dtype=dtype, overwrite=overwrite, progress=not quiet)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    template = "with" if report.has_chat_template else "without"
+    click.echo(f"wrote {report.out_dir} ({report.architecture} -> {report.model_type}, {report.parameters / 1e6:.1f}M "
+               f"parameters in {report.dtype}, {report.bytes_written / 1e6:.1f} MB, {template} a chat template) "
+               f"in {report.seconds:.1f}s")
+
+
+@main.command("score")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--fitness", "fitness", required=True,
+              help="Compressed fitness: a name under ./fitness/ or the packaged presets, or its folder.")
+@click.option("--split", type=click.Choice(["fitness", "test", "subset"]), default="fitness", show_default=True,
+              help="fitness: the whole fitness split; test: the sealed test split (the read is recorded); subset: "
+                   "the fitness's subset items, the answers and estimates a search records.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present).")
+@click.option("--json", "json_path", default=None, type=click.Path(path_type=Path),
+              help="Also write every per-item answer (and, for subset, the item ids and estimates) to this file.")
+@quiet_option()
+def score_command(model_dir: Path, fitness: str, split: str, device: str | None, json_path: Path | None,
+                  quiet: bool) -> None:
+    """Score the model in MODEL_DIR on a compressed fitness's tasks: accuracy per task and the mean."""
+    from evomerge._atomic import write_json_atomic
+    from evomerge.fitness.score import score_model
+
+    try:
+        result = score_model(model_dir, fitness, split=split, device=device)
+    except _run_errors() as exc:
+        _fail(exc)
+    width = max(len(task) for task in result.tasks)
+    for task, score in result.tasks.items():
+        line = f"{task:<{width}}  {score.accuracy:.3f}  ({sum(score.answers)}/{score.n_items} items)"
+        if split == "subset":
+            line += f"  estimate {score.estimate:.3f} +- {score.stderr:.3f}  answers {''.join(map(str, score.answers))}"
+        click.echo(line)
+    click.echo(f"{'mean':<{width}}  {result.mean:.3f}  ({split} split of {result.fitness}, {result.seconds:.1f}s)")
+    if json_path is not None:
+        write_json_atomic(json_path, result.to_dict())
 
 
 if __name__ == "__main__":
