@@ -221,8 +221,8 @@ def test_a_fitness_knows_the_model_weights_it_was_calibrated_on(calibrated, tmp_
 
 def test_a_subset_larger_than_the_split_is_an_error(mc_tasks, tmp_path):
     manifest, tasks = mc_tasks
-    with pytest.raises(FitnessError, match=r"task 'mc_addition': a subset of n=61 items is larger than its "
-                                           r"fitness split \(60 items\)"):
+    with pytest.raises(FitnessError, match=r"field `subset.n`: 61 items per task, but task 'mc_addition' has 60 "
+                                           r"items in its fitness split"):
         calibrate(tasks, str(manifest.base_path), [str(p) for p in manifest.expert_paths], tmp_path / "f",
                   name="x", n=61, echo=lambda message: None)
 

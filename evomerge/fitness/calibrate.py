@@ -384,8 +384,9 @@ def calibrate(
     for t in tasks:
         size = len(t.load_split("fitness"))
         if n > size:
-            raise FitnessError(f"task {t.name!r}: a subset of n={n} items is larger than its fitness split "
-                               f"({size} items)")
+            raise FitnessError(f"field `subset.n`: {n} items per task, but task {t.name!r} has {size} items in its "
+                               f"fitness split (split {t.splits['fitness']!r}); n = {size} scores the whole split "
+                               "(an exact fitness)")
     k = len(experts)
     endpoints = endpoint_coefficients(k)
     population = random_task_level_coefficients(k, random_merges, weight_bounds, density_bounds, calibration_seed)

@@ -140,7 +140,7 @@ def _extrapolate(
     p_unseen = predict_correct(theta, params.items(unseen))[0]  # (N - n,)
     n_total = params.n_items
     value = float((y.sum() + p_unseen.sum()) / n_total)
-    a_unseen = params.discrimination[unseen].reshape(unseen.size, -1)  # (N - n, D)
+    a_unseen = params.discrimination.reshape(n_total, -1)[unseen]  # (N - n, D); (0, D) when n = N
     slope = (p_unseen * (1 - p_unseen)) @ a_unseen / n_total  # (D,) d value / d theta
     variance = float(slope @ theta_cov @ slope) + float((p_unseen * (1 - p_unseen)).sum()) / n_total**2
     return Estimate(name, value, float(np.sqrt(variance)), y, np.asarray(theta, dtype=np.float64), coefficients)

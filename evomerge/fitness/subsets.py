@@ -25,6 +25,10 @@ On the small zoo at n = 20 per task (benchmarks/fitness_estimation.py; benchmark
 0.039 with random items and 0.083 with informative ones; Spearman per task 0.92, 0.86 and 0.80.
 Informative items were best on an earlier zoo with 300-item splits; anchors are the default now.
 
+n = N (the whole split, the natural way to ask for an exact fitness) keeps every item at weight 1/N
+whatever the method: anchors could not form N distinct clusters when items share IRT parameters,
+and informative subsets never choose pinned items. Every estimator is then exact.
+
 Subsets are per task: call once per task's response matrix.
 """
 from __future__ import annotations
@@ -173,6 +177,9 @@ def select_items(
     total = _total_items(n_items, responses, item_params)
     if not 1 <= n <= total:
         raise ValueError(f"cannot select n={n} items from a task with {total} items")
+    if n == total:  # the whole split (an exact fitness): every method would keep every item, each at 1/N
+        return Subset(items=np.arange(total), weights=np.full(n, 1.0 / n), method=method, n=n, seed=seed,
+                      n_total=total)
     if method == "random":
         rng = np.random.default_rng(seed)
         items = np.sort(rng.choice(total, size=n, replace=False))
