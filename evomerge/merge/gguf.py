@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from evomerge.errors import CheckpointError
+from evomerge._atomic import atomic_directory
+from evomerge.errors import CheckpointError, OptionError
 
 __all__ = ["GGUF_MAGIC", "GgufImport", "GgufInfo", "import_gguf", "inspect_gguf"]
 
@@ -162,8 +163,6 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrit
     try:
         torch_dtype = parse_dtype(dtype, field_name="dtype")
     except CheckpointError as exc:
-        from evomerge.errors import OptionError
-
         raise OptionError("dtype", str(exc).removeprefix("dtype: ")) from None
     shard_bytes = parse_shard_size(max_shard_bytes, field="max_shard_bytes")
     out = check_output_dir(out_dir, inputs=[("GGUF file", source)], overwrite=overwrite, field="out_dir")
@@ -176,8 +175,6 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrit
     marker = {**json.loads(marker_text()), "imported_from": source.name, "gguf_architecture": info.architecture}
     marker.pop("recipe", None)  # an imported model has no merge recipe
     with writing_errors(out, field="out_dir"):
-        from evomerge._atomic import atomic_directory
-
         with atomic_directory(out, overwrite=overwrite) as tmp:
             plain.save_pretrained(tmp, max_shard_size=shard_bytes)
             tokenizer.save_pretrained(tmp)
