@@ -82,6 +82,8 @@ def test_the_fixture_has_six_experts_of_eight_layers_that_load(medium_tiny_zoo: 
     assert len(tokenizer("82-45=").input_ids) == 7 and tokenizer.unk_token_id not in tokenizer("L1M2-").input_ids
     for name in [BASE, *zoo.experts]:
         model = AutoModelForCausalLM.from_pretrained(str(zoo.model_path(name)))
+        own = AutoTokenizer.from_pretrained(str(zoo.model_path(name)))  # what `evomerge merge` and a search load
+        assert own.get_vocab() == tokenizer.get_vocab() and own("82-45=").input_ids == tokenizer("82-45=").input_ids
         assert model.config.num_hidden_layers == 8 and model.config.vocab_size == len(vocab_for(MEDIUM_CHARACTERS))
     for task in zoo.tasks:
         splits = datasets.load_from_disk(str(zoo.task_path(task)))
@@ -123,6 +125,22 @@ def test_a_changed_test_split_retrains_nothing(medium_tiny_zoo: Manifest, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_model_folder_with_the_small_vocabulary_gets_the_zoos_tokenizer_without_a_retrain(
+        medium_tiny_zoo: Manifest, tmp_path):
+    """Folders built before the fix carried the small zoo's tokenizer (`-`, `L`, `M` unknown)."""
+    from evomerge.zoo._tokenizer import build_tokenizer, save_tokenizer
+
+    copy = tmp_path / "zoo"
+    shutil.copytree(medium_tiny_zoo.root, copy / "medium_tiny")
+    stale = copy / "medium_tiny" / "models" / "subtraction"
+    save_tokenizer(build_tokenizer(CHARACTERS), stale)
+    weights = (stale / "model.safetensors").read_bytes()
+    rebuilt = one_torch_thread(build_zoo, copy, size="medium_tiny", seed=0, progress=False)
+    assert rebuilt.content_hash == medium_tiny_zoo.content_hash
+    assert (stale / "model.safetensors").read_bytes() == weights  # reused, not retrained
+    assert (stale / "tokenizer.json").read_bytes() == (rebuilt.tokenizer_path / "tokenizer.json").read_bytes()
+
+
 def test_two_medium_tiny_builds_are_byte_identical(medium_tiny_zoo: Manifest, tmp_path):
     second = one_torch_thread(build_zoo, tmp_path, size="medium_tiny", seed=0, progress=False)
     assert second.content_hash == medium_tiny_zoo.content_hash

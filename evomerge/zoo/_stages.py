@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from evomerge._atomic import atomic_file
 from evomerge.fitness.scoring import ExactMatchScorer
 from evomerge.zoo._build import (
     BAR_BASE_GAP,
@@ -29,6 +30,7 @@ from evomerge.zoo._build import (
     _Builder,
     _hash_json,
     derive_seed,
+    folder_files,
     grid_search,
     score_tasks,
 )
@@ -113,14 +115,31 @@ def _model_shape(b: _Builder) -> dict:
     return {"hidden": s.hidden, "layers": s.layers, "heads": s.heads, "intermediate": s.intermediate}
 
 
-def _save_model(model, folder: Path) -> None:
+def _save_model(model, folder: Path, characters: str) -> None:
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False, max_new_tokens=MAX_ANSWER_TOKENS
     )
     model.save_pretrained(folder, safe_serialization=True)
-    save_tokenizer(build_tokenizer(), folder)
+    save_tokenizer(build_tokenizer(characters), folder)
+
+
+def _with_zoo_tokenizer(b: _Builder, label: str, entry: dict) -> dict:
+    """Model folders built before the fix carried the small zoo's tokenizer whatever the zoo's
+    characters (the medium zoo's models then mapped `-`, `L`, `M` to <unk>). The weights do not
+    depend on it, so a reused folder gets the zoo's tokenizer files in place instead of a retrain."""
+    folder = b.root / entry["path"]
+    tokenizer_folder = b.root / b.data["tokenizer"]["path"]
+    names = [n for n in entry["files"] if n.startswith("tokenizer")]
+    if all((folder / n).read_bytes() == (tokenizer_folder / n).read_bytes() for n in names):
+        return entry
+    for name in names:
+        with atomic_file(folder / name, "wb") as handle:
+            handle.write((tokenizer_folder / name).read_bytes())
+    b.log(f"{label}: tokenizer files replaced by the zoo's (built before the vocabulary fix)")
+    files = folder_files(folder)
+    return {**entry, "files": files, "hash": _hash_json(files)}
 
 
 def _load_model(path: Path, device: torch.device):
@@ -180,10 +199,11 @@ def build_base_stage(b: _Builder) -> None:
         losses = train(model, make_sampler(parts, generator), steps=s.base_steps, lr=s.base_lr,
                        warmup=s.base_warmup, autocast=s.autocast_dtype(), stage="base", log=b.log,
                        log_every=max(1, s.base_steps // 5))
-        _save_model(model.cpu(), folder)
+        _save_model(model.cpu(), folder, s.characters)
         return _model_info(model, "base", None, None, {**training, "final_loss": round(float(np.mean(losses[-10:])), 4)})
 
-    b.data["models"][BASE] = b.ensure("model base", b.root / "models" / BASE, key, b.previous_entry("models", BASE), build)
+    entry = b.ensure("model base", b.root / "models" / BASE, key, b.previous_entry("models", BASE), build)
+    b.data["models"][BASE] = _with_zoo_tokenizer(b, "model base", entry)
     b.save()
 
 
@@ -299,13 +319,13 @@ def build_expert_stages(b: _Builder) -> None:
                            stage=f"expert {task}", log=b.log,
                            log_every=max(1, training["max_steps"] // 4), on_step=on_step,
                            lr_scale=_layer_lr_scale(training))
-            _save_model(model.cpu(), folder)
+            _save_model(model.cpu(), folder, s.characters)
             return _model_info(model, "expert", task, BASE, {
                 **training, "steps": len(losses), "final_loss": round(float(np.mean(losses[-10:])), 4),
                 "validation_checks": [[step, round(acc, 4)] for step, acc in checks]})
 
-        b.data["models"][task] = b.ensure(f"model {task}", b.root / "models" / task, key,
-                                          b.previous_entry("models", task), build)
+        entry = b.ensure(f"model {task}", b.root / "models" / task, key, b.previous_entry("models", task), build)
+        b.data["models"][task] = _with_zoo_tokenizer(b, f"model {task}", entry)
         b.save()
 
 
