@@ -48,7 +48,7 @@ def _llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, qtype=gguf.GGMLQuantizationType.F32, *, tied: bool = True, arch: str = "llama",
-                    seed: int = 0) -> LlamaForCausalLM:
+                    seed: int = 0, chat_template: str | None = CHAT_TEMPLATE) -> LlamaForCausalLM:
     """A 2-layer Llama (hidden 64, 4 heads / 2 KV heads) as llama.cpp writes it; returns the original model."""
     tokens = SPECIALS + list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe"]
     config = LlamaConfig(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -80,7 +80,8 @@ def write_tiny_gguf(path: Path, qtype=gguf.GGMLQuantizationType.F32, *, tied: bo
     writer.add_unk_token_id(0)
     writer.add_pad_token_id(2)
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     def put(name: str, array: np.ndarray) -> None:
         if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
@@ -280,6 +281,16 @@ def test_cli_imports_and_reports(tiny, tmp_path):
     assert "llama -> llama" in result.output and "with a chat template" in result.output
     missing = CliRunner().invoke(main, ["import-gguf", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "n")])
     assert missing.exit_code == 2 and "nope.gguf: GGUF file not found" in missing.output
+
+
+def test_a_file_without_a_chat_template_imports_without_one(tmp_path):
+    path = tmp_path / "plain.gguf"
+    write_tiny_gguf(path, chat_template=None)
+    assert not inspect_gguf(path).has_chat_template
+    result = CliRunner().invoke(main, ["import-gguf", str(path), "--out", str(tmp_path / "m"), "--quiet"])
+    assert result.exit_code == 0 and "without a chat template" in result.output, result.output
+    assert not (tmp_path / "m" / "chat_template.jinja").exists()
+    assert AutoTokenizer.from_pretrained(tmp_path / "m").chat_template is None
 
 
 # ------------------------------------------------------------------------------- the real file
