@@ -26,6 +26,10 @@ choice_template: " {choice}"
 answer_index: "{answerKey}"       # gold, mapped through choice_labels when given
 choice_labels: "{choices[label]}"
 ```
+
+An lm-evaluation-harness task (`lm_eval: {task: NAME, include_path: DIR}`, nothing else but `name`,
+`splits`, `id_field` and `batch_size`) takes its data, prompts, filters and per-item metric from
+lm-eval itself: `evomerge.fitness.lm_eval_tasks`.
 """
 from __future__ import annotations
 
@@ -86,16 +90,21 @@ class TaskSpec:
     length_normalize: bool = False
     batch_size: int = 256
     source: str = "<task>"
+    lm_eval: Mapping[str, Any] | None = None  # an lm-eval task (evomerge.fitness.lm_eval_tasks)
+    lm_eval_info: Any = field(default=None, compare=False, repr=False)  # what `lm_eval` resolved to
 
     FIELDS = ("name", "dataset", "prompt", "scorer", "splits", "id_field", "answer", "answer_regex",
               "prediction_regex", "normalize", "max_new_tokens", "choices", "choice_template", "answer_index",
-              "choice_labels", "length_normalize", "batch_size")
+              "choice_labels", "length_normalize", "batch_size", "lm_eval")
+    LM_EVAL_FIELDS = ("name", "lm_eval", "splits", "id_field", "batch_size", "scorer")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<task>", root: Path | None = None) -> "TaskSpec":
         unknown = sorted(set(data) - set(cls.FIELDS))
         if unknown:
             raise TaskError(f"{source}: field `{unknown[0]}` is not supported; fields: {list(cls.FIELDS)}")
+        if "lm_eval" in data:
+            return cls._from_lm_eval(data, source, root)
         for required in ("name", "dataset", "prompt"):
             if required not in data:
                 raise TaskError(f"{source}: field `{required}` is required")
@@ -121,12 +130,43 @@ class TaskSpec:
         kwargs = {k: data[k] for k in cls.FIELDS if k in data and k not in ("dataset", "normalize", "splits")}
         return cls(dataset=dataset, normalize=normalize, splits=splits, source=source, **kwargs)
 
+    @classmethod
+    def _from_lm_eval(cls, data: Mapping[str, Any], source: str, root: Path | None) -> "TaskSpec":
+        """A preset naming an lm-eval task: checked against lm-eval's task index now, before any data
+        or model is loaded (the include path resolves against the preset file's folder)."""
+        from evomerge.fitness.lm_eval_tasks import resolve_spec
+
+        name = data.get("name")
+        label = f"{source} (task {name!r})" if name else source
+        if not name:
+            raise TaskError(f"{label}: field `name` is required")
+        extra = sorted(set(data) - set(cls.LM_EVAL_FIELDS))
+        if extra:
+            raise TaskError(f"{label}: field `{extra[0]}` does not apply to an lm-eval task (lm-eval builds its prompts, "
+                            f"answers and data); fields: {list(cls.LM_EVAL_FIELDS)}")
+        if data.get("scorer", "lm_eval") != "lm_eval":
+            raise TaskError(f"{label}: field `scorer`: an lm-eval task is scored by lm-eval's metric; drop `scorer`")
+        source_path = Path(source)
+        preset_root = source_path.resolve().parent if source_path.suffix in (".yaml", ".yml") else root
+        block, info = resolve_spec(data["lm_eval"], data.get("splits"), label, preset_root)
+        return cls(name=name, dataset={}, prompt="", scorer="lm_eval", splits=dict(info.splits),
+                   id_field=data.get("id_field"), batch_size=int(data.get("batch_size", 64)), source=source,
+                   lm_eval=block, lm_eval_info=info)
+
     def with_dataset(self, dataset: Mapping[str, Any]) -> "TaskSpec":
+        if self.lm_eval is not None:
+            raise TaskError(f"task {self.name!r}: field `dataset` does not apply to an lm-eval task (its data comes from "
+                            "the lm-eval task YAML)")
         return TaskSpec.from_dict({**self.to_dict(), "dataset": dict(dataset)}, source=self.source)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.lm_eval is not None:
+            return {"name": self.name, "lm_eval": dict(self.lm_eval), "splits": dict(self.splits),
+                    "id_field": self.id_field, "batch_size": self.batch_size}
         out = {}
         for name in self.FIELDS:
+            if name == "lm_eval":
+                continue
             value = getattr(self, name)
             out[name] = list(value) if isinstance(value, tuple) else (dict(value) if isinstance(value, Mapping) else value)
         return out
@@ -144,9 +184,18 @@ class TaskSpec:
         if role not in self.splits:
             raise TaskError(f"task {self.name!r}: unknown split role {role!r}; roles: {sorted(self.splits)}")
         split = self.splits[role]
+        if split is None:
+            raise TaskError(f"task {self.name!r}: no split plays the {role} role (field `splits.{role}`)")
         if split == self.splits["test"]:
             note_read(self.name, split, role)
         ds = self.dataset
+        if self.lm_eval is not None:
+            from evomerge.fitness.lm_eval_tasks import load_docs
+
+            loaded = load_docs(self.lm_eval_info, split, f"task {self.name!r}")
+            if self.id_field and self.id_field not in loaded.column_names:
+                raise TaskError(f"task {self.name!r}: id field {self.id_field!r} not in columns {loaded.column_names}")
+            return loaded
         try:
             if "path" in ds:
                 path = Path(ds["path"])
@@ -215,6 +264,10 @@ class TaskSpec:
 
     def make_scorer(self, tokenizer, items, *, device=None) -> "Callable[[torch.nn.Module], np.ndarray]":
         """A scorer for these items: tokenizes once, then `scorer(model)` -> (n,) 0/1 answers."""
+        if self.lm_eval is not None:
+            from evomerge.fitness.lm_eval_tasks import LMEvalScorer
+
+            return LMEvalScorer(self, tokenizer, items, device=device)
         check_tokenizer(tokenizer, self, items)
         if self.scorer == "exact_match":
             return GenerationScorer(self, tokenizer, items, device=device)
