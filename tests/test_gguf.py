@@ -44,7 +44,8 @@ CHATS = [[{"role": "user", "content": "reverse 123"}],
 
 def _llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's convert script reorders q/k rows for its rotary layout (transformers undoes it)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def write_tiny_gguf(path: Path, qtype=gguf.GGMLQuantizationType.F32, *, tied: bool = True, arch: str = "llama",
@@ -329,8 +330,9 @@ def test_smollm2_imports_to_the_logits_transformers_dequantizes(smollm2):
     assert "lm_head.weight" not in ModelFolder.open(folder).weight_map
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
-               for c in ("What is 17 + 25?", "Reverse the word 'merge'.")] + ["The capital of France is"]
+    chats = [[{"role": "user", "content": c}] for c in ("What is 17 + 25?", "Reverse the word 'merge'.")]
+    prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
+    prompts.append("The capital of France is")
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([tokenizer(prompt).input_ids])

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from evomerge.cli import main
 from evomerge.errors import CheckpointError, OptionError
+from evomerge.fitness.compressed import CompressedFitness
 from evomerge.fitness.score import score_model
 from evomerge.fitness.sealed import SealedSplitError, SplitRead, recorded_test_reads, sealed_test
 from evomerge.runs.run import Run
@@ -38,9 +39,10 @@ def exported(run_workspace, tmp_path_factory):
 def test_subset_answers_reproduce_the_logged_evaluation_exactly(exported):
     workspace, run, folders = exported
     assert len(folders) >= 2
-    for member, folder in folders.items():
+    loaded = CompressedFitness.load(workspace / "fitness" / "mc")
+    for i, (member, folder) in enumerate(folders.items()):
         record = run.record(member)
-        scored = score_model(folder, workspace / "fitness" / "mc", split="subset")
+        scored = score_model(folder, workspace / "fitness" / "mc" if i == 0 else loaded, split="subset")
         assert scored.responses == record["responses"], member
         assert {t: s.estimate for t, s in scored.tasks.items()} == record["objectives"], member
         assert {t: s.stderr for t, s in scored.tasks.items()} == record["stderr"], member

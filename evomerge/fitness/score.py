@@ -20,11 +20,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from evomerge.errors import CheckpointError, OptionError
+
+if TYPE_CHECKING:
+    from evomerge.fitness.compressed import CompressedFitness
 
 __all__ = ["SPLITS", "ModelScore", "TaskScore", "score_model"]
 
@@ -75,12 +78,14 @@ class ModelScore:
                           for task, s in self.tasks.items()}}
 
 
-def score_model(model_dir: str | os.PathLike, fitness: str | os.PathLike, *, split: str = "fitness",
-                estimator: str | None = None, device: str | None = None, allow_pickle: bool = False) -> ModelScore:
+def score_model(model_dir: str | os.PathLike, fitness: "str | os.PathLike | CompressedFitness", *,
+                split: str = "fitness", estimator: str | None = None, device: str | None = None,
+                allow_pickle: bool = False) -> ModelScore:
     """Score the model in `model_dir` on every task of the compressed fitness `fitness` (a name
-    under ./fitness/ or the packaged presets, or a path; as a run config names it) on `split`
-    (`SPLITS`; see the module docstring). `estimator`: for `subset`, the estimator of the estimate
-    (default: the fitness's own, which is also a run's default).
+    under ./fitness/ or the packaged presets, or a path, as a run config names it; or one already
+    loaded, to score many models without reloading it) on `split` (`SPLITS`; see the module
+    docstring). `estimator`: for `subset`, the estimator of the estimate (default: the fitness's
+    own, which is also a run's default).
 
     Everything is checked before the model is loaded: the split, the folder (`CheckpointError`
     when it is not a model folder), the fitness (`FileNotFoundError` when no fitness has that name,
@@ -97,7 +102,7 @@ def score_model(model_dir: str | os.PathLike, fitness: str | os.PathLike, *, spl
     model_dir = Path(model_dir)
     with ModelFolder.open(model_dir, allow_pickle=allow_pickle) as folder:
         dtype = folder.dtype(folder.tensor_names()[0])
-    compressed = CompressedFitness.load(fitness)
+    compressed = fitness if isinstance(fitness, CompressedFitness) else CompressedFitness.load(fitness)
     started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
