@@ -10,11 +10,12 @@ one worker needs (`mode_needs`, each term named in `ModeNeed.terms`):
                         when b != 4; the method's workspace (below)
     resident,   device: base + experts (K+1)*P*s
     host,       host:   base + experts (K+1)*P*s (pinned on CUDA);   device: staging 2*(K+1)*N*s
-    disk,       disk:   the cache (K+1)*P*s;   device: staging 2*(K+1)*N*s;   host (CUDA): bounce 2*(K+1)*N*s
+    disk,       disk:   the cache (K+1)*P*s;   device: staging 2*(K+1)*N*s;   host: the mapped pages of
+                        the block being copied (K+1)*N*s, and on CUDA pinned bounce buffers 2*(K+1)*N*s
 
     method workspace, device: DARE's draws K*N*4 (uncached); magnitude methods (ties, breadcrumbs):
     the order statistics kept per tensor and expert (4 bytes per grid point on the device, 12 on the
-    host; whole small tensors) plus the first candidate's sorts, 16*N per sort running at once;
+    host; whole small tensors) plus the first candidate's sorts, 28*N per sort running at once;
     DELLA and slerp (the unfused kernels): about 4*K*N*4 of temporaries (an estimate; linear is
     counted with its default normalize, a fused sum).
 
@@ -46,7 +47,9 @@ MODES = ("resident", "host", "disk")
 HEADROOM = 0.9  # a mode fits in at most this fraction of the free memory
 DEFAULT_GRID = 1 << 16  # the materializer's DEFAULT_ORDER_STATS_GRID
 GRID_SPACING = 256  # sparsify.GRID_SPACING
-SORT_BYTES = 16  # per entry of one order-statistics sort: |t| (4), sorted values (4), int64 indices (8)
+# Per entry of one order-statistics sort: |t| (4), sorted int32 keys and int64 indices (12), and the radix
+# sort's second key and index buffers (12); a CPU sort of 28M entries measured 28.08 bytes per entry.
+SORT_BYTES = 28
 
 
 class MemoryPlanError(ValueError):
@@ -54,7 +57,12 @@ class MemoryPlanError(ValueError):
 
 
 def format_bytes(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    """Decimal units, as `evomerge plan` prints them: 1.91 GB, 453.0 MB, 12.3 kB."""
+    if abs(n) >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if abs(n) >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} kB"
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ def mode_needs(shapes: ModelShapes, method: str | None = None, *, cuda: bool, or
         "resident": {"base + experts": ("device", stored)},
         "host": {"base + experts": ("host", stored), "staging buffers": ("device", staging)},
         "disk": {"task-vector cache": ("disk", stored), "staging buffers": ("device", staging),
+                 "cache pages in flight": ("host", (k + 1) * n * s),  # mapped while one block is copied
                  **({"bounce buffers": ("host", staging)} if cuda else {})},
     }
     needs = {}
@@ -235,7 +244,8 @@ class MemoryPlan:
         """One short block: per worker, each mode's device / host bytes, what is free, the mode chosen."""
         s = self.shapes
         where = f"{self.device}, {self.workers} worker{'s' if self.workers > 1 else ''}"
-        lines = [f"memory plan per worker ({where}; {s.parameters / 1e6:,.0f}M parameters, {s.dtype_name}, "
+        count = f"{s.parameters / 1e6:,.0f}M" if s.parameters >= 1e7 else f"{s.parameters:,}"
+        lines = [f"memory plan per worker ({where}; {count} parameters, {s.dtype_name}, "
                  f"base + {s.num_experts} experts, method {self.method or 'any'}):"]
         fitting = set(self.fitting())
         for mode in MODES:

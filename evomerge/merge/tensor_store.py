@@ -212,7 +212,9 @@ class TensorStore:
         if self.widens:
             self._work = torch.empty(k1 * n, dtype=torch.float32, device=self.device)
         if self.mode != "resident":
-            self._staging = [torch.empty(k1 * n, dtype=self.dtype, device=self.device) for _ in range(2)]
+            # Zeroed: committed now, as device memory is, so the process's peak is the plan's figure
+            # whatever the order of the tensors (an untouched CPU page would only count once used).
+            self._staging = [torch.zeros(k1 * n, dtype=self.dtype, device=self.device) for _ in range(2)]
             if self.mode == "disk" and self.device.type == "cuda":
                 self._bounce = [torch.empty(k1 * n, dtype=self.dtype).pin_memory() for _ in range(2)]
 

@@ -10,6 +10,7 @@ fitness: zoo_small                  # a compressed fitness by name or path (see 
 optimizer: {name: nsga2, settings: {pop_size: 16}}
 budget: {evaluations: 150, wall_time: null}   # stop at whichever comes first
 workers: {backend: ray, num_workers: 2}       # or {backend: inprocess}, or {backend: ray, address: HOST:PORT}
+                                              # memory: auto | resident | host | disk (see `evomerge plan`)
 seed: 0
 ```
 """
@@ -73,6 +74,10 @@ class WorkersConfig(Strict):
     threads_per_worker: int = Field(default=1, ge=1)
     max_retries: int = Field(default=2, ge=0)  # per candidate, after a worker crash
     device: str | None = None  # default: cuda when present, else cpu
+    # Where each worker keeps the base and experts (merge.tensor_store): resident on the device, host
+    # memory streamed to it, or a disk cache; auto takes the first that fits (`evomerge plan` shows the bytes).
+    memory: Literal["auto", "resident", "host", "disk"] = "auto"
+    cache_dir: str | None = None  # the disk mode's cache (default: $EVOMERGE_CACHE_DIR or ~/.cache/evomerge)
 
     @field_validator("device")
     @classmethod
@@ -118,6 +123,8 @@ class RunConfig(Strict):
             if value and (os.sep in value or value.endswith((".yaml", ".yml"))):
                 fit[key] = absolute(value)
         data["runs_dir"] = absolute(self.runs_dir)
+        if self.workers.cache_dir:
+            data["workers"]["cache_dir"] = absolute(self.workers.cache_dir)
         return RunConfig.model_validate(data)
 
     def to_yaml(self) -> str:

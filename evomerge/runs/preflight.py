@@ -2,7 +2,7 @@
 
 Everything here fails fast with a one-line error naming the field: the compressed fitness (its
 data and the models it was calibrated on), the estimator's name, the Ray cluster's address, a
-run folder overlapping the run's inputs. `results_hash` says which two configs make the same run
+run folder overlapping the run's inputs, models that fit in no memory mode (`check_memory`). `results_hash` says which two configs make the same run
 (everything but where the workers run), so `resume` can refuse a changed config yet accept a
 new worker address.
 """
@@ -23,12 +23,15 @@ def sha256_text(text: str) -> str:
 
 # ------------------------------------------------------------------------------- config identity
 def results_hash(config_text: str) -> str:
-    """SHA-256 of what decides a run's results: the config snapshot less `workers.address`.
+    """SHA-256 of what decides a run's results: the config snapshot less `workers.address`,
+    `workers.memory` and `workers.cache_dir`.
 
-    Where the workers run does not change what they compute, so a resume may point at another
-    Ray cluster; every other field (models, space, fitness, optimizer, budget, seed, ...) is fixed."""
+    Where the workers run, and where they keep the models (every memory mode writes the same
+    candidates), does not change what they compute, so a resume may point at another Ray cluster or
+    machine; every other field (models, space, fitness, optimizer, budget, seed, ...) is fixed."""
     data = yaml.safe_load(config_text) or {}
-    (data.get("workers") or {}).pop("address", None)
+    for key in ("address", "memory", "cache_dir"):
+        (data.get("workers") or {}).pop(key, None)
     return sha256_text(json.dumps(data, sort_keys=True, default=str))
 
 
@@ -93,6 +96,17 @@ def check_ray_address(config: RunConfig) -> None:
         from evomerge.runs.backends import check_ray_address as probe
 
         probe(config.workers.address)
+
+
+def check_memory(config: RunConfig, echo=print) -> None:
+    """Print the run's memory plan (one block) and refuse, before any model is loaded, models that fit
+    in no memory mode on this machine (or not in the one `workers.memory` names), naming the numbers."""
+    from evomerge.runs.plan import plan_run
+
+    plan = plan_run(config)
+    echo(plan.format())
+    if plan.chosen is None and not plan.remote:
+        raise ConfigError(str(plan.error()))
 
 
 def check_run_dir_writable(run_dir: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evomerge.merge.materializer import MaterializerOutOfMemory
 from evomerge.runs.config import RunConfig
 from evomerge.search.space import BoundSpace, DecodedGenome, SearchSpace
 
@@ -35,6 +36,7 @@ class Evaluation:
     status: str = "ok"  # "ok" or "failed"
     error: str | None = None
     recipe: dict[str, Any] | None = None  # the mergekit-style recipe that was scored (None when decoding failed)
+    memory: str | None = None  # the worker's memory mode (resident, host, disk): where base and experts were kept
 
 
 def bind_space(config: RunConfig) -> BoundSpace:
@@ -60,9 +62,13 @@ class MergeProblem:
         self.fitness = fitness
         self.worker = worker
         self.space = bind_space(config)
+        workers = config.workers
         self.materializer = Materializer.from_folders(
-            config.models.base, config.models.experts, device=device or config.workers.device,
-            allow_pickle=config.models.allow_pickle, seed=config.seed,
+            config.models.base, config.models.experts, device=device or workers.device,
+            allow_pickle=config.models.allow_pickle, seed=config.seed, memory=workers.memory,
+            method=self.space.method, cache_dir=workers.cache_dir,
+            # a local pool's workers share this machine's host memory
+            host_share=1.0 / (workers.num_workers if workers.backend == "ray" and not workers.address else 1),
         )
         self.tokenizer = AutoTokenizer.from_pretrained(config.models.base, trust_remote_code=False)
         self.scorers = fitness.subset_scorers(self.tokenizer, device=self.materializer.device)
@@ -80,19 +86,27 @@ class MergeProblem:
         _test_hooks(candidate_id)
         t0 = time.perf_counter()
         decoded = self.space.decode(genome)
-        model = self.materialize(decoded)
+        model = self.materialize(decoded)  # MaterializerOutOfMemory: this candidate fails, the worker goes on
         t1 = time.perf_counter()
         objectives, stderr, responses, items = {}, {}, {}, 0
-        for task, scorer in self.scorers.items():
-            answers = np.asarray(scorer(model), dtype=np.int64)
-            estimate = self.fitness.estimate(task, answers, self.config.fitness.estimator)
-            objectives[task] = float(estimate.value)
-            stderr[task] = float(estimate.stderr)
-            responses[task] = answers.tolist()
-            items += int(answers.size)
+        try:
+            for task, scorer in self.scorers.items():
+                answers = np.asarray(scorer(model), dtype=np.int64)
+                estimate = self.fitness.estimate(task, answers, self.config.fitness.estimator)
+                objectives[task] = float(estimate.value)
+                stderr[task] = float(estimate.stderr)
+                responses[task] = answers.tolist()
+                items += int(answers.size)
+        except torch.OutOfMemoryError as exc:  # free the activations so the next candidate can run
+            if self.materializer.device.type == "cuda":
+                torch.cuda.empty_cache()
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise MaterializerOutOfMemory(f"out of {self.materializer.device} memory scoring task {task!r} (memory "
+                                          f"mode {self.materializer.memory}): {first}") from None
         t2 = time.perf_counter()
         return Evaluation(candidate_id, objectives, stderr, responses, items,
-                          {"materialize": t1 - t0, "score": t2 - t1}, worker=self.worker, recipe=self.recipe(decoded))
+                          {"materialize": t1 - t0, "score": t2 - t1}, worker=self.worker, recipe=self.recipe(decoded),
+                          memory=self.materializer.memory)
 
 
 def _test_hooks(candidate_id: int) -> None:

@@ -118,6 +118,7 @@ class Search:
         preflight.check_ray_address(config)  # an unreachable cluster fails now, before anything is written
         preflight.check_run_dir_is_no_input(run_dir, config, source)
         preflight.check_run_dir_writable(run_dir)
+        preflight.check_memory(config, echo)  # prints the memory plan; models that fit nowhere fail here
         fitness = preflight.load_fitness(config)
         space = bind_space(config)
         optimizer = new_optimizer(config, space, len(fitness.task_names))  # a bad space or optimizer fails here
@@ -161,6 +162,7 @@ class Search:
         if address is not None and address != config.workers.address:
             config = config.model_copy(update={"workers": config.workers.model_copy(update={"address": address or None})})
         preflight.check_ray_address(config)
+        preflight.check_memory(config, echo)  # prints the memory plan; models that fit nowhere fail here
         from evomerge.fitness.compressed import CompressedFitness
 
         fitness = CompressedFitness.load(meta["fitness"])
