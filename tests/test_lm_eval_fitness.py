@@ -289,3 +289,31 @@ def test_continuous_metric_needs_a_threshold_and_values_in_the_unit_interval(wor
                                                           "threshold": 0.5}})
     with pytest.raises(TaskError, match=r"'sums_length'.*metric 'length' gave .* outside \[0, 1\]"):
         length.make_scorer(workspace["tokenizer"], docs, device="cpu")(workspace["model"])
+
+
+def test_few_shot_contexts_are_per_item_and_test_shots_are_sealed(workspace, tmp_path):
+    """With num_fewshot > 0 an item's context depends only on the item (a subset sees the prompts of the whole
+    split), and few-shot examples drawn from the test split are a test read."""
+    spec = TaskSpec.from_dict({"name": "s", "lm_eval": {"task": "sums_mc", "include_path": str(workspace["data"]),
+                                                        "num_fewshot": 2}})
+    assert spec.lm_eval_info.fewshot_split == "validation"  # no training_split: lm-eval falls back to validation
+    docs = spec.load_split("fitness")
+    full = spec.make_scorer(workspace["tokenizer"], docs, device="cpu")
+    part = spec.make_scorer(workspace["tokenizer"], docs.select([7, 2]), device="cpu")
+    contexts = [group[0].args[0] for group in full._per_doc]
+    assert [group[0].args[0] for group in part._per_doc] == [contexts[7], contexts[2]]
+    assert contexts[7].endswith(docs[7]["prompt"]) and contexts[7].count("=") == 3  # two shots, then the item
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text(_task_yaml("sums_test_shots", workspace["data"], "multiple_choice", "acc",
+                                             doc_to_choice="{{choices}}", doc_to_target="{{label}}",
+                                             num_fewshot=1, fewshot_config={"sampler": "first_n"}, fewshot_split="test"))
+    shots = TaskSpec.from_dict({"name": "t", "lm_eval": {"task": "sums_test_shots", "include_path": str(tasks)}})
+    assert shots.lm_eval_info.fewshot_split == "test"
+    with sealed_test("choosing"), pytest.raises(SealedSplitError, match=r"test split of t \(split 'test'\)"):
+        shots.make_scorer(workspace["tokenizer"], shots.load_split("fitness"), device="cpu")
+    with recorded_test_reads() as reads:  # outside the seal: logged, and the shot is indeed the first test item
+        scorer = shots.make_scorer(workspace["tokenizer"], shots.load_split("fitness"), device="cpu")
+    first_test = json.loads((workspace["data"] / "test.jsonl").read_text().splitlines()[0])
+    assert [(r.task, r.split, r.role) for r in reads] == [("t", "test", "fewshot")]
+    assert scorer._per_doc[0][0].args[0].startswith(first_test["prompt"])
