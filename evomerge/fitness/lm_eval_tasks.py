@@ -357,6 +357,9 @@ class LMEvalScorer:
                 for i, (doc, requests) in enumerate(zip(self.docs, self._per_doc)):
                     metrics = self._task.process_results(doc, [r.filtered_resps[self.info.filter] for r in requests])
                     out[i] = float(metrics[self.info.metric])
+        except (AssertionError, KeyError, ValueError) as exc:  # lm-eval's checks (e.g. max_gen_toks >= the model's length)
+            raise _error(f"lm-eval task {self.info.task!r} (preset {self.spec.name!r}) cannot score this model "
+                         f"({type(exc).__name__}: {exc})") from exc
         finally:
             model.train(was_training)
         return out
