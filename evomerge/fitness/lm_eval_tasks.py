@@ -12,6 +12,7 @@ lm_eval:
   filter: none                  # optional: default the task's first filter pipeline
   threshold: null               # only for a continuous metric in [0, 1]: correct when value >= threshold
   num_fewshot: null             # optional: override the task's num_fewshot
+  fewshot_seed: 1234            # optional: seeds each item's few-shot draw (with the item's content)
 splits: {fitness: validation, test: test}   # optional: default the task's validation_split / test_split
 ```
 
@@ -219,6 +220,9 @@ def resolve_spec(block: Mapping[str, Any], splits: Mapping[str, str] | None, whe
     if chosen_filter not in filters:
         raise _error(f"{where}: field `lm_eval.filter`: lm-eval task {name!r} has no filter {chosen_filter!r}; "
                      f"its filters: {filters}")
+    fewshot_seed = block.get("fewshot_seed")
+    if fewshot_seed is not None and (isinstance(fewshot_seed, bool) or not isinstance(fewshot_seed, int)):
+        raise _error(f"{where}: field `lm_eval.fewshot_seed`: {fewshot_seed!r} is not an integer")
     num_fewshot = block.get("num_fewshot")
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0):
         raise _error(f"{where}: field `lm_eval.num_fewshot`: {num_fewshot!r} is not a count >= 0")
@@ -304,7 +308,8 @@ class LMEvalScorer:
         shots = int(shots or 0)
         if shots and info.fewshot_split is not None and info.fewshot_split == info.splits.get("test"):
             note_read(spec.name, info.fewshot_split, "fewshot")
-        seed = int(self.spec.lm_eval.get("fewshot_seed") or 1234)  # lm-eval's default fewshot_random_seed
+        seed = self.spec.lm_eval.get("fewshot_seed")
+        seed = 1234 if seed is None else int(seed)  # lm-eval's default fewshot_random_seed
         self.docs = [docs[i] for i in range(len(docs))]
         self._per_doc: list[list] = []
         with _quiet():
