@@ -112,6 +112,10 @@ def test_plan_bytes_equal_a_hand_computation():
     stats_device, stats_host, sorts = 2 * (100 + 40) * 4 + 2 * 3 * 4, 2 * 3 * 12, 2 * 1000 * 28
     assert ties.device_bytes == live + stored + work + out + stats_device + sorts
     assert ties.host_bytes == stats_host
+    gpu_ties = mode_needs(shapes, "ties", cuda=True, order_stats_grid=256)
+    assert gpu_ties["resident"].device_bytes == live + stored + work + out + stats_device + 1000 * 28
+    assert gpu_ties["host"].device_bytes == live + staging + work + out + stats_device  # sorted on the host
+    assert gpu_ties["host"].host_bytes == stored + stats_host + 1000 * 32
     dare = mode_needs(shapes, "dare_ties", cuda=False)["resident"]
     assert dare.device_bytes == live + stored + work + out + 2 * 1000 * 4  # draws of the largest tensor
     float32 = mode_needs(ModelShapes((100, 1000, 40), 4, 2), "task_arithmetic", cuda=False)["resident"]
@@ -299,3 +303,25 @@ def test_out_of_memory_on_one_candidate_fails_it_and_the_next_one_runs(families,
     assert [r.status for r in results] == ["ok", "failed", "ok"]
     assert results[1].error.startswith("MaterializerOutOfMemory: out of cuda:0 memory") and math.isnan(
         results[1].objectives["a"])
+
+
+def test_order_statistics_sorted_on_the_host_are_the_same_bits(families, monkeypatch):
+    """The streaming modes on a GPU sort a host copy of each task vector; forced here on CPU."""
+    root, fams = families
+    base, experts = fams[torch.bfloat16]
+    monkeypatch.setattr(Materializer, "sorts_on_host", property(lambda self: True))
+    mat = Materializer.from_folders(base, experts, device="cpu", memory="host", order_stats_grid=GRID, compile=False)
+    reference = legacy.Materializer.from_folders(base, experts, device="cpu", order_stats_grid=GRID, compile=False)
+    for method in ("ties", "breadcrumbs_ties"):
+        for m in (mat, reference):
+            m.apply(method, weight=[0.5, 0.9, 0.3], density=[0.3, 0.6, 0.8])
+        assert_bit_equal(mat.merged_state(), reference.merged_state(), f"{method}, sorted on the host")
+
+
+def test_docs_scale_tables_are_the_plan_codes_output():
+    from evomerge.merge.memory_plan import scale_table
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "scale.md").read_text()
+    block = text.split("<!-- scale:begin -->\n", 1)[1].split("<!-- scale:end -->", 1)[0]
+    assert block == scale_table()
+    assert "| host | 18.38 GB | 58.63 GB | - | fits | fits | fits |" in block  # 7B TIES on a 24 GB card

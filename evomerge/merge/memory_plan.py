@@ -15,7 +15,8 @@ one worker needs (`mode_needs`, each term named in `ModeNeed.terms`):
 
     method workspace, device: DARE's draws K*N*4 (uncached); magnitude methods (ties, breadcrumbs):
     the order statistics kept per tensor and expert (4 bytes per grid point on the device, 12 on the
-    host; whole small tensors) plus the first candidate's sorts, 28*N per sort running at once;
+    host; whole small tensors) plus the first candidate's sorts, 28*N per sort running at once (on
+    CUDA the host and disk modes sort a host copy: 32*N of host memory instead);
     DELLA and slerp (the unfused kernels): about 4*K*N*4 of temporaries (an estimate; linear is
     counted with its default normalize, a fused sum).
 
@@ -140,7 +141,8 @@ def _order_stats_bytes(numels: Sequence[int], k: int, grid: int | None) -> tuple
     return device, host
 
 
-def _method_workspace(shapes: ModelShapes, method: str, grid: int | None, sort_workers: int) -> dict[str, tuple[str, int]]:
+def _method_workspace(shapes: ModelShapes, method: str, grid: int | None, sort_workers: int,
+                      sort_where: str = "device") -> dict[str, tuple[str, int]]:
     row = method_row(method)
     k, n = shapes.num_experts, shapes.max_numel
     terms: dict[str, tuple[str, int]] = {}
@@ -153,7 +155,11 @@ def _method_workspace(shapes: ModelShapes, method: str, grid: int | None, sort_w
         terms["order statistics"] = ("device", device)
         if host:
             terms["order statistics (ranks)"] = ("host", host)
-        terms["order-statistics sorts (first candidate)"] = ("device", min(k, max(1, sort_workers)) * n * SORT_BYTES)
+        if sort_where == "device":
+            terms["order-statistics sorts (first candidate)"] = ("device", min(k, max(1, sort_workers)) * n * SORT_BYTES)
+        else:  # a GPU's streaming modes sort a host copy of the task vector
+            terms["order-statistics sorts on the host (first candidate)"] = (
+                "host", min(k, max(1, sort_workers)) * n * (SORT_BYTES + 4))
     return terms
 
 
@@ -174,7 +180,6 @@ def mode_needs(shapes: ModelShapes, method: str | None = None, *, cuda: bool, or
         common["float32 work buffer"] = ("device", (k + 1) * n * 4)
     if b != 4:
         common["output buffer"] = ("device", n * 4)
-    common.update(_method_workspace(shapes, method, order_stats_grid, sort_workers))
     stored = (k + 1) * p * s
     staging = 2 * (k + 1) * n * s
     per_mode = {
@@ -186,7 +191,9 @@ def mode_needs(shapes: ModelShapes, method: str | None = None, *, cuda: bool, or
     }
     needs = {}
     for mode in MODES:
-        terms = {**per_mode[mode], **common}
+        sort_where = "host" if cuda and mode != "resident" else "device"
+        terms = {**per_mode[mode], **common,
+                 **_method_workspace(shapes, method, order_stats_grid, sort_workers, sort_where)}
         total = {where: sum(v for w, v in terms.values() if w == where) for where in ("device", "host", "disk")}
         host = max(total["host"], p * b) if cuda else total["host"]  # CUDA: the model loads through host memory
         needs[mode] = ModeNeed(mode, total["device"], host, total["disk"], terms)
@@ -330,3 +337,44 @@ def choose_for_device(shapes: ModelShapes, method: str | None, device: "str | to
             raise plan.error()
         plan.chosen = requested if requested in MODES else "disk"
     return plan
+
+
+# ----------------------------------------------------------------------------- on paper (docs/scale.md)
+
+SCALE_MODELS = {
+    "7B (Llama-2-7B's shape)": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
+    "70B (Llama-2-70B's shape)": dict(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=32000),
+}
+SCALE_DEVICES_GB = (24, 80, 141)
+
+
+def scale_table(method: str = "ties", num_experts: int = 3) -> str:
+    """docs/scale.md's tables: each mode's bytes for 7B and 70B models in bf16 with `num_experts` experts on
+    one CUDA device, and which devices of `SCALE_DEVICES_GB` hold them, computed by `mode_needs`."""
+    out = []
+    for label, numbers in SCALE_MODELS.items():
+        shapes = ModelShapes.from_llama(**numbers, num_experts=num_experts)
+        needs = mode_needs(shapes, method, cuda=True)
+        p, k = shapes.parameters, num_experts
+        out.append(f"**{label}**: {p / 1e9:.2f}B merged parameters, bf16, base + {k} experts, method {method}, "
+                   f"one worker on one CUDA device (a mode fits a device when its device bytes are at most "
+                   f"{HEADROOM:.0%} of it).\n")
+        out.append("| mode | device | host | disk | " + " | ".join(f"{g} GB device" for g in SCALE_DEVICES_GB) + " |")
+        out.append("|---|---:|---:|---:|" + "---|" * len(SCALE_DEVICES_GB))
+        legacy = p * shapes.dtype_bytes + (k + 1) * p * 4  # live model + float32 base and task vectors
+        rows = [("before the modes (float32 resident)", legacy, p * shapes.dtype_bytes, 0)]
+        rows += [(mode, needs[mode].device_bytes, needs[mode].host_bytes, needs[mode].disk_bytes) for mode in MODES]
+        for name, device, host, disk in rows:
+            verdicts = ["fits" if device <= HEADROOM * g * 1e9 else "no" for g in SCALE_DEVICES_GB]
+            out.append(f"| {name} | {format_bytes(device)} | {format_bytes(host)} | "
+                       f"{format_bytes(disk) if disk else '-'} | " + " | ".join(verdicts) + " |")
+        chosen = []
+        for g in SCALE_DEVICES_GB:
+            first = next((m for m in MODES if needs[m].device_bytes <= HEADROOM * g * 1e9), None)
+            chosen.append(f"{g} GB: {first or 'none'}"
+                          + (f" (needs {format_bytes(needs[first].host_bytes)} of host memory)" if first else ""))
+        out.append(f"\nauto, given the host memory each needs: {'; '.join(chosen)}.\n")
+        terms = needs["host"].terms
+        out.append("host mode, term by term: " + "; ".join(f"{name} {format_bytes(b)} ({where})"
+                                                          for name, (where, b) in terms.items()) + ".\n")
+    return "\n".join(out).rstrip() + "\n"
