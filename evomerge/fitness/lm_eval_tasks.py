@@ -61,6 +61,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from evomerge.fitness._task_error import TaskError
+
 __all__ = ["BINARY_METRICS", "LMEvalScorer", "LMEvalTaskInfo", "load_docs", "resolve_spec"]
 
 BINARY_METRICS = ("acc", "acc_norm", "acc_mutual_info", "exact_match")
@@ -75,8 +77,6 @@ _tasks: dict[tuple[str, str | None], Any] = {}
 
 
 def _error(message: str) -> Exception:
-    from evomerge.fitness.tasks import TaskError
-
     return TaskError(message)
 
 

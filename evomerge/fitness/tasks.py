@@ -46,6 +46,7 @@ import torch
 import yaml
 
 from evomerge._device import default_device
+from evomerge.fitness._task_error import TaskError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "fitness"
 SCORERS = ("exact_match", "multiple_choice")
@@ -56,10 +57,6 @@ NORMALIZERS: dict[str, Callable[[str], str]] = {
     "remove_trailing_period": lambda s: s[:-1] if s.endswith(".") else s,
     "number": lambda s: _canonical_number(s),
 }
-
-
-class TaskError(ValueError):
-    """A task preset, dataset or tokenizer that cannot be used; the message names the culprit."""
 
 
 def _canonical_number(s: str) -> str:
