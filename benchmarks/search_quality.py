@@ -460,18 +460,33 @@ def test_job(spec: dict) -> dict:
         from evomerge.runs.run import Run
 
         run = Run.load(record["run"])
-        test = run.verify(record["pareto_ids"], role="test", echo=quiet)
+        members = _members_to_test(record, run.evaluations.loc[record["pareto_ids"], run.tasks].mean(axis=1),
+                                   spec.get("pareto_test_cap", 0))
+        test = run.verify(members, role="test", echo=quiet)
         tasks = run.tasks
     else:  # the corners
         materializer, scorers, tasks = _materializer_and_tasks(spec, "test")
         test = {}
-        for i in record["pareto_ids"]:
+        members = record["pareto_ids"]
+        for i in members:
             model = materializer.apply("task_arithmetic", weight=np.array(record["weights"][i]))
             test[str(i)] = {t: float(np.mean(scorer(model))) for t, scorer in scorers.items()}
-    record["test"] = {**test_summary(test, record["pareto_ids"], record["chosen_id"], tasks), "members": test,
-                      "seconds": time.perf_counter() - started}
+    record["test"] = {**test_summary(test, members, record["chosen_id"], tasks), "members": test,
+                      "pareto_size_full": len(record["pareto_ids"]), "seconds": time.perf_counter() - started}
     write_record(Path(spec["path"]), record)
     return record
+
+
+def _members_to_test(record: dict, fitness_mean, cap: int) -> list[int]:
+    """The Pareto members the final step scores: all of them, or with `cap`, the chosen member and
+    the best `cap - 1` others by fitness mean (a Mergenetic-style front of hundreds of members
+    would cost more test scoring than all other rows together); the same rule for every row."""
+    ids = [int(i) for i in record["pareto_ids"]]
+    if not cap or len(ids) <= cap:
+        return ids
+    chosen = int(record["chosen_id"])
+    ranked = [int(i) for i in fitness_mean.sort_values(ascending=False, kind="stable").index if int(i) != chosen]
+    return [chosen] + ranked[: cap - 1]
 
 
 def fixed_test_job(spec: dict) -> list[dict]:
@@ -595,7 +610,7 @@ def prescreen_factor(optimizer: str, option: str) -> float:
     return 1.0 if option == "off" else float(option)
 
 
-STUDY_IDENTITY = ("zoo_hash", "plan", "costs", "warm_start", "prescreen", "spaces", "finalists")
+STUDY_IDENTITY = ("zoo_hash", "plan", "costs", "warm_start", "prescreen", "spaces", "finalists", "pareto_test_cap")
 
 
 def open_results(results: Path, study: dict, resume: bool) -> None:
@@ -662,7 +677,8 @@ def zoo_main(args: argparse.Namespace) -> None:
              "command": "python benchmarks/search_quality.py " + " ".join(args.argv),
              "costs": vars(costs) | {"endpoint_calibration": costs.endpoint_calibration, "corners": costs.corners},
              "plan": plan.to_json(), "warm_start": args.warm_start, "prescreen": prescreen, "spaces": spaces,
-             "finalists": args.finalists, "fitness": fitness, "rows": [r.to_json() for r in rows]}
+             "finalists": args.finalists, "pareto_test_cap": args.pareto_test_cap, "fitness": fitness,
+             "rows": [r.to_json() for r in rows]}
     open_results(results, study, args.resume)
     print(f"zoo {zoo} ({manifest.size}, {costs.experts} experts, {costs.tasks} tasks, {n_val:,} validation items); "
           f"records in {results}; runs in {work / 'runs'}", flush=True)
@@ -675,7 +691,7 @@ def zoo_main(args: argparse.Namespace) -> None:
 
     base = {"models": {"base": str(manifest.base_path), "experts": [str(p) for p in manifest.expert_paths]},
             "fitness": fitness, "device": args.device, "runs_dir": str(work / "runs"), "prescreen": prescreen,
-            "warm_start": args.warm_start, "validation_items": n_val,
+            "warm_start": args.warm_start, "validation_items": n_val, "pareto_test_cap": args.pareto_test_cap,
             "calibration_items": {"main": costs.calibration, "mergenetic": costs.endpoint_calibration, "mergekit": 0}}
     dev, final = [], []
     fixed_rows = [r for r in rows if r.family == "fixed"]
@@ -744,6 +760,9 @@ def main(argv: list[str] | None = None) -> None:
     z.add_argument("--subset", type=int, default=20, help="fitness items per task of the searched rows")
     z.add_argument("--finalists", type=int, default=5,
                    help="best Pareto members by fitness re-scored on the whole validation split to choose one")
+    z.add_argument("--pareto-test-cap", type=int, default=0,
+                   help="final step: score at most N Pareto members per record on test (the chosen + the best by "
+                        "fitness mean; 0 = all)")
     z.add_argument("--skip-baselines", action="store_true", help="only the per-layer rows")
     z.add_argument("--jobs", type=int, default=2, help="processes running (row, seed) jobs, one torch thread each")
     z.add_argument("--device", default=None)

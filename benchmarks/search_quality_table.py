@@ -386,7 +386,11 @@ def report(rows: Sequence[Row], records: Iterable[dict], study: dict[str, Any]) 
              f"(benchmarks/PROTOCOL.md). Warm start (*seeded*): the same {study['warm_start']} task-level corners "
              "for every optimizer. *chosen* = the member a user takes without the test split; its mean and its "
              "worst task on the full test splits; Pareto test HV = hypervolume (reference 0) of the run's Pareto "
-             "set (by its fitness estimates) re-scored on the test splits. Means (sd, ddof = 1) over seeds.", "",
+             "set (by its fitness estimates) re-scored on the test splits"
+             + (f" (at most {study['pareto_test_cap']} members per run: the chosen one and the best others by fitness "
+                "mean, the same rule for every row; *Pareto size* counts those scored)"
+                if study.get("pareto_test_cap") else "")
+             + ". Means (sd, ddof = 1) over seeds.", "",
              "Budgets (item evaluations: calibration + search + finalists + full-split scoring):", "",
              f"* per-layer and task-level searches: {plan['search']['candidates']} candidates x "
              f"{costs['items_per_candidate']} items + calibration {costs['calibration']:,} + "

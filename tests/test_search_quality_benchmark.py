@@ -209,3 +209,16 @@ def test_record_section_replaces_only_its_block(tmp_path):
     sq_main.record_section("search_quality:zoo", "new table\n", path)
     assert path.read_text() == ("# R\n\n<!-- search_quality:zoo:begin -->\nnew table\n<!-- search_quality:zoo:end -->"
                                 "\n\nafter\n")
+
+
+def test_the_final_step_caps_a_pareto_set_at_the_chosen_member_and_the_best_by_fitness():
+    import pandas as pd
+
+    sys.path.insert(0, str(BENCHMARKS))
+    search_quality = _load("search_quality")
+    record = {"pareto_ids": [3, 7, 9, 12, 20], "chosen_id": 12}
+    fitness_mean = pd.Series({3: 0.50, 7: 0.80, 9: 0.70, 12: 0.10, 20: 0.80})
+    # chosen first, then by fitness mean, ties in Pareto order (7 before 20)
+    assert search_quality._members_to_test(record, fitness_mean, 3) == [12, 7, 20]
+    assert search_quality._members_to_test(record, fitness_mean, 0) == [3, 7, 9, 12, 20]
+    assert search_quality._members_to_test(record, fitness_mean, 5) == [3, 7, 9, 12, 20]
