@@ -30,16 +30,15 @@ the task's filter pipelines and reads the chosen metric from `Task.process_resul
 document's content, so an item gets the same prompt in a subset as in the whole split (lm-eval
 draws from one generator in document order, so with `num_fewshot > 0` its contexts differ).
 
-Why HFLM rather than evomerge's own batched scorers fed with lm-eval's prompts (measured on CPU,
-one thread; fitness/README.md has the table): the small zoo's addition expert on its 1,000
-validation items as a generation task took 1.35-1.46 s through `HFLM.generate_until` and
-0.83-1.02 s through `ExactMatchScorer` (the same 0.962 accuracy, 1,000 of 1,000 items alike); on a
-random 4-layer, 256-wide Llama, 1,000 greedy generations of 6 tokens took 1.25 against 1.11 s, and
-1,000 three-way multiple-choice items 1.17 s through `HFLM.loglikelihood` against 2.49 s through
-`MultipleChoiceScorer` (HFLM runs one forward per shared context and a log-softmax only over
-continuation positions). At most 1.6x faster, half the speed on multiple choice, and not lm-eval's
-own tokenization and stopping rules: HFLM it is. What `simple_evaluate` adds per call (building
-the requests again, 1.8 of its 3.0 s on those 1,000 multiple-choice items) is paid once per scorer.
+Why HFLM rather than evomerge's own batched scorers fed with lm-eval's prompts
+(`benchmarks/lm_eval_scoring.py`, CPU, one thread, 1,000 items each): the small zoo's addition
+expert generating its answers took 0.62 s through HFLM and 0.38 s through `ExactMatchScorer` (the
+same 0.962, every item alike); a random 4-layer, 256-wide Llama took 1.31 against 1.17 s for 6-token
+generations and 1.54 s through `HFLM.loglikelihood` against 2.72 s through `MultipleChoiceScorer`
+for three-way multiple choice (HFLM runs one forward per shared context and a log-softmax only
+over continuation positions). At most 1.6x faster, 1.8x slower on multiple choice, and not
+lm-eval's own tokenization and stopping rules: HFLM it is. `simple_evaluate` rebuilds the requests
+on every call (3.35 s for those multiple-choice items); a scorer builds them once.
 
 Everything that can be checked without a model is checked when the preset is read
 (`resolve_spec`): the task name, the include path's YAML files, the output type, the metric (per
