@@ -239,6 +239,11 @@ class Materializer:
             if name in base.aliases:  # a tied head shares storage with the embedding, which is merged
                 continue
             param.requires_grad_(False)
+            if device.type == "cpu":
+                # transformers may leave CPU parameters mapped from the checkpoint file, committed page by
+                # page as the first candidate writes them; a private copy commits the live model now, so the
+                # memory it takes is there from the start (and the file is no longer mapped).
+                param.data = param.data.clone()
             merged.append((name, param))
         store = TensorStore.load(memory, base, experts, [name for name, _ in merged], device, cache_dir=cache_dir)
         tensors = [_StoredTensor(name, layer_map.position(name), param, i, store.numels[i], store)
