@@ -20,6 +20,14 @@ The protocol follows pyribs' scheduler and evosax's strategies:
   on restore. Their hidden use of numpy's / Python's *global* RNG is confined to a private
   generator (:class:`PrivateGlobalRNG`) so that replay does not depend on what else the process
   did.
+* Steady state (asynchronous evaluation): a strategy that can take results one at a time, in any
+  order, while other genomes it proposed are still being evaluated sets ``out_of_order = True``
+  and is driven by ``ask_one()`` / ``tell_one(genome, objectives, responses)`` instead: ``ask_one``
+  hands out the rows of the strategy's ``_ask`` one by one (asking it again when they are all out),
+  ``tell_one`` takes back any row that is out, and the strategy's ``_tell`` sees one-row batches in
+  the order the results arrived. The rows out and those not yet handed out are part of ``state()``.
+  A strategy may answer an ``_ask`` with zero rows while it waits for results (``ask_one`` returns
+  None: a worker waits until the next ``tell_one``).
 """
 from __future__ import annotations
 
@@ -91,6 +99,9 @@ class OptimizerState:
     best_objectives: np.ndarray | None = None  # (M,)
     best_score: float | None = None
     strategy: Any = None                       # the strategy's `State` dataclass (None: it has none)
+    steady: bool = False                       # driven by ask_one/tell_one (steady state) since its first ask
+    out: np.ndarray | None = None              # (k, dim) steady state: rows handed out by ask_one, not yet told
+    queued: np.ndarray | None = None           # (q, dim) steady state: rows of the last _ask not yet handed out
     format_version: int = STATE_FORMAT_VERSION
 
 
@@ -157,6 +168,9 @@ class Optimizer(abc.ABC):
     # The setting that sizes the first population (pymoo's pop_size, M2N2's archive_size), if any.
     population_setting: ClassVar[str | None] = None
     single_objective: ClassVar[bool] = False  # True: optimises only the scalarisation (GA, DE, CMA, ...)
+    # True: `_tell` takes results one row at a time, in any order, while other asked rows are still
+    # out (`ask_one` / `tell_one`: asynchronous, steady-state evaluation).
+    out_of_order: ClassVar[bool] = False
 
     def __init__(self, dim: int, bounds: Any, n_objectives: int, seed: int = 0, **settings: Any):
         if not isinstance(dim, (int, np.integer)) or dim < 1:
@@ -183,6 +197,9 @@ class Optimizer(abc.ABC):
         self.best_objectives: np.ndarray | None = None
         self.best_score: float | None = None
         self.strategy_state: Any = None
+        self._steady = False  # set by the first ask_one(); then ask()/tell() are refused
+        self._out = np.zeros((0, self.dim))     # (k, dim) handed out by ask_one, not yet told
+        self._queued = np.zeros((0, self.dim))  # (q, dim) asked from the strategy, not yet handed out
         self._setup()
         if self.State is not None and not isinstance(self.strategy_state, self.State):
             raise TypeError(f"{self.name}: _setup() must set strategy_state to a {self.State.__name__}")
@@ -245,23 +262,73 @@ class Optimizer(abc.ABC):
 
     def ask(self) -> np.ndarray:
         """Return the next genomes to evaluate, shape ``(n, dim)``, inside the bounds."""
+        if self._steady:
+            raise RuntimeError(f"{self.name}: this optimizer is driven by ask_one()/tell_one(); do not mix in ask()")
         if self._pending is not None:
             raise RuntimeError(
                 f"{self.name}: ask() was called twice without tell(). Evaluate the "
                 f"{len(self._pending)} genomes returned by the previous ask() and pass them to "
                 "tell(genomes, objectives) before asking again."
             )
+        genomes = self._checked_ask(allow_empty=False)
+        self._pending = genomes
+        self.n_asks += 1
+        return genomes.copy()
+
+    def _checked_ask(self, allow_empty: bool) -> np.ndarray:
         genomes = np.asarray(self._ask(), dtype=float)
-        if genomes.ndim != 2 or genomes.shape[1] != self.dim or len(genomes) == 0:
+        if genomes.ndim != 2 or genomes.shape[1] != self.dim or (len(genomes) == 0 and not allow_empty):
             raise RuntimeError(
                 f"{self.name}: internal error, _ask() returned shape {genomes.shape}; expected (n>0, {self.dim})"
             )
         if not np.all(np.isfinite(genomes)):
             raise RuntimeError(f"{self.name}: internal error, _ask() returned non-finite genomes")
-        genomes = np.clip(genomes, self.lower, self.upper)  # (n, dim)
-        self._pending = genomes
-        self.n_asks += 1
-        return genomes.copy()
+        return np.clip(genomes, self.lower, self.upper)  # (n, dim)
+
+    # ------------------------------------------------------------------ steady state
+    @property
+    def out(self) -> np.ndarray:
+        """Steady state: the rows handed out by ask_one() and not yet told, ``(k, dim)``."""
+        return self._out.copy()
+
+    def ask_one(self) -> np.ndarray | None:
+        """Steady state: the next genome, ``(dim,)``, for a worker that is free now; None when the
+        strategy needs a result first (ask again after the next tell_one())."""
+        if not self.out_of_order:
+            raise RuntimeError(f"{self.name}: takes results only as whole ask() batches in the asked order; "
+                               "use ask()/tell()")
+        if self._pending is not None:
+            raise RuntimeError(f"{self.name}: an ask() is pending; tell() it before switching to ask_one()")
+        self._steady = True
+        if not len(self._queued):
+            self._queued = self._checked_ask(allow_empty=True)
+            self.n_asks += 1
+            if not len(self._queued):
+                return None
+        genome, self._queued = self._queued[0].copy(), self._queued[1:]
+        self._out = np.vstack([self._out, genome])
+        return genome.copy()
+
+    def tell_one(self, genome: Any, objectives: Any, responses: Any = None) -> None:
+        """Steady state: the result of one genome that ask_one() handed out, in any order.
+
+        objectives: ``(n_objectives,)`` to maximise, NaN = failed; responses: ``(n_items,)`` or None."""
+        if not self._steady:
+            raise RuntimeError(f"{self.name}: tell_one() without ask_one(); call ask_one() first")
+        genome = np.asarray(genome, dtype=float).reshape(-1)
+        if genome.shape != (self.dim,):
+            raise ValueError(f"{self.name}: tell_one() got a genome of shape {genome.shape}; expected ({self.dim},)")
+        tol = 1e-6 * (self.upper - self.lower)
+        match = np.flatnonzero(np.all(np.abs(self._out - genome) <= tol, axis=1))
+        if not match.size:
+            raise ValueError(f"{self.name}: tell_one() got a genome that is not out (handed out by ask_one() and "
+                             "not yet told); tell each handed-out genome once")
+        i = int(match[0])
+        F = self._check_objectives(np.reshape(np.asarray(objectives, dtype=float), (1, -1)), 1)
+        R = None if responses is None else self._check_responses(np.reshape(np.asarray(responses, dtype=float),
+                                                                            (1, -1)), 1)
+        self._apply_tell(self._out[i : i + 1].copy(), F, R)
+        self._out = np.delete(self._out, i, axis=0)
 
     def tell(self, genomes: Any, objectives: Any, responses: Any = None) -> None:
         """Report the results of the last ask().
@@ -293,16 +360,20 @@ class Optimizer(abc.ABC):
             )
         F = self._check_objectives(objectives, n)
         R = self._check_responses(responses, n)
+        self._apply_tell(pending, F, R)
+        self._pending = None
+
+    def _apply_tell(self, rows: np.ndarray, F: np.ndarray, R: np.ndarray | None) -> None:
+        """The shared part of tell() and tell_one(): checked rows ``(n, dim)`` and their results."""
         failed = np.any(np.isnan(F), axis=1)  # (n,)
         self._check_tell(F, R, failed)  # strategy-specific checks, before any state changes
         F = self._fill_failed(F)
-        self._track_best(pending, F, failed)
-        self._tell(pending, F, R, failed)
-        self._pending = None
+        self._track_best(rows, F, failed)
+        self._tell(rows, F, R, failed)
         if R is not None:
             self._n_items = R.shape[1]
         self.n_tells += 1
-        self.n_evaluations += n
+        self.n_evaluations += len(rows)
         self.n_failed += int(failed.sum())
 
     def _check_objectives(self, objectives: Any, n: int) -> np.ndarray:
@@ -430,6 +501,9 @@ class Optimizer(abc.ABC):
             best_objectives=None if self.best_objectives is None else self.best_objectives.copy(),
             best_score=self.best_score,
             strategy=self._strategy_snapshot(),
+            steady=self._steady,
+            out=self._out.copy() if self._steady else None,
+            queued=self._queued.copy() if self._steady else None,
         )
 
     @classmethod
@@ -445,7 +519,11 @@ class Optimizer(abc.ABC):
                 raise ValueError(f"state is for optimizer {state.name!r}, not {cls.name!r}")
             target = OPTIMIZERS[state.name]
         opt = target(state.dim, (state.lower, state.upper), state.n_objectives, state.seed, **state.settings)
+        opt._steady = bool(state.steady)
         opt._restore_strategy(state.strategy, state)
+        if state.steady:
+            opt._out = np.array(state.out, dtype=float).reshape(-1, opt.dim)
+            opt._queued = np.array(state.queued, dtype=float).reshape(-1, opt.dim)
         opt._rng.bit_generator.state = state.rng
         opt.n_asks, opt.n_tells = state.n_asks, state.n_tells
         opt.n_evaluations, opt.n_failed = state.n_evaluations, state.n_failed

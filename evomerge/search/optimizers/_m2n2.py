@@ -174,6 +174,7 @@ class M2N2Optimizer(Optimizer):
     Settings = M2N2Settings
     State = M2N2State
     population_setting = "archive_size"
+    out_of_order = True  # each told row is one insertion into the archive (steady state, as in the paper)
 
     def _setup(self) -> None:
         s = self.settings

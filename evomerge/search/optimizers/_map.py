@@ -341,6 +341,7 @@ class MAPOptimizer(Optimizer):
     name = "map"
     Settings = MAPSettings
     State = MAPState
+    out_of_order = True  # told rows are data for the next surrogate fit, in any order
 
     def _setup(self) -> None:
         s = self.settings

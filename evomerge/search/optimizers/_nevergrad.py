@@ -5,7 +5,9 @@ The parametrization is ``ng.p.Array(shape=(dim,), lower=..., upper=...)`` seeded
 ``num_workers``). nevergrad minimises a single loss, so the loss is minus the scalarisation
 (weighted mean of the objectives). :class:`NevergradEngine` holds the nevergrad optimizer; each
 registered optimizer is a :class:`ReplayOptimizer` that names it. Checkpointing is by replay
-(nevergrad optimizers are not plain data).
+(nevergrad optimizers are not plain data). nevergrad's ask/tell is asynchronous by design (a
+candidate may be told in any order while others are out), so these take results out of order
+(``ask_one`` / ``tell_one``): each told genome is matched to its outstanding candidate.
 
 Limitations: nevergrad's MetaModel (which NGOpt may pick) stops its inner surrogate search after
 20 s of wall time; a replay is exact only while that limit is not reached. Under numpy >= 2.4 the
@@ -79,7 +81,7 @@ class NevergradEngine:
         for genome in initial_genomes[::-1]:
             self.optimizer.suggest(genome)
         self.weights, self.batch_size = weights, batch_size
-        self.candidates: list = []  # the last ask, until told
+        self.candidates: list = []  # asked and not yet told, in ask order
 
     @classmethod
     def for_optimizer(cls, opt: Optimizer, ng_name: str) -> "NevergradEngine":
@@ -90,20 +92,25 @@ class NevergradEngine:
 
     def ask(self) -> np.ndarray:
         with _metamodel_numpy24_shim():
-            self.candidates = [self.optimizer.ask() for _ in range(self.batch_size)]
-        return np.stack([np.asarray(c.value, dtype=float) for c in self.candidates])  # (n, dim)
+            new = [self.optimizer.ask() for _ in range(self.batch_size)]
+        self.candidates.extend(new)
+        return np.stack([np.asarray(c.value, dtype=float) for c in new])  # (n, dim)
 
     def tell(self, genomes: np.ndarray, objectives: np.ndarray) -> None:
         losses = -(objectives @ self.weights)  # (n,) to minimise
-        for candidate, loss in zip(self.candidates, losses):
+        for genome, loss in zip(genomes, losses):
+            # the first outstanding candidate nearest the told (clipped) row: in a whole-batch tell,
+            # the rows come in the asked order, so this is the candidate asked in that position
+            values = np.stack([np.asarray(c.value, dtype=float) for c in self.candidates])  # (k, dim)
+            candidate = self.candidates.pop(int(np.argmin(np.abs(values - genome).max(axis=1))))
             self.optimizer.tell(candidate, float(loss))
-        self.candidates = []
 
 
 class CMAOptimizer(ReplayOptimizer):
     name = "cma"
     Settings = NevergradSettings
     single_objective = True
+    out_of_order = True
 
     def _make_engine(self) -> NevergradEngine:
         return NevergradEngine.for_optimizer(self, "CMA")
@@ -113,6 +120,7 @@ class TwoPointsDEOptimizer(ReplayOptimizer):
     name = "twopointsde"
     Settings = NevergradSettings
     single_objective = True
+    out_of_order = True
 
     def _make_engine(self) -> NevergradEngine:
         return NevergradEngine.for_optimizer(self, "TwoPointsDE")
@@ -129,6 +137,7 @@ class NGOptOptimizer(ReplayOptimizer):
     name = "ngopt"
     Settings = NGOptSettings
     single_objective = True
+    out_of_order = True
 
     def _make_engine(self) -> NevergradEngine:
         return NevergradEngine.for_optimizer(self, "NGOpt")

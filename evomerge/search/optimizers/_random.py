@@ -30,6 +30,7 @@ class RandomSearch(Optimizer):
     name = "random"
     Settings = RandomSettings
     State = RandomSearchState
+    out_of_order = True  # ignores the results: any order
 
     def _setup(self) -> None:
         s = self.settings

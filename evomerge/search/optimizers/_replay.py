@@ -6,6 +6,10 @@ one. Its state is every ask and every told (NaN-filled) objective matrix. Restor
 engine from the seed and re-runs the asks and tells in order, raising if any replayed ask differs
 from the recorded one (e.g. a different pymoo / nevergrad version). The engine is built, asked and
 told only inside ``self._global_rng.active()``, so its use of the global RNGs is reproducible.
+
+In steady state (``ask_one`` / ``tell_one``, for engines that take results in any order) asks and
+tells interleave: every engine ask is recorded in ``steady_asks`` and, per tell, how many engine
+asks came before it; ``replay_asks`` then holds each tell's told row. Replay interleaves them the same way.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ class ReplayState:
     replay_asks: list[np.ndarray] = field(default_factory=list)        # (n, dim) per tell
     replay_objectives: list[np.ndarray] = field(default_factory=list)  # (n, M) as told to the engine
     replay_failed: list[np.ndarray] = field(default_factory=list)      # (n,) bool
+    steady_asks: list[np.ndarray] = field(default_factory=list)        # steady state: (n, dim) per engine ask
+    asks_before_tell: list[int] = field(default_factory=list)          # steady state: engine asks before each tell
 
 
 class ReplayOptimizer(Optimizer):
@@ -52,12 +58,17 @@ class ReplayOptimizer(Optimizer):
 
     def _ask(self) -> np.ndarray:
         with self._global_rng.active():
-            return self.engine.ask()
+            rows = self.engine.ask()
+        if self._steady:
+            self.strategy_state.steady_asks.append(np.clip(np.asarray(rows, dtype=float), self.lower, self.upper))
+        return rows
 
     def _tell(self, genomes, objectives, responses, failed) -> None:
         with self._global_rng.active():
             self.engine.tell(genomes, objectives)
         history = self.strategy_state
+        if self._steady:
+            history.asks_before_tell.append(len(history.steady_asks))
         history.replay_asks.append(genomes.copy())
         history.replay_objectives.append(objectives.copy())
         history.replay_failed.append(failed.copy())
@@ -67,12 +78,26 @@ class ReplayOptimizer(Optimizer):
             raise RuntimeError(f"{self.name}: replay needs a fresh optimizer")
         super()._restore_strategy(strategy, state)  # checks the type
         recorded, self.strategy_state = self.strategy_state, ReplayState()  # the replayed tells refill it
+        if state.steady:
+            self._replay_steady(recorded)
+            return
         for k, (X, F, failed) in enumerate(zip(recorded.replay_asks, recorded.replay_objectives,
                                                recorded.replay_failed)):
             self._replay_ask(k, X)
             self._tell(X, F, None, failed)
         if state.pending is not None:
             self._replay_ask(len(recorded.replay_asks), np.asarray(state.pending, dtype=float))
+
+    def _replay_steady(self, recorded: ReplayState) -> None:
+        asked = 0
+        for X, F, failed, before in zip(recorded.replay_asks, recorded.replay_objectives, recorded.replay_failed,
+                                        recorded.asks_before_tell):
+            for k in range(asked, before):
+                self._replay_ask(k, recorded.steady_asks[k])
+            asked = before
+            self._tell(X, F, None, failed)
+        for k in range(asked, len(recorded.steady_asks)):
+            self._replay_ask(k, recorded.steady_asks[k])
 
     def _replay_ask(self, k: int, expected: np.ndarray) -> None:
         got = np.clip(np.asarray(self._ask(), dtype=float), self.lower, self.upper)
