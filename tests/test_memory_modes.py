@@ -234,6 +234,11 @@ def test_disk_cache_is_reused_and_rebuilt_when_a_model_changes(tmp_path):
     again = Materializer.from_folders(base, experts, **kw)
     assert not again.store.cache_written and again.store.cache.path == first.store.cache.path
     assert sorted(p.name for p in cache.iterdir()) == [first.store.cache.path.name]  # no temporary left behind
+    path = first.store.cache.path
+    first.close()
+    again.close()
+    path.write_bytes(path.read_bytes()[:-8])  # a cache cut short (a full disk, a copy that stopped) is rebuilt
+    assert Materializer.from_folders(base, experts, **kw).store.cache_written
     # change one expert's weights (same shapes): a new key, a new cache, the new model's merges
     weights = experts[1] / "model.safetensors"
     state = load_file(weights)

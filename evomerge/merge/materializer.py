@@ -458,6 +458,11 @@ class Materializer:
         if out.data_ptr() != stored.param.data_ptr():
             stored.param.copy_(out.view(stored.param.shape))  # casts to the checkpoint dtype
 
+    def close(self) -> None:
+        """Release the store (the disk mode's map) and the worker pool; the live model stays usable."""
+        self.store.close()
+        self._ops.close()
+
     # ------------------------------------------------------------- exporting
     def merged_state(self) -> dict[str, torch.Tensor]:
         """The live model's merged tensors by checkpoint name (tied heads excluded), on CPU."""

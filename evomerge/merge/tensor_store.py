@@ -97,9 +97,14 @@ class TaskVectorCache:
         return cls(Path(cache_dir or default_cache_dir()) / f"task-vectors-{key[:32]}.safetensors", key)
 
     def is_valid(self) -> bool:
+        """A complete cache for this key: the key in its header and as many bytes as the header maps."""
         try:
-            return self.read_header()[1].get("__metadata__", {}).get("key") == self.key
-        except (OSError, ValueError, struct.error):
+            data_start, header = self.read_header()
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                      default=0)
+            return (header.get("__metadata__", {}).get("key") == self.key
+                    and self.path.stat().st_size == data_start + end)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
             return False
 
     def read_header(self) -> tuple[int, dict]:
