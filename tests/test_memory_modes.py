@@ -330,3 +330,21 @@ def test_docs_scale_tables_are_the_plan_codes_output():
     block = text.split("<!-- scale:begin -->\n", 1)[1].split("<!-- scale:end -->", 1)[0]
     assert block == scale_table()
     assert "| host | 18.38 GB | 58.63 GB | - | fits | fits | fits |" in block  # 7B TIES on a 24 GB card
+
+
+def test_a_search_records_its_workers_memory_mode_and_every_mode_scores_the_same(run_workspace):
+    import json
+
+    from evomerge.runs.search import start_search
+
+    records, printed = {}, []
+    for mode in ("resident", "disk"):
+        config = write_run_config(run_workspace, f"memory_{mode}", budget={"evaluations": 6},
+                                  workers={"backend": "inprocess", "memory": mode, "cache_dir": "cache"})
+        run_dir = start_search(config, progress=False, echo=printed.append)
+        records[mode] = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert any("chosen: disk (workers.memory: disk)" in line for line in printed)  # the plan, printed at the start
+    assert [r["memory"] for r in records["resident"]] == ["resident"] * 6
+    assert [r["memory"] for r in records["disk"]] == ["disk"] * 6
+    assert [(r["id"], r["objectives"], r["responses"]) for r in records["disk"]] == [
+        (r["id"], r["objectives"], r["responses"]) for r in records["resident"]]

@@ -172,6 +172,7 @@ class TensorStore:
         self._work: torch.Tensor | None = None  # float32 (K+1) * max_numel, 16-bit dtypes only
         self._staging: list[torch.Tensor] = []
         self._bounce: list[torch.Tensor] = []
+        self._side = None  # the CUDA copy stream
 
     @property
     def widens(self) -> bool:
@@ -276,7 +277,11 @@ class TensorStore:
 
     def _double_buffered(self, order: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         cuda = self.device.type == "cuda"
-        side = torch.cuda.Stream(self.device) if cuda else None
+        if cuda and self._side is None:  # one copy stream for the store's life: a stream() left early (an
+            self._side = torch.cuda.Stream(self.device)  # error mid-candidate) still orders its copies first
+        side = self._side
+        if cuda:  # nothing enqueued before this pass (the last candidate's merges) may see its copies
+            side.wait_stream(torch.cuda.current_stream(self.device))
         copied: list = [None, None]  # CUDA events: the copy into staging[j] is done
         consumed: list = [None, None]  # CUDA events: the merge has finished reading staging[j]
 
