@@ -156,15 +156,16 @@ def _method_workspace(shapes: ModelShapes, method: str, grid: int | None, sort_w
         if host:
             terms["order statistics (ranks)"] = ("host", host)
         if sort_where == "device":
-            terms["order-statistics sorts (first candidate)"] = ("device", min(k, max(1, sort_workers)) * n * SORT_BYTES)
+            sorts = min(k, max(1, sort_workers)) * n * SORT_BYTES
+            terms["order-statistics sorts (first candidate)"] = ("device", sorts)
         else:  # a GPU's streaming modes sort a host copy of the task vector
             terms["order-statistics sorts on the host (first candidate)"] = (
                 "host", min(k, max(1, sort_workers)) * n * (SORT_BYTES + 4))
     return terms
 
 
-def mode_needs(shapes: ModelShapes, method: str | None = None, *, cuda: bool, order_stats_grid: int | None = DEFAULT_GRID,
-               sort_workers: int = 1) -> dict[str, ModeNeed]:
+def mode_needs(shapes: ModelShapes, method: str | None = None, *, cuda: bool,
+               order_stats_grid: int | None = DEFAULT_GRID, sort_workers: int = 1) -> dict[str, ModeNeed]:
     """{mode: ModeNeed} for one worker (the module docstring has the formula).
 
     `method` None: the most demanding merge method. `sort_workers`: order-statistics sorts running at

@@ -272,7 +272,8 @@ class TensorStore:
             return
         page = mmap.PAGESIZE
         start = self._offsets[i] // page * page
-        stop = self._offsets[i] + (self.num_experts + 1) * self.numels[i] * torch.tensor([], dtype=self.dtype).element_size()
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        stop = self._offsets[i] + (self.num_experts + 1) * self.numels[i] * size
         self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def _double_buffered(self, order: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -2,9 +2,10 @@
 
 Everything here fails fast with a one-line error naming the field: the compressed fitness (its
 data and the models it was calibrated on), the estimator's name, the Ray cluster's address, a
-run folder overlapping the run's inputs, models that fit in no memory mode (`check_memory`). `results_hash` says which two configs make the same run
-(everything but where the workers run), so `resume` can refuse a changed config yet accept a
-new worker address.
+run folder overlapping the run's inputs, models that fit in no memory mode (`check_memory`).
+`results_hash` says which two configs make the same run (everything but where the workers run and
+keep the models), so `resume` can refuse a changed config yet accept a new worker address or
+memory mode.
 """
 from __future__ import annotations
 
