@@ -712,6 +712,11 @@ def zoo_main(args: argparse.Namespace) -> None:
     with sealed_test(reason):
         run_jobs(dev, args.jobs, "development (test sealed)", reason)
 
+    if args.development_only:  # a lever measured on validation (PROTOCOL.md): no test read at all
+        print("development only: the test splits stay sealed; compare studies with benchmarks/search_levers.py",
+              flush=True)
+        return
+
     # ------------------------------------------------------------------ the final step: test, once
     # longest first again: the Pareto sets to score grow with the candidates (Mergenetic-style: hundreds)
     final_specs = sorted(final, key=lambda s: -Row(**s["row"]).candidates)
@@ -760,6 +765,9 @@ def main(argv: list[str] | None = None) -> None:
     z.add_argument("--subset", type=int, default=20, help="fitness items per task of the searched rows")
     z.add_argument("--finalists", type=int, default=5,
                    help="best Pareto members by fitness re-scored on the whole validation split to choose one")
+    z.add_argument("--development-only", action="store_true",
+                   help="stop after the development phase (searches and validation choices), never reading test: "
+                        "how a lever is measured (benchmarks/search_levers.py compares such studies)")
     z.add_argument("--pareto-test-cap", type=int, default=0,
                    help="final step: score at most N Pareto members per record on test (the chosen + the best by "
                         "fitness mean; 0 = all)")

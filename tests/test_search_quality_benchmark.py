@@ -4,6 +4,7 @@ RESULTS.md block generated from per-seed records (no model, no split: fast)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -222,3 +223,34 @@ def test_the_final_step_caps_a_pareto_set_at_the_chosen_member_and_the_best_by_f
     assert search_quality._members_to_test(record, fitness_mean, 3) == [12, 7, 20]
     assert search_quality._members_to_test(record, fitness_mean, 0) == [3, 7, 9, 12, 20]
     assert search_quality._members_to_test(record, fitness_mean, 5) == [3, 7, 9, 12, 20]
+
+
+def test_levers_compare_chosen_validation_means_paired_by_seed(tmp_path):
+    levers = _load("search_levers")
+
+    def write(folder, row, seed, per_task, total=100):
+        path = tmp_path / folder / row / f"seed{seed:02d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seed": seed, "chosen_validation": per_task,
+                                    "item_evaluations": {"total": total}, "test": {"never": "read"}}))
+
+    for seed, (a, b) in enumerate([((0.5, 0.7), (0.6, 0.7)), ((0.4, 0.8), (0.5, 0.9)), ((0.6, 0.6), (0.6, 0.8))]):
+        write("ref", "layer-map-seeded", seed, {"x": a[0], "y": a[1]})
+        write("lever", "layer-map-seeded", seed, {"x": b[0], "y": b[1]}, total=120)
+    write("lever", "layer-map-seeded", 7, {"x": 1.0, "y": 1.0})  # no partner: not paired
+    corners = tmp_path / "ref" / "corners" / "deterministic.json"
+    corners.parent.mkdir(parents=True)
+    corners.write_text(json.dumps({"weights": [[0, 0], [1, 0]], "chosen_id": 1, "item_evaluations": {"total": 500},
+                                   "validation": [{"x": 0.1, "y": 0.1}, {"x": 0.6, "y": 0.7}]}))
+    result = levers.compare([levers.arm_records(f"ref={tmp_path / 'ref'}:layer-map-seeded"),
+                             levers.arm_records(f"lever={tmp_path / 'lever'}:layer-map-seeded")],
+                            levers.corners_validation(tmp_path / "ref"))
+    ref, lever = result["arms"]
+    assert ref["validation_mean"]["mean"] == pytest.approx(np.mean([0.6, 0.6, 0.6]))
+    # hand: per-seed mean differences 0.05, 0.10, 0.10; worst-task differences 0.1, 0.1, 0.0
+    assert lever["vs_reference_mean"]["mean"] == pytest.approx(0.25 / 3)
+    expected = paired_difference([0.65, 0.7, 0.7], [0.6, 0.6, 0.6]).to_json()
+    assert lever["vs_reference_mean"] == pytest.approx(expected)  # the same function, differences in float order
+    assert lever["vs_reference_worst"]["mean"] == pytest.approx(0.2 / 3)
+    assert lever["item_evaluations"] == 120 and result["corners"]["mean"] == pytest.approx(0.65)
+    assert "| lever | 4 |" in levers.markdown(result, "cmd")
