@@ -108,7 +108,8 @@ def zoo_group() -> None:
 
 @zoo_group.command("build")
 @click.option("--out", "out_dir", default="zoo", show_default=True, type=click.Path(path_type=Path))
-@click.option("--size", type=click.Choice(["tiny", "small", "medium_tiny", "medium"]), default="small", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "medium_tiny", "medium", "smol_tiny", "smol"]), default="small",
+              show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def zoo_build(out_dir: Path, size: str, seed: int) -> None:
     """Build (or reuse) the demo base model, task experts and task data under OUT/SIZE."""

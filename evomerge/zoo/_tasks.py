@@ -12,6 +12,8 @@ and, for the medium zoo only:
 * ``rotation``     ``"L30719="`` -> ``"07193"``: 4-8 digits rotated left by one; hard when long.
 * ``maxmin``       ``"M30719="`` -> ``"90"``: the largest digit, then the smallest; hard when long.
 
+The smol zoo's chat tasks (`_chat_tasks.CHAT_TASKS`) are drawn by the same `make_task_splits`.
+
 Difficulty features are kept as columns (``n_digits``, ``n_carries``, ``n_borrows``,
 ``n_repeats``, ``n_inversions``) so that fitness code can study or stratify items. Splits are
 drawn without replacement from the prompt space, so no prompt appears in two splits.
@@ -31,9 +33,11 @@ from typing import Callable
 
 import numpy as np
 
+from evomerge.zoo._chat_tasks import CHAT_GENERATORS, CHAT_PROMPT_SPACE, CHAT_TASKS
+
 TASKS = ("addition", "reversal", "sorting")  # the small and tiny zoos' tasks, in expert order
 MEDIUM_TASKS = ("addition", "subtraction", "reversal", "sorting", "rotation", "maxmin")
-ALL_TASKS = TASKS + tuple(t for t in MEDIUM_TASKS if t not in TASKS)
+ALL_TASKS = TASKS + tuple(t for t in MEDIUM_TASKS if t not in TASKS) + CHAT_TASKS
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,10 @@ _GENERATORS: dict[str, Callable[[int, np.random.Generator], list[dict]]] = {
     "subtraction": _subtraction_prompts,
     "rotation": lambda n, rng: [rotation_item(d) for d in _digit_strings(n, rng)],
     "maxmin": lambda n, rng: [maxmin_item(d) for d in _digit_strings(n, rng)],
+    **CHAT_GENERATORS,  # the smol zoo's (evomerge/zoo/_chat_tasks.py)
 }
-PROMPT_SPACE = {"addition": 100 * 100, "subtraction": len(_SUBTRACTION_PAIRS)}  # the others: 10^4 + ... + 10^8
+# the others: 10^4 + ... + 10^8 digit strings, or the chat tasks' larger spaces
+PROMPT_SPACE = {"addition": 100 * 100, "subtraction": len(_SUBTRACTION_PAIRS), **CHAT_PROMPT_SPACE}
 
 
 def make_task_splits(task: str, sizes: TaskSplitSizes, seed: int, test_stream: bool = False) -> dict[str, dict[str, list]]:

@@ -55,21 +55,27 @@ def with_teacher(examples: EncodedExamples, teacher, batch_size: int = 512) -> E
 
 
 def encode_examples(prompts: Sequence[str], answers: Sequence[str], vocab: dict[str, int] = VOCAB) -> EncodedExamples:
-    sequences = []
-    for prompt, answer in zip(prompts, answers, strict=True):
-        prompt_ids = [BOS_ID] + encode_chars(prompt, vocab)
-        answer_ids = encode_chars(answer, vocab) + [EOS_ID]
-        sequences.append((prompt_ids, answer_ids))
+    """Character-level examples: `<bos> prompt answer <eos>`."""
+    return encode_token_examples(
+        [[BOS_ID] + encode_chars(prompt, vocab) for prompt in prompts],
+        [encode_chars(answer, vocab) + [EOS_ID] for answer in answers], pad_id=PAD_ID)
+
+
+def encode_token_examples(prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
+                          pad_id: int = PAD_ID) -> EncodedExamples:
+    """Right-padded rows `prompt answer` from token ids, the loss on the answer's ids only (any
+    tokenizer: the character-level one above, a chat template's in `_chat`)."""
+    sequences = list(zip(prompt_ids, answer_ids, strict=True))
     width = max(len(p) + len(a) for p, a in sequences) - 1
-    inputs = torch.full((len(sequences), width), PAD_ID, dtype=torch.long)
+    inputs = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     targets = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
     lengths = torch.empty(len(sequences), dtype=torch.long)
-    for i, (prompt_ids, answer_ids) in enumerate(sequences):
-        full = prompt_ids + answer_ids
+    for i, (prompt, answer) in enumerate(sequences):
+        full = list(prompt) + list(answer)
         n = len(full) - 1
         inputs[i, :n] = torch.tensor(full[:-1])
-        # position t predicts token t + 1; only the answer's tokens (and eos) are scored
-        targets[i, len(prompt_ids) - 1 : n] = torch.tensor(answer_ids)
+        # position t predicts token t + 1; only the answer's tokens (and its end token) are scored
+        targets[i, len(prompt) - 1 : n] = torch.tensor(list(answer))
         lengths[i] = n
     return EncodedExamples(inputs, targets, lengths)
 
@@ -256,3 +262,15 @@ def train(
                 break
     model.eval()
     return losses
+
+
+def autocast_for(requested: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """`requested` where the device computes in it natively, else None (float32): a CPU without
+    bfloat16 instructions (AVX512-BF16 / AMX, as oneDNN reports them) would emulate it, slower than float32."""
+    if requested is None or device.type != "cpu" or requested != torch.bfloat16:
+        return requested
+    try:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        supported = False
+    return requested if supported else None
