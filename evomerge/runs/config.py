@@ -11,6 +11,7 @@ optimizer: {name: nsga2, settings: {pop_size: 16}}
 budget: {evaluations: 150, wall_time: null}   # stop at whichever comes first
 workers: {backend: ray, num_workers: 2}       # or {backend: inprocess}, or {backend: ray, address: HOST:PORT}
                                               # memory: auto | resident | host | disk (see `evomerge plan`)
+                                              # schedule: generations | async (see runs/search.py)
 seed: 0
 ```
 """
@@ -78,6 +79,11 @@ class WorkersConfig(Strict):
     # memory streamed to it, or a disk cache; auto takes the first that fits (`evomerge plan` shows the bytes).
     memory: Literal["auto", "resident", "host", "disk"] = "auto"
     cache_dir: str | None = None  # the disk mode's cache (default: $EVOMERGE_CACHE_DIR or ~/.cache/evomerge)
+    # generations: ask a generation, wait for all of it, tell it (results independent of the worker
+    # count). async: every free worker gets the next genome at once and each result is told as it
+    # arrives (steady state; reproducible from the completion order the log records), for optimizers
+    # that take results out of order; the others run generations (see runs/search.py).
+    schedule: Literal["generations", "async"] = "generations"
 
     @field_validator("device")
     @classmethod
@@ -128,7 +134,10 @@ class RunConfig(Strict):
         return RunConfig.model_validate(data)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+        data = self.model_dump()
+        if data["workers"]["schedule"] == "generations":  # the default is not written: snapshots of runs
+            del data["workers"]["schedule"]                # made before the field existed stay the same
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def load_run_config(path: str | os.PathLike | dict, *, source: str | None = None, root: Path | None = None) -> RunConfig:

@@ -18,14 +18,35 @@ same log and Pareto set as an uninterrupted one. The log is read once, when the 
 opened. Budgets are counted in candidate evaluations and in item evaluations; `run` stops after
 the generation that reaches `budget.evaluations` or `budget.wall_time`.
 
+Asynchronous schedule (`workers.schedule: async`, steady state): the search keeps
+`workers.num_workers` candidates in flight; each one that finishes is logged, told to the optimizer
+at once (`tell_one`) and replaced by the next genome (`ask_one`), so a worker never waits for the
+slowest candidate of a generation. Only optimizers that take results out of order
+(`takes_out_of_order`: random, M2N2, MAP, CMA / TwoPointsDE / NGOpt, and NSGA-II / NSGA-III / GA
+with `steady_state: true`; none of them pre-screened) run so; the others run generations, and the
+search says so in one line. Which genomes are asked depends on the order the
+results arrive in, and the log records it: each record holds `told` (its position in the order of
+results told) and `asked_after` (how many results had been told when it was asked). Given that
+order the run is reproducible, because the rest is fixed: `num_workers` in flight, one ask after
+each tell. A checkpoint is written every `num_workers` results (a "round", counted as
+`generation`) and holds, besides the optimizer (with the genomes it handed out and those it asked
+but has not handed out yet), archive and counters, the candidates in flight: id, genome and
+`asked_after`. A resume restores it, replays the logged results past it in their recorded order
+(reusing them: nothing is evaluated again while the replayed run asks the same genomes the log
+holds), and from the first result that does not fit (a failure, another genome) on, drops the
+rest of the log and evaluates live again; the candidates then in flight go to the workers. A run
+folder whose checkpoints are deleted replays its whole log the same way.
+
 The search talks to its optimizer only through the ask/tell protocol: the search space's
 structure (`gene_blocks`) and known genomes (`initial_genomes: corners`, as many as the
 optimizer's first population holds) are settings every optimizer accepts.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -93,9 +114,10 @@ class Search:
     """
 
     def __init__(self, store: RunStore, config: RunConfig, fitness, *, echo=print, space=None,
-                 optimizer: Optimizer | None = None):
+                 optimizer: Optimizer | None = None, backend=None):
         """Use `create` or `resume`. Takes over `store`'s lock; `optimizer`: the new one to start
-        with when the folder holds no checkpoint."""
+        with when the folder holds no checkpoint; `backend`: a worker pool to use instead of the
+        config's (benchmarks: anything with `evaluate`, `submit`, `next_result` and `close`)."""
         self.store = store
         self.config = config
         self.fitness = fitness
@@ -103,7 +125,8 @@ class Search:
         self.tasks = list(fitness.task_names)
         self.space = space or bind_space(config)
         self._results_hash = preflight.results_hash(store.config_text)
-        self._backend = None
+        self._backend = backend
+        self.schedule = resolve_schedule(config, echo)
         self._load_state(optimizer)
 
     # ---------------------------------------------------------------- opening
@@ -186,6 +209,9 @@ class Search:
         once: records of finished generations, and those logged after the checkpoint to reuse."""
         self.store.repair_log()
         restored = self.store.load_latest_checkpoint()
+        # asynchronous schedule: candidates asked and not yet told, id -> (genome, asked_after); submitted
+        self._flight: dict[int, tuple[np.ndarray, int]] = {}
+        self._submitted: set[int] = set()
         if restored is None:
             self.optimizer = optimizer or new_optimizer(self.config, self.space, len(self.tasks))
             self.archive, self.progress = ParetoArchive(len(self.tasks)), Progress()
@@ -193,10 +219,15 @@ class Search:
             generation, state = restored
             self.optimizer, self.archive, self.progress = _restore(state, self.store, self._results_hash,
                                                                    self.store.checkpoint_path(generation))
+            self._flight = {int(i): (np.asarray(g, dtype=np.float64), int(a)) for i, g, a in state.get("in_flight", [])}
         self._records: dict[int, dict] = {}  # finished generations' records, by id
         self._salvage: dict[int, dict] = {}  # logged past the checkpoint: the generation(s) in flight
         for r in self.store.records():
-            (self._records if r["id"] < self.progress.next_id else self._salvage)[r["id"]] = r
+            if self.schedule == "async":  # told before the checkpoint, or to replay past it
+                finished = r.get("told", math.inf) < self.progress.evaluations
+            else:
+                finished = r["id"] < self.progress.next_id
+            (self._records if finished else self._salvage)[r["id"]] = r
         self._in_generation = False
 
     # ---------------------------------------------------------------- running
@@ -209,16 +240,26 @@ class Search:
         """The budget is spent (evaluations or wall time)."""
         b, p = self.config.budget, self.progress
         return ((b.evaluations is not None and p.evaluations >= b.evaluations)
-                or (b.wall_time is not None and p.elapsed >= b.wall_time))
+                or (b.wall_time is not None and p.elapsed >= b.wall_time)) and not self._flight
 
-    def step(self) -> Generation:
-        """Run one generation: ask, evaluate (reusing logged evaluations), log, tell, checkpoint."""
-        if self._in_generation:  # the last step was interrupted after its ask: start again from the checkpoint
-            self._load_state()
+    def _pool(self):
         if self._backend is None:
             from evomerge.runs.backends import make_backend
 
             self._backend = make_backend(self.config, self.fitness)
+        return self._backend
+
+    def step(self) -> Generation:
+        """Run one generation: ask, evaluate (reusing logged evaluations), log, tell, checkpoint
+        (asynchronous schedule: one round, `num_workers` results told as they arrive)."""
+        if self._in_generation:  # the last step was interrupted after its ask: start again from the checkpoint
+            if self.schedule == "async" and self._backend is not None:  # it holds candidates submitted before
+                backend, self._backend = self._backend, None
+                backend.close()
+            self._load_state()
+        if self.schedule == "async":
+            return self._step_async()
+        self._pool()
         started = time.perf_counter()
         self._in_generation = True
         genomes = self.optimizer.ask()
@@ -271,6 +312,120 @@ class Search:
         self._in_generation = False
         self.store.write_pareto(self.pareto_summary())
         return Generation(p.generation - 1, records, len(reused))
+
+    def _step_async(self) -> Generation:
+        """One round of the asynchronous schedule: results told one at a time as they arrive, each
+        free worker given the next genome at once, until `num_workers` more are told (or the budget
+        is spent); then a checkpoint. Logged results past the checkpoint are replayed first."""
+        started = time.perf_counter()
+        self._in_generation = True
+        p = self.progress
+        replay = sorted(self._salvage.values(), key=lambda r: r["told"])  # recorded order past the checkpoint
+        records: list[dict] = []
+        reused = 0
+        # Live results told and not yet logged: the log is written (fsynced) once every finished result
+        # is told and its worker has its next genome (when the pool can say nothing else has finished),
+        # so the writes do not keep a worker waiting; always before the round's checkpoint.
+        unlogged: list[dict] = []
+        end = p.evaluations + self.config.workers.num_workers
+        while True:
+            self._fill(started)
+            if not replay:
+                self._submit_flight()
+            if p.evaluations >= end or not self._flight:
+                break  # the round is complete (its successors asked and at work), or the budget is spent
+            record = None
+            if replay:
+                r = replay[0]
+                flight = self._flight.get(r["id"])
+                if (r["told"] == p.evaluations and r["status"] == "ok" and flight is not None
+                        and r.get("asked_after") == flight[1] and np.array_equal(np.asarray(r["genome"]), flight[0])):
+                    record = replay.pop(0)
+                    self._salvage.pop(record["id"])
+                    reused += 1
+                else:  # the replayed run goes another way from here: evaluate again what follows
+                    self.store.drop_records({r["id"] for r in replay})
+                    replay = []
+                    self._salvage.clear()
+                    self._submit_flight()
+            if record is None:
+                evaluation = self._next_result(poll=bool(unlogged))
+                if evaluation is None:  # nothing else has finished: write the log while every worker works
+                    self._append(unlogged)
+                    continue
+                genome, asked_after = self._flight[evaluation.candidate_id]
+                record = _record(evaluation, genome, p.generation)
+                record.update(told=p.evaluations, asked_after=asked_after)
+                unlogged.append(record)
+            self._tell_one(record)
+            records.append(record)
+        self._append(unlogged)
+        if not records:
+            self._in_generation = False
+            return Generation(p.generation, [], 0)
+        if not any(r["status"] == "ok" for r in records):
+            first = (records[0].get("error") or "unknown").strip().splitlines()[0]
+            raise SearchFailed(
+                f"every candidate of round {p.generation} failed ({len(records)} of {len(records)}); the search "
+                f"stops (the failures are in {self.store.root / 'evaluations.jsonl'}; `evomerge resume` retries "
+                f"them once the cause is fixed). First error: {first}")
+        p.generation += 1
+        p.elapsed += time.perf_counter() - started
+        self.store.save_checkpoint(p.generation, self._checkpoint_state())
+        self._in_generation = False
+        self.store.write_pareto(self.pareto_summary())
+        return Generation(p.generation - 1, records, reused)
+
+    def _next_result(self, poll: bool) -> Evaluation | None:
+        """The next live result; with `poll`, None unless one has finished already (pools whose
+        `next_result` takes no timeout are waited for)."""
+        backend = self._pool()
+        if not poll:
+            return backend.next_result()
+        if "timeout" not in inspect.signature(backend.next_result).parameters:
+            return None
+        return backend.next_result(timeout=0)
+
+    def _append(self, records: list[dict]) -> None:
+        while records:
+            self.store.append(records.pop(0))
+
+    def _submit_flight(self) -> None:
+        for candidate_id, (genome, _) in self._flight.items():
+            if candidate_id not in self._submitted:  # the pool is made only when something is to be evaluated
+                self._pool().submit(candidate_id, genome)
+                self._submitted.add(candidate_id)
+
+    def _fill(self, started: float) -> None:
+        """Ask genomes until `num_workers` are in flight, the budget allows no more, or the optimizer
+        needs a result first."""
+        b, p = self.config.budget, self.progress
+        while len(self._flight) < self.config.workers.num_workers:
+            if b.evaluations is not None and p.next_id >= b.evaluations:
+                return
+            if b.wall_time is not None and p.elapsed + time.perf_counter() - started >= b.wall_time:
+                return
+            genome = self.optimizer.ask_one()
+            if genome is None:
+                if not self._flight:
+                    raise RuntimeError(f"optimizer {self.optimizer.name} proposes nothing with no result pending")
+                return
+            self._flight[p.next_id] = (genome, p.evaluations)
+            p.next_id += 1
+
+    def _tell_one(self, record: dict) -> None:
+        genome, _ = self._flight.pop(record["id"])
+        self._submitted.discard(record["id"])
+        ok = record["status"] == "ok"
+        row = np.array([record["objectives"].get(t, np.nan) if ok else np.nan for t in self.tasks], dtype=np.float64)
+        self.optimizer.tell_one(genome, row, _response_matrix([record], self.tasks, self.fitness)[0])
+        if ok:
+            self.archive.add(record["id"], row)
+        self._records[record["id"]] = record
+        p = self.progress
+        p.evaluations += 1
+        p.failed += not ok
+        p.item_evaluations += int(record["item_evaluations"])
 
     def run(self, *, progress: bool = True) -> Path:
         """Generations until the budget is spent; Ctrl-C raises `SearchInterrupted` (resume continues)."""
@@ -327,8 +482,11 @@ class Search:
 
     # ---------------------------------------------------------------- state
     def _checkpoint_state(self) -> dict:
-        return {"optimizer": state_to_dict(self.optimizer.state()), "archive": encode_plain(self.archive.to_dict()),
-                "counters": asdict(self.progress), "results_sha256": self._results_hash}
+        state = {"optimizer": state_to_dict(self.optimizer.state()), "archive": encode_plain(self.archive.to_dict()),
+                 "counters": asdict(self.progress), "results_sha256": self._results_hash}
+        if self.schedule == "async":  # the candidates in flight: the optimizer handed them out, no result yet
+            state["in_flight"] = [[i, [float(x) for x in g], a] for i, (g, a) in sorted(self._flight.items())]
+        return state
 
     def pareto_summary(self) -> dict[str, Any]:
         return pareto_summary(self.archive, self._records, self.tasks, asdict(self.progress))
@@ -347,6 +505,28 @@ def resume_search(run_dir: str | os.PathLike, *, address: str | None = None, pro
     """`evomerge resume`: continue a run to its budget; returns the run folder."""
     with Search.resume(run_dir, address=address, echo=echo) as search:
         return search.run(progress=progress)
+
+
+def resolve_schedule(config: RunConfig, echo=print) -> str:
+    """"async" when the config asks for it and its optimizer takes results out of order, else
+    "generations" (with one line saying why, when async was asked for)."""
+    if config.workers.schedule != "async":
+        return "generations"
+    from evomerge.search.optimizers import PRESCREEN_DEFAULTS
+
+    name, factor = config.optimizer.name, config.optimizer.prescreen
+    if factor is None:
+        factor = PRESCREEN_DEFAULTS.get(name)
+    screened = factor not in (None, 1)
+    if OPTIMIZERS[name].takes_out_of_order(config.optimizer.settings) and not screened:
+        return "async"
+    takers = ", ".join(n for n in OPTIMIZERS if OPTIMIZERS[n].out_of_order)
+    steady = ", ".join(n for n in OPTIMIZERS if not OPTIMIZERS[n].out_of_order
+                       and OPTIMIZERS[n].takes_out_of_order({"steady_state": True}))
+    who = f"optimizer {name} with pre-screening (optimizer.prescreen: {factor:g})" if screened else f"optimizer {name}"
+    echo(f"workers.schedule: async: {who} takes results only as whole generations, so this run evaluates "
+         f"generations (async: {takers}; {steady} with settings.steady_state: true; each with optimizer.prescreen: 1)")
+    return "generations"
 
 
 def new_optimizer(config: RunConfig, space, n_objectives: int) -> Optimizer:

@@ -33,8 +33,8 @@ from ._registry import OPTIMIZERS, make_optimizer, register_optimizer, restore_o
 _LAZY: dict[str, tuple[str, ...]] = {
     "._replay": ("Engine", "ReplayOptimizer", "ReplayState"),
     "._random": ("RandomSearch", "RandomSearchState", "RandomSettings"),
-    "._pymoo": ("DEOptimizer", "DESettings", "GAOptimizer", "NSGA2Optimizer", "NSGA3Optimizer", "NSGA3Settings",
-                "PymooEngine", "PymooSettings"),
+    "._pymoo": ("DEOptimizer", "DESettings", "GAOptimizer", "GeneticOptimizer", "GeneticSettings", "NSGA2Optimizer",
+                "NSGA3Optimizer", "NSGA3Settings", "PymooEngine", "PymooSettings"),
     "._nevergrad": ("CMAOptimizer", "NGOptOptimizer", "NGOptSettings", "NevergradEngine", "NevergradSettings",
                     "TwoPointsDEOptimizer"),
     "._m2n2": ("M2N2Optimizer", "M2N2Settings", "M2N2State", "allowed_splits", "attraction", "crossover",

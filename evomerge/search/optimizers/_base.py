@@ -291,10 +291,15 @@ class Optimizer(abc.ABC):
         """Steady state: the rows handed out by ask_one() and not yet told, ``(k, dim)``."""
         return self._out.copy()
 
+    @classmethod
+    def takes_out_of_order(cls, settings: dict[str, Any]) -> bool:
+        """Can this strategy, with these settings, be driven by ask_one()/tell_one()?"""
+        return cls.out_of_order
+
     def ask_one(self) -> np.ndarray | None:
         """Steady state: the next genome, ``(dim,)``, for a worker that is free now; None when the
         strategy needs a result first (ask again after the next tell_one())."""
-        if not self.out_of_order:
+        if not self.takes_out_of_order(dataclasses.asdict(self.settings)):
             raise RuntimeError(f"{self.name}: takes results only as whole ask() batches in the asked order; "
                                "use ask()/tell()")
         if self._pending is not None:
