@@ -6,15 +6,11 @@ backend, one Ray worker or many (results are identical because every worker runs
 deterministic code with the same thread count).
 
 The Ray pool follows Ray's fault-tolerance model: actors are created with `max_restarts`, so a
-crashed worker process is restarted (and reloads the base and task vectors); the candidate it
-was scoring is resubmitted up to `max_retries` times and then recorded as failed, and the run
-goes on.
-
-The asynchronous schedule (`workers.schedule: async`) uses the other half of each backend:
-`submit(candidate_id, genome)` hands one candidate to the pool and `next_result()` blocks until
-any submitted candidate finishes and returns its `Evaluation` (completion order, not id order).
-A pool whose `next_result` takes a `timeout` (seconds; None when nothing finished by then) lets
-the search write its log only while every worker is busy.
+crashed worker process is restarted (and reloads the base and task vectors) wherever the cluster
+has room; the candidate it was scoring goes to the next live worker up to `max_retries` times
+(its record lists the lost attempts) and is then recorded as failed, and the run goes on with the
+workers it has, also when a node is lost for good (`ray_pool`). A candidate that fails for its
+own reasons (out of device memory) is recorded as failed with the reason, on either backend.
 """
 from __future__ import annotations
 
@@ -22,7 +18,6 @@ import logging
 import os
 import time
 import traceback
-from collections import deque
 from dataclasses import asdict
 from typing import Sequence
 
@@ -42,6 +37,14 @@ def failed_evaluation(candidate_id: int, tasks: Sequence[str], error: str, worke
                       worker=worker, status="failed", error=error)
 
 
+def release_device_memory(exc: BaseException) -> None:
+    """After a candidate ran out of device memory, hand its cached blocks back so the next one starts clean."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class InProcessBackend:
     """Scores candidates in this process, one after another."""
 
@@ -49,21 +52,10 @@ class InProcessBackend:
         self.config = config
         self.fitness = fitness  # the driver's CompressedFitness: loaded and checked once per process
         self.problem = MergeProblem(config, fitness, worker="inprocess")
-        self._queue: deque[Candidate] = deque()  # submitted, scored first in first out
 
     @property
     def tasks(self) -> list[str]:
         return list(self.fitness.task_names)
-
-    def submit(self, candidate_id: int, genome: np.ndarray) -> None:
-        self._queue.append((candidate_id, genome))
-
-    def next_result(self, timeout: float | None = None) -> Evaluation | None:
-        """Scores the oldest submitted candidate (one process scores one at a time); with a timeout,
-        None: nothing here finishes without being waited for."""
-        if timeout is not None:
-            return None
-        return self.evaluate([self._queue.popleft()])[0]
 
     def evaluate(self, candidates: Sequence[Candidate], on_result=None) -> list[Evaluation]:
         """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes."""
@@ -73,6 +65,7 @@ class InProcessBackend:
                 result = self.problem.evaluate(candidate_id, genome)
             except Exception as exc:  # a candidate that breaks scoring must not end the run
                 log.error("candidate %d failed: %s", candidate_id, exc)
+                release_device_memory(exc)
                 result = failed_evaluation(candidate_id, self.tasks, f"{type(exc).__name__}: {exc}", "inprocess")
             if on_result is not None:
                 on_result(result)
@@ -87,17 +80,20 @@ class _Worker:
     """The Ray actor body: one MergeProblem per process, built once."""
 
     def __init__(self, config_data: dict, fitness_path: str, index: int):
+        import ray
+
         from evomerge.fitness.compressed import CompressedFitness
 
         config = RunConfig.model_validate(config_data)
-        self.name = f"ray-{index}-pid{os.getpid()}"
+        self.name = f"ray-{index}-pid{os.getpid()}@{ray.util.get_node_ip_address()}"
         # The driver checked the fitness's data hashes before starting the pool: load, don't re-hash.
         self.problem = MergeProblem(config, CompressedFitness.load(fitness_path, check_data=False), worker=self.name)
 
     def evaluate(self, candidate_id: int, genome: list[float]) -> dict:
         try:
             return asdict(self.problem.evaluate(candidate_id, np.asarray(genome, dtype=np.float64)))
-        except Exception as exc:
+        except Exception as exc:  # the candidate's own failure (out of device memory, ...): recorded, not retried
+            release_device_memory(exc)
             tasks = list(self.problem.fitness.task_names)
             return asdict(failed_evaluation(candidate_id, tasks, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
                                             self.name))
@@ -136,16 +132,20 @@ def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> Non
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Start a local single-node Ray on loopback (no dashboard), or join the cluster at `address`."""
-    if not address:
+    loopback = not address or _is_loopback(address)
+    if loopback:
         # Without this a local Ray on Linux binds to the machine's external address; a local pool
         # stays on loopback. Ray reads the variable when it is imported, so when it was imported
         # already its constant is switched too (the raylet and workers inherit the variable).
+        # A cluster started on loopback (`ray start --node-ip-address 127.0.0.1`) needs it too: Ray
+        # would otherwise swap 127.0.0.1 for the machine's external address, where nothing listens,
+        # and `ray.init` would retry that for minutes.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     if ray.is_initialized():
         return
-    if not address:
+    if loopback:
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
@@ -163,87 +163,60 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         notices.removeFilter(_drop_token_auth_notice)
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rstrip("/").rpartition(":")[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 class RayBackend:
-    """A pool of Ray actors, each holding the base and task vectors once."""
+    """A pool of Ray actors, each holding the base and task vectors once; losing workers (a crash, a
+    lost node) costs only the candidates they were scoring, which go to the next live worker
+    (`ray_pool.ActorPool`)."""
 
     def __init__(self, config: RunConfig, fitness):
         import ray
-        import torch
+
+        from evomerge.runs.ray_pool import ActorPool, actor_request
 
         self.config = config
         self.tasks = list(fitness.task_names)
-        fitness_path = str(fitness.path)
         workers = config.workers
         init_ray(workers.address, num_cpus=None if workers.address else max(
             os.cpu_count() or 1, workers.num_workers * workers.threads_per_worker))
-        gpus = float(ray.cluster_resources().get("GPU", 0)) if workers.device != "cpu" else 0.0
-        options = dict(num_cpus=workers.threads_per_worker, num_gpus=1 if gpus >= workers.num_workers else 0,
-                       max_restarts=-1, max_task_retries=0)
+        request = actor_request(workers, ray.cluster_resources(),
+                                f"the Ray cluster at {workers.address}" if workers.address else "this machine")
+        # SPREAD: one worker per node before two on one, so a pool uses every node's memory and GPUs.
+        options = dict(num_cpus=request.num_cpus, num_gpus=request.num_gpus, max_restarts=-1, max_task_retries=0,
+                       scheduling_strategy="SPREAD")
+        worker_config = config.model_copy(update={"workers": workers.model_copy(update={"device": request.device})})
         actor_cls = ray.remote(_Worker)
-        config_data = config.model_dump()
-        self.actors = [actor_cls.options(**options).remote(config_data, fitness_path, i)
-                       for i in range(workers.num_workers)]
-        ray.get([a.ready.remote() for a in self.actors])
-        del torch
+        self.actors = [actor_cls.options(**options).remote(worker_config.model_dump(), str(fitness.path), i)
+                       for i in range(request.count)]
+        names = ray.get([a.ready.remote() for a in self.actors])
+        self.pool = ActorPool(self.actors, names, self.tasks, max_retries=workers.max_retries)
+
+    def submit(self, candidate_id: int, genome: np.ndarray) -> None:
+        self.pool.submit(candidate_id, genome)
+
+    def next_result(self, timeout: float | None = None) -> Evaluation | None:
+        """The next submitted candidate to finish (a lost worker's candidate goes to another); with
+        `timeout` (seconds), None when none has finished by then."""
+        return self.pool.next_result(timeout)
 
     def evaluate(self, candidates: Sequence[Candidate], on_result=None) -> list[Evaluation]:
         """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-
-        pending = list(sorted(candidates, key=lambda c: c[0]))
-        attempts = {candidate_id: 0 for candidate_id, _ in pending}
-        genomes = {candidate_id: g for candidate_id, g in pending}
+        for candidate_id, genome in sorted(candidates, key=lambda c: c[0]):
+            self.pool.submit(candidate_id, genome)
         results: dict[int, Evaluation] = {}
-        idle = list(range(len(self.actors)))
-        running: dict = {}  # object ref -> ("eval", candidate id, actor) or ("ready", None, actor)
-        while pending or any(kind == "eval" for kind, _, _ in running.values()):
-            while pending and idle:
-                candidate_id, genome = pending.pop(0)
-                actor = idle.pop(0)
-                ref = self.actors[actor].evaluate.remote(candidate_id, np.asarray(genome).tolist())
-                running[ref] = ("eval", candidate_id, actor)
-            done, _ = ray.wait(list(running), num_returns=1)
-            kind, candidate_id, actor = running.pop(done[0])
-            try:
-                value = ray.get(done[0])
-            except (RayActorError, RayTaskError) as exc:
-                if kind == "ready":  # still restarting: ask again
-                    running[self.actors[actor].ready.remote()] = ("ready", None, actor)
-                    continue
-                if isinstance(exc, ActorUnavailableError):
-                    # The actor is between death and restart: not this candidate's fault, try again.
-                    log.debug("worker %d unavailable for candidate %d; waiting for its restart", actor, candidate_id)
-                else:
-                    attempts[candidate_id] += 1
-                    log.warning("worker %d died while scoring candidate %d (attempt %d): %s", actor, candidate_id,
-                                attempts[candidate_id], type(exc).__name__)
-                # Ray restarts the actor (max_restarts); it takes work again once it answers.
-                running[self.actors[actor].ready.remote()] = ("ready", None, actor)
-                if attempts[candidate_id] <= self.config.workers.max_retries:
-                    pending.insert(0, (candidate_id, genomes[candidate_id]))
-                else:
-                    results[candidate_id] = failed_evaluation(candidate_id, self.tasks,
-                                                              f"worker crashed {attempts[candidate_id]} times",
-                                                              f"ray-{actor}")
-                    if on_result is not None:
-                        on_result(results[candidate_id])
-                continue
-            if kind == "eval":
-                results[candidate_id] = Evaluation(**value)
-                if on_result is not None:
-                    on_result(results[candidate_id])
-            idle.append(actor)
-        for ref, (kind, _, actor) in running.items():  # restarts still pending: they rejoin next batch
-            try:
-                ray.get(ref, timeout=120)
-            except Exception:
-                pass
-            idle.append(actor)
+        for _ in range(len(candidates)):
+            evaluation = self.pool.next_result()
+            results[evaluation.candidate_id] = evaluation
+            if on_result is not None:
+                on_result(evaluation)
         return [results[candidate_id] for candidate_id in sorted(results)]
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ class Evaluation:
     status: str = "ok"  # "ok" or "failed"
     error: str | None = None
     recipe: dict[str, Any] | None = None  # the mergekit-style recipe that was scored (None when decoding failed)
+    retries: list[str] = field(default_factory=list)  # attempts lost with their worker (a crash, a lost node)
     memory: str | None = None  # the worker's memory mode (resident, host, disk): where base and experts were kept
 
 
