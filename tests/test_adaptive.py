@@ -209,3 +209,66 @@ def test_settings_and_record_fields():
     assert record["used"] == len(record["items"]) == len(record["responses"]) == 20 and record["stop"] in ("se", "budget")
     assert record["responses"] == y[record["items"]].tolist()
     assert math.isfinite(record["value"]) and 0 <= record["value"] <= 1
+
+
+def test_response_rows_lay_answers_over_the_whole_splits():
+    from evomerge.fitness.adaptive import response_rows
+
+    records = [{"status": "ok", "responses": {"a": [1, 0], "b": [1]}, "adaptive": {"a": {"items": [3, 0]}, "b": {"items": [1]}}},
+               {"status": "failed", "responses": {}, "adaptive": None}]
+    rows = response_rows(records, ["a", "b"], [4, 2])
+    expected = np.array([[0, np.nan, np.nan, 1, np.nan, 1], [np.nan] * 6])
+    np.testing.assert_array_equal(rows, expected)
+
+
+def _search_records(workspace, name, adaptive, *, steps_then_resume=None):
+    from evomerge.runs.search import Search
+    from evomerge.testing import write_run_config
+
+    path = write_run_config(workspace, name, fitness={"name": "fitness/mc", "adaptive": adaptive},
+                            budget={"evaluations": 18})
+    if steps_then_resume is None:
+        with Search.create(path, echo=lambda *a: None) as search:
+            search.run(progress=False)
+    else:
+        with Search.create(path, echo=lambda *a: None) as search:
+            for _ in range(steps_then_resume):
+                search.step()
+        with Search.resume(workspace / "runs" / name, echo=lambda *a: None) as search:
+            search.run(progress=False)
+    from evomerge.runs.run import Run
+
+    run = Run.load(workspace / "runs" / name)
+    return [run.record(i) for i in sorted(run.evaluations.index)]
+
+
+def test_search_records_say_items_and_stop_and_a_resumed_run_is_the_same(run_workspace):
+    from evomerge.fitness.compressed import CompressedFitness
+
+    adaptive = {"batch_size": 4, "max_items": 12, "min_items": 4, "se_threshold": 0.03, "racing": True, "z": 0.5}
+    records = _search_records(run_workspace, "adaptive_whole", adaptive)
+    fitness = CompressedFitness.load(run_workspace / "fitness" / "mc")
+    settings = AdaptiveSettings(**adaptive)
+    assert len(records) == 18 and all(r["status"] == "ok" for r in records)
+    stops = set()
+    for r in records:
+        assert set(r["adaptive"]) == {"sums_a", "sums_b"}
+        total = 0
+        for task, entry in r["adaptive"].items():
+            assert set(entry) == {"items", "used", "batches", "stop"}
+            assert entry["used"] == len(entry["items"]) == len(r["responses"][task]) <= 12
+            assert entry["stop"] in ("se", "budget", "exhausted", "raced")
+            params = fitness.task(task).estimator.item_params
+            assert not params.pinned[entry["items"]].any() and max(entry["items"]) < params.n_items
+            # the objective is the adaptive estimate of exactly these items and answers
+            est = adaptive_estimate(np.array(r["responses"][task]), entry["items"], params)
+            assert r["objectives"][task] == pytest.approx(est.value, abs=1e-12)
+            total += entry["used"]
+            stops.add(entry["stop"])
+        assert r["item_evaluations"] == total
+    assert all(e["stop"] != "raced" for e in records[0]["adaptive"].values())  # nothing to race against yet
+    # Interrupted after one generation and resumed: the same records (items, answers, stops, objectives).
+    again = _search_records(run_workspace, "adaptive_resumed", adaptive, steps_then_resume=1)
+    keys = ("id", "objectives", "responses", "adaptive", "item_evaluations")
+    assert [{k: r[k] for k in keys} for r in again] == [{k: r[k] for k in keys} for r in records]
+    assert settings.racing and {"se", "raced"} <= stops  # (here: 22 se, 13 raced, 1 budget of 36)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
 from evomerge._validation import Strict, format_validation_error
 
@@ -37,10 +37,41 @@ class ModelsConfig(Strict):
     allow_pickle: bool = False
 
 
+class AdaptiveConfig(Strict):
+    """`fitness.adaptive`: items chosen per candidate by Fisher information (evomerge/fitness/adaptive.py).
+    A field left out takes adaptive.py's default (chosen on validation: benchmarks/adaptive_items.py)."""
+
+    batch_size: int | None = Field(default=None, ge=1)  # items scored at once per task
+    max_items: int | None = Field(default=None, ge=1)  # per task and candidate: the budget, in item evaluations
+    min_items: int | None = Field(default=None, ge=0)  # before the standard-error rule may stop a task
+    se_threshold: float | None = Field(default=None, gt=0)  # stop a task once its accuracy's s.e. is this small
+    racing: bool = False  # stop a candidate whose upper bounds cannot reach the Pareto set (in-process workers)
+    z: float | None = Field(default=None, gt=0)  # racing's upper bound: value + z * stderr
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        self.settings()  # e.g. min_items above max_items: one message naming both
+        return self
+
+    def settings(self):
+        from evomerge.fitness.adaptive import AdaptiveSettings
+
+        given = {k: v for k, v in self.model_dump().items() if v is not None}
+        return AdaptiveSettings(**given)
+
+
 class FitnessConfig(Strict):
     name: str | None = None  # a compressed fitness by name or path
     calibrate: str | None = None  # a calibration config to run first (then `name` is where it is saved)
     estimator: str | None = None  # None: the estimator the compressed fitness was calibrated to recommend
+    adaptive: AdaptiveConfig | None = None  # None: every candidate answers the fitness's fixed subset
+
+    @model_serializer(mode="wrap")
+    def _without_default_adaptive(self, handler):
+        data = handler(self)  # off by default and then not written: snapshots of older runs stay the same
+        if isinstance(data, dict) and data.get("adaptive") is None:
+            data.pop("adaptive", None)
+        return data
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -166,4 +197,10 @@ def load_run_config(path: str | os.PathLike | dict, *, source: str | None = None
             resolve_device(config.workers.device)
         except DeviceError as exc:
             raise ConfigError(f"{source}: field `workers.device`: {exc.message}") from None
+    adaptive = config.fitness.adaptive
+    if adaptive is not None and adaptive.racing and config.workers.backend != "inprocess":
+        # Racing compares a candidate with the Pareto set while it is scored; the search hands the set
+        # to in-process workers only (Ray workers would score without it, and results would differ).
+        raise ConfigError(f"{source}: field `fitness.adaptive.racing`: true needs `workers.backend: inprocess`; "
+                          f"this run uses {config.workers.backend!r}")
     return config.resolved(root)

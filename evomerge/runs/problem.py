@@ -6,6 +6,14 @@ materializer), tokenizes the fitness subset once (the scorers), and then each `e
 decodes the genome once, writes the candidate into the live model and scores it on the subset
 items only, returning the estimated full-split accuracy per task with its uncertainty, the raw
 subset answers, and the recipe it scored (the log's and `export`'s record of the candidate).
+
+With `fitness.adaptive` in the run config the items are chosen per candidate instead
+(evomerge/fitness/adaptive.py): batch by batch from each task's whole fitness split, by Fisher
+information at the candidate's current ability, until the accuracy's standard error, the per-task
+budget or racing against the Pareto set (`race_against`, set by the search) stops the task. The
+record's `responses[task]` are then the answers in the order the items were given, and
+`adaptive[task]` says which items (`items`), how many (`used`), in how many batches and why the task
+stopped (`stop`: se, budget, exhausted or raced).
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ class Evaluation:
     recipe: dict[str, Any] | None = None  # the mergekit-style recipe that was scored (None when decoding failed)
     retries: list[str] = field(default_factory=list)  # attempts lost with their worker (a crash, a lost node)
     memory: str | None = None  # the worker's memory mode (resident, host, disk): where base and experts were kept
+    adaptive: dict[str, dict[str, Any]] | None = None  # task -> items, used, batches, stop (adaptive evaluation only)
 
 
 def bind_space(config: RunConfig) -> BoundSpace:
@@ -72,7 +81,14 @@ class MergeProblem:
             host_share=1.0 / (workers.num_workers if workers.backend == "ray" and not workers.address else 1),
         )
         self.tokenizer = AutoTokenizer.from_pretrained(config.models.base, trust_remote_code=False)
-        self.scorers = fitness.subset_scorers(self.tokenizer, device=self.materializer.device)
+        adaptive = config.fitness.adaptive
+        self.adaptive = adaptive.settings() if adaptive is not None else None
+        self.race_front: np.ndarray | None = None  # (members, tasks) the Pareto set a candidate races against
+        if self.adaptive is None:
+            self.scorers = fitness.subset_scorers(self.tokenizer, device=self.materializer.device)
+        else:  # items come from the whole fitness split, a batch at a time
+            self.scorers = {t: _BatchScorer(fitness.task(t).task, self.tokenizer, self.materializer.device)
+                            for t in fitness.task_names}
 
     def materialize(self, genome: np.ndarray | DecodedGenome) -> torch.nn.Module:
         decoded = genome if isinstance(genome, DecodedGenome) else self.space.decode(genome)
@@ -89,9 +105,13 @@ class MergeProblem:
         decoded = self.space.decode(genome)
         model = self.materialize(decoded)  # MaterializerOutOfMemory: this candidate fails, the worker goes on
         t1 = time.perf_counter()
-        objectives, stderr, responses, items = {}, {}, {}, 0
+        objectives, stderr, responses, items, adaptive = {}, {}, {}, 0, None
         try:
-            for task, scorer in self.scorers.items():
+            if self.adaptive is not None:
+                task = "(adaptive items)"  # named in an out-of-memory message
+                objectives, stderr, responses, adaptive = self._evaluate_adaptive(model)
+                items = sum(entry["used"] for entry in adaptive.values())
+            for task, scorer in (self.scorers.items() if self.adaptive is None else ()):
                 answers = np.asarray(scorer(model), dtype=np.int64)
                 estimate = self.fitness.estimate(task, answers, self.config.fitness.estimator)
                 objectives[task] = float(estimate.value)
@@ -107,7 +127,36 @@ class MergeProblem:
         t2 = time.perf_counter()
         return Evaluation(candidate_id, objectives, stderr, responses, items,
                           {"materialize": t1 - t0, "score": t2 - t1}, worker=self.worker, recipe=self.recipe(decoded),
-                          memory=self.materializer.memory)
+                          memory=self.materializer.memory, adaptive=adaptive)
+
+    def race_against(self, front: np.ndarray | None) -> None:
+        """The Pareto set's objectives (members, tasks in fitness order) the next candidates race
+        against when `fitness.adaptive.racing` is on; None or empty: nothing to race against."""
+        self.race_front = None if front is None or len(front) == 0 else np.asarray(front, dtype=np.float64)
+
+    def _evaluate_adaptive(self, model: torch.nn.Module):
+        from evomerge.fitness.adaptive import run_adaptive
+
+        tasks = self.fitness.task_names
+        params = {t: self.fitness.task(t).estimator.item_params for t in tasks}
+        scorers = {t: (lambda batch, t=t: self.scorers[t](model, batch)) for t in tasks}
+        tests = run_adaptive(scorers, params, self.adaptive, front=self.race_front if self.adaptive.racing else None)
+        record = {t: {"items": x.items, "used": x.used, "batches": x.batches, "stop": x.stop} for t, x in tests.items()}
+        return ({t: x.value for t, x in tests.items()}, {t: x.stderr for t, x in tests.items()},
+                {t: x.responses for t, x in tests.items()}, record)
+
+
+class _BatchScorer:
+    """Scores any items of one task's fitness split: `scorer(model, item_indices)` -> 0/1 answers.
+    The split is loaded once; each batch is tokenized when it is scored (a few items at a time)."""
+
+    def __init__(self, task, tokenizer, device):
+        self.task, self.tokenizer, self.device = task, tokenizer, device
+        self.split = task.load_split("fitness")
+
+    def __call__(self, model: torch.nn.Module, items: np.ndarray) -> np.ndarray:
+        rows = self.split.select([int(i) for i in items])
+        return np.asarray(self.task.make_scorer(self.tokenizer, rows, device=self.device)(model), dtype=np.int64)
 
 
 def _test_hooks(candidate_id: int) -> None:

@@ -127,6 +127,7 @@ class Search:
         self._results_hash = preflight.results_hash(store.config_text)
         self._backend = backend
         self.schedule = resolve_schedule(config, echo)
+        self._adaptive = config.fitness.adaptive is not None  # items differ per candidate (fitness/adaptive.py)
         self._load_state(optimizer)
 
     # ---------------------------------------------------------------- opening
@@ -285,6 +286,7 @@ class Search:
             self.store.append(written[candidate_id])
 
         if todo:
+            self._race_front()
             self._backend.evaluate(todo, on_result=log_result)
         records = [reused[candidate_id] if candidate_id in reused else written[candidate_id] for candidate_id in ids]
         n_ok = sum(r["status"] == "ok" for r in records)
@@ -296,7 +298,7 @@ class Search:
                 f"retries them once the cause is fixed). First error: {first}")
         objectives = np.array([[r["objectives"].get(t, np.nan) if r["status"] == "ok" else np.nan for t in self.tasks]
                                for r in records], dtype=np.float64)
-        self.optimizer.tell(genomes, objectives, _response_matrix(records, self.tasks, self.fitness))
+        self.optimizer.tell(genomes, objectives, _response_matrix(records, self.tasks, self.fitness, self._adaptive))
         for r, row in zip(records, objectives):
             if r["status"] == "ok":
                 self.archive.add(r["id"], row)
@@ -380,11 +382,19 @@ class Search:
         """The next live result; with `poll`, None unless one has finished already (pools whose
         `next_result` takes no timeout are waited for)."""
         backend = self._pool()
+        self._race_front()
         if not poll:
             return backend.next_result()
         if "timeout" not in inspect.signature(backend.next_result).parameters:
             return None
         return backend.next_result(timeout=0)
+
+    def _race_front(self) -> None:
+        """Racing (`fitness.adaptive.racing`): the in-process worker gets the Pareto set as it stands
+        (restored with the archive on a resume, so a resumed run races against the same set)."""
+        problem = getattr(self._backend, "problem", None)
+        if hasattr(problem, "race_against"):
+            problem.race_against(self.archive.objectives)
 
     def _append(self, records: list[dict]) -> None:
         while records:
@@ -418,7 +428,7 @@ class Search:
         self._submitted.discard(record["id"])
         ok = record["status"] == "ok"
         row = np.array([record["objectives"].get(t, np.nan) if ok else np.nan for t in self.tasks], dtype=np.float64)
-        self.optimizer.tell_one(genome, row, _response_matrix([record], self.tasks, self.fitness)[0])
+        self.optimizer.tell_one(genome, row, _response_matrix([record], self.tasks, self.fitness, self._adaptive)[0])
         if ok:
             self.archive.add(record["id"], row)
         self._records[record["id"]] = record
@@ -568,8 +578,13 @@ def _record(evaluation: Evaluation, genome: np.ndarray, generation: int) -> dict
     return record
 
 
-def _response_matrix(records: list[dict], tasks: list[str], fitness) -> np.ndarray:
-    """(n, items) subset answers concatenated over tasks; failed candidates answer nothing (zeros)."""
+def _response_matrix(records: list[dict], tasks: list[str], fitness, adaptive: bool = False) -> np.ndarray:
+    """(n, items) subset answers concatenated over tasks; failed candidates answer nothing (zeros).
+    Adaptive evaluation: over the whole fitness splits, NaN where an item was not given."""
+    if adaptive:
+        from evomerge.fitness.adaptive import response_rows
+
+        return response_rows(records, tasks, [fitness.task(t).n_total for t in tasks])
     widths = [fitness.subset_size(t) for t in tasks]
     rows = []
     for r in records:
