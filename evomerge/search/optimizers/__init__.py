@@ -5,6 +5,9 @@
     opt.tell(genomes, objectives, responses=None)     # (n, 2) to maximise; NaN = failed
     save_state(opt.state(), "opt.json"); opt = Optimizer.from_state(load_state("opt.json"))
 
+    genome = opt.ask_one(); opt.tell_one(genome, objectives_row)   # steady state, results in any order,
+                                                      # for opt.takes_out_of_order(settings) (see _base)
+
 Registered names: random, nsga2, nsga3, ga, de, cma, twopointsde, ngopt, m2n2, map. Any of them can
 be wrapped in surrogate pre-screening (:func:`make_prescreened`, or the ``prescreen`` wrapper by
 name: ``make_optimizer("prescreen", ..., inner="nsga2", factor=4)``).
