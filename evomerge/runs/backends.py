@@ -11,6 +11,12 @@ has room; the candidate it was scoring goes to the next live worker up to `max_r
 (its record lists the lost attempts) and is then recorded as failed, and the run goes on with the
 workers it has, also when a node is lost for good (`ray_pool`). A candidate that fails for its
 own reasons (out of device memory) is recorded as failed with the reason, on either backend.
+
+The asynchronous schedule (`workers.schedule: async`) uses the other half of each backend:
+`submit(candidate_id, genome)` hands one candidate to the pool and `next_result()` blocks until
+any submitted candidate finishes and returns its `Evaluation` (completion order, not id order).
+A pool whose `next_result` takes a `timeout` (seconds; None when nothing finished by then) lets
+the search write its log only while every worker is busy.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import logging
 import os
 import time
 import traceback
+from collections import deque
 from dataclasses import asdict
 from typing import Sequence
 
@@ -52,10 +59,21 @@ class InProcessBackend:
         self.config = config
         self.fitness = fitness  # the driver's CompressedFitness: loaded and checked once per process
         self.problem = MergeProblem(config, fitness, worker="inprocess")
+        self._queue: deque[Candidate] = deque()  # submitted, scored first in first out
 
     @property
     def tasks(self) -> list[str]:
         return list(self.fitness.task_names)
+
+    def submit(self, candidate_id: int, genome: np.ndarray) -> None:
+        self._queue.append((candidate_id, genome))
+
+    def next_result(self, timeout: float | None = None) -> Evaluation | None:
+        """Scores the oldest submitted candidate (one process scores one at a time); with a timeout,
+        None: nothing here finishes without being waited for."""
+        if timeout is not None:
+            return None
+        return self.evaluate([self._queue.popleft()])[0]
 
     def evaluate(self, candidates: Sequence[Candidate], on_result=None) -> list[Evaluation]:
         """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes."""
