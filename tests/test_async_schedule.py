@@ -289,3 +289,23 @@ def test_busy_fraction_of_a_two_worker_sleeping_pool_matches_the_hand_schedule(t
         assert run["span"] == pytest.approx(span, abs=0.05)
         assert run["span_busy"] == pytest.approx(busy, abs=0.04)
         assert run["work"] == pytest.approx(1.4, abs=0.03)
+
+
+@pytest.mark.slow
+def test_async_on_a_ray_pool_replays_from_its_log(run_workspace):
+    """Two Ray workers finish in whatever order they do; the log says which, and replaying it (the
+    checkpoints deleted) reproduces the run without evaluating anything."""
+    config = write_run_config(run_workspace, "async_ray", optimizer={"name": "m2n2", "settings": SETTINGS["m2n2"]},
+                              budget={"evaluations": 12}, workers={"backend": "ray", "num_workers": 2,
+                                                                   "schedule": "async"})
+    run_dir = start_search(config, **QUIET)
+    records = sorted(records_of(run_dir), key=lambda r: r["told"])
+    assert [r["told"] for r in records] == list(range(12)) and sorted(r["id"] for r in records) == list(range(12))
+    assert all(r["asked_after"] == max(0, r["id"] - 1) and r["worker"].startswith("ray-") for r in records)
+    before = (run_dir / "evaluations.jsonl").read_bytes()
+    pareto = json.loads((run_dir / "pareto.json").read_text())
+    shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "checkpoints").mkdir()
+    resume_search(run_dir, **QUIET)  # nothing left to evaluate: no pool is started
+    assert (run_dir / "evaluations.jsonl").read_bytes() == before
+    assert json.loads((run_dir / "pareto.json").read_text()) == pareto
