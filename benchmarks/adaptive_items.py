@@ -1,0 +1,290 @@
+"""Adaptive items (evomerge/fitness/adaptive.py) against the fixed subset, at equal items per candidate.
+
+Usage: .venv/bin/python benchmarks/adaptive_items.py [--fitness fitness/zoo_small] [--label zoo_small]
+       .venv/bin/python benchmarks/adaptive_items.py --record     # RESULTS.md block from the JSON
+
+Offline: it reads only the compressed fitness's stored full-split answers (`responses.npz`: every
+calibration model on every item of every task's fitness split, i.e. validation; nothing else is
+scored and no test split is read). Leave-one-model-out: for each task and each calibration model
+r, the IRT model is refitted without r (same model, dimensions and empirical prior rows as the
+fitness's calibration, `fit_irt(prior_rows=)` on the random merges left), so r's own answers are
+never in the item parameters that score it, and r plays a candidate whose true accuracy is its
+mean over the whole split. Per n items per task:
+
+* fixed: the fitness's subset method (anchors), recalibrated without r with `fit_task_calibration`
+  (5-fold mixing weights on the merges left), scored by every estimator; and random subsets
+  (subset mean, 5 seeds);
+* adaptive: `run_adaptive` without a standard-error stop, read after every batch; variants for
+  the batch size and for how unseen pinned items are predicted.
+
+Reported: MAE of the estimated task accuracy (mean over tasks and models; also over the random
+merges alone), and for the fixed subset at the fitness's n and at 20, the fewest items per task at
+which adaptive reaches its MAE (the target: at least 2x fewer). The stopping rule's operating
+points (se threshold -> mean items used, MAE, stop reasons), and racing against the Pareto set of
+the other models' true accuracies (items saved, and true Pareto members wrongly raced out).
+Defaults in adaptive.py were chosen from these (validation) numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+BEGIN, END = "<!-- adaptive_items:begin -->", "<!-- adaptive_items:end -->"
+SIZES = (5, 10, 15, 20, 30, 40, 60, 80, 100)
+RANDOM_SEEDS = 5
+RACING_Z = (1.96, 3.0)
+THRESHOLDS = (0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04)
+VARIANTS = {"b5": {"batch_size": 5}, "b1": {"batch_size": 1}, "b10": {"batch_size": 10},
+            "b5_pinned_irt": {"batch_size": 5, "pinned": "irt"}}
+COMMAND = ".venv/bin/python benchmarks/adaptive_items.py --fitness fitness/zoo_small --label zoo_small"
+
+
+def load(fitness_dir: Path):
+    body = json.loads((fitness_dir / "fitness.json").read_text())
+    with np.load(fitness_dir / "responses.npz", allow_pickle=False) as z:
+        responses = {t: z[f"task_{t}"].astype(np.float64) for t in body["tasks"]}
+        ends, mixing = z["endpoint_rows"].tolist(), z["mixing_rows"].tolist()
+    return body, responses, ends, mixing
+
+
+def trajectory(y, params, settings, limit):
+    """value after every batch of one adaptive test with no se stop: {items used: value}."""
+    from evomerge.fitness.adaptive import AdaptiveTest
+
+    test, out = AdaptiveTest(), {}
+    while test.stop is None:
+        batch = test.next_batch(params, settings, limit=limit)
+        if batch.size:
+            test.record(batch, y[batch], params, settings, limit=limit)
+            out[test.used] = (test.value, test.stderr)
+    return out
+
+
+def main_measure(args) -> dict:
+    from evomerge.fitness.adaptive import AdaptiveSettings, run_adaptive
+    from evomerge.fitness.calibrate import fit_task_calibration
+    from evomerge.fitness.estimators import cross_validation_folds
+    from evomerge.fitness.irt import fit_irt
+    from evomerge.fitness.subsets import select_items
+
+    body, responses, ends, mixing = load(args.fitness)
+    irt = body["meta"]["irt"]
+    tasks = list(body["tasks"])
+    first = body["tasks"][tasks[0]]["estimator"]
+    subset_method, fitness_n = first["subset"]["method"], first["subset"]["n"]
+    estimator = body["estimator"]
+    max_n = max(SIZES)
+    started = time.perf_counter()
+    rows = []  # one per (task, held-out model)
+    for task in tasks:
+        Y = responses[task]
+        for r in range(Y.shape[0]):
+            train = np.setdiff1d(np.arange(Y.shape[0]), [r])
+            t_ends = [int(np.searchsorted(train, e)) for e in ends if e != r]
+            t_mix = [int(np.searchsorted(train, m)) for m in mixing if m != r]
+            params = fit_irt(Y[train], irt["model"], dims=irt["dims"], seed=0,
+                             prior_rows=t_mix if irt["prior"] == "empirical" else None)
+            folds = cross_validation_folds(Y[train], t_mix, 5, model=irt["model"], dims=irt["dims"], seed=0,
+                                           empirical_prior=irt["prior"] == "empirical")
+            y = Y[r]
+            row = {"task": task, "model": r, "merge": r in mixing, "truth": float(y.mean()), "fixed": {}, "random": {},
+                   "adaptive": {}, "stopping": {}}
+            for n in SIZES:
+                fitted = fit_task_calibration(Y[train], t_ends, t_mix, n=n, subset_method=subset_method,
+                                              subset_seed=0, irt_model=irt["model"], irt_dims=irt["dims"],
+                                              empirical_prior=irt["prior"] == "empirical", item_params=params,
+                                              folds=folds)
+                row["fixed"][n] = {k: e.value for k, e in fitted.estimate_all(y[fitted.subset.items]).items()}
+                row["random"][n] = [float(y[select_items(n, "random", seed=s, n_items=Y.shape[1]).items].mean())
+                                    for s in range(RANDOM_SEEDS)]  # one estimate per seed
+            for name, overrides in VARIANTS.items():
+                settings = AdaptiveSettings(max_items=max_n, min_items=0, se_threshold=1e-9,
+                                            finalist_max_items=max_n, **overrides)
+                row["adaptive"][name] = {n: v for n, (v, _) in trajectory(y, params, settings, max_n).items()}
+            for threshold in THRESHOLDS:
+                settings = AdaptiveSettings(se_threshold=threshold)
+                test = run_adaptive({task: lambda b, y=y: y[b]}, {task: params}, settings)[task]
+                row["stopping"][threshold] = {"value": test.value, "used": test.used, "stop": test.stop}
+            row["params"] = params  # dropped before saving; racing below needs the fits
+            rows.append(row)
+        print(f"  {task}: {Y.shape[0]} held-out models ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
+    racing = measure_racing(rows, tasks, responses)
+    for row in rows:
+        row.pop("params")
+    return summarize(rows, tasks, estimator, subset_method, fitness_n, racing, args,
+                     seconds=time.perf_counter() - started)
+
+
+def measure_racing(rows, tasks, responses) -> dict:
+    """Each model against the Pareto set of the other models' true accuracies (in its own IRT fits)."""
+    n_models = responses[tasks[0]].shape[0]
+    truth = np.array([[responses[t][m].mean() for t in tasks] for m in range(n_models)])  # (M, T)
+    by = {(row["task"], row["model"]): row for row in rows}
+    return {str(z): _racing(rows, tasks, responses, truth, by, n_models, z) for z in RACING_Z}
+
+
+def _racing(rows, tasks, responses, truth, by, n_models, z) -> dict:
+    from evomerge.fitness.adaptive import AdaptiveSettings, run_adaptive
+    from evomerge.search.pareto import ParetoArchive
+
+    out = {"candidates": n_models, "raced_out": 0, "wrongly_raced_out": 0, "items": 0, "items_without_racing": 0}
+    for m in range(n_models):
+        others = [i for i in range(n_models) if i != m]
+        archive = ParetoArchive(len(tasks))
+        for i in others:
+            archive.add(i, truth[i])
+        front = archive.objectives
+        on_front = not any(np.all(f >= truth[m]) and np.any(f > truth[m]) for f in front)
+        scorers = {t: (lambda b, y=responses[t][m]: y[b]) for t in tasks}
+        params = {t: by[(t, m)]["params"] for t in tasks}
+        raced = run_adaptive(scorers, params, AdaptiveSettings(racing=True, z=z), front=front)
+        plain = run_adaptive(scorers, params, AdaptiveSettings())
+        out["items"] += sum(x.used for x in raced.values())
+        out["items_without_racing"] += sum(x.used for x in plain.values())
+        if any(x.stop == "raced" for x in raced.values()):
+            out["raced_out"] += 1
+            out["wrongly_raced_out"] += int(on_front)
+    return out
+
+
+def summarize(rows, tasks, estimator, subset_method, fitness_n, racing, args, seconds) -> dict:
+    groups = {"all": rows, "merges": [r for r in rows if r["merge"]]}
+    mae: dict = {}
+    for group, members in groups.items():
+        truth = np.array([r["truth"] for r in members])
+        g = mae[group] = {"fixed_" + name: {} for name in members[0]["fixed"][SIZES[0]]}
+        g["random_subset"] = {}
+        for name in VARIANTS:
+            g["adaptive_" + name] = {}
+        for n in SIZES:
+            for name in members[0]["fixed"][n]:
+                g["fixed_" + name][n] = float(np.mean(np.abs([r["fixed"][n][name] for r in members] - truth)))
+            g["random_subset"][n] = float(np.mean(np.abs(np.array([r["random"][n] for r in members]) - truth[:, None])))
+            for name in VARIANTS:
+                if all(n in r["adaptive"][name] for r in members):
+                    g["adaptive_" + name][n] = float(np.mean(np.abs([r["adaptive"][name][n] for r in members] - truth)))
+        g["stopping"] = {str(th): {
+            "mae": float(np.mean([abs(r["stopping"][th]["value"] - r["truth"]) for r in members])),
+            "mean_items": float(np.mean([r["stopping"][th]["used"] for r in members])),
+            "stops": {s: sum(r["stopping"][th]["stop"] == s for r in members) for s in ("se", "budget", "exhausted")}}
+            for th in THRESHOLDS}
+    reach = {}
+    for group in groups:
+        reach[group] = {}
+        fixed = mae[group]["fixed_" + estimator]
+        adaptive = mae[group]["adaptive_b5"]
+        for n_ref in sorted({20, fitness_n}):
+            target = fixed[n_ref]
+            hit = [n for n in sorted(adaptive) if adaptive[n] <= target]
+            rule = [(s["mean_items"], th) for th, s in mae[group]["stopping"].items() if s["mae"] <= target]
+            fewest = min(rule) if rule else None
+            reach[group][str(n_ref)] = {"fixed_mae": target, "adaptive_items": hit[0] if hit else None,
+                                        "ratio": (n_ref / hit[0]) if hit else None,
+                                        "se_rule_items": fewest[0] if fewest else None,
+                                        "se_rule_threshold": fewest[1] if fewest else None,
+                                        "se_rule_ratio": (n_ref / fewest[0]) if fewest else None}
+    return {"label": args.label, "fitness": str(args.fitness), "command": COMMAND, "tasks": tasks,
+            "models": len({r["model"] for r in rows}), "merges": len({r["model"] for r in rows if r["merge"]}),
+            "estimator": estimator, "subset_method": subset_method, "fitness_n": fitness_n, "sizes": list(SIZES),
+            "mae": _keys_to_str(mae), "reach": reach, "racing": racing, "seconds": seconds,
+            "rows": _keys_to_str([{k: v for k, v in r.items()} for r in rows])}
+
+
+def _keys_to_str(x):
+    if isinstance(x, dict):
+        return {str(k): _keys_to_str(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_keys_to_str(v) for v in x]
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    return x
+
+
+def table() -> str:
+    lines = []
+    for path in sorted((ROOT / "results").glob("adaptive_items_*.json")):
+        r = json.loads(path.read_text())
+        sizes = [str(n) for n in r["sizes"]]
+        lines += [f"**{r['label']}** (`{r['command']}`; {r['models']} calibration models, {r['merges']} of them "
+                  f"random merges, each held out in turn; tasks {', '.join(r['tasks'])}; fitness split only). "
+                  f"MAE of the estimated task accuracy at n items per task:", "",
+                  "| rows | method | " + " | ".join(f"n={n}" for n in sizes) + " |",
+                  "|---|---|" + "---|" * len(sizes)]
+        for group in ("all", "merges"):
+            for name, values in r["mae"][group].items():
+                if name == "stopping" or not (name.startswith("adaptive") or name in (
+                        "fixed_subset", f"fixed_{r['estimator']}", "random_subset")):
+                    continue
+                cells = [f"{values[n]:.4f}" if n in values else "" for n in sizes]
+                lines.append(f"| {group} | {name} | " + " | ".join(cells) + " |")
+        lines += ["", "Ratio = fixed items / adaptive items (target: at least 2).", "",
+                  f"Fixed = the fitness's {r['subset_method']} subset (estimator {r['estimator']}, and its plain "
+                  "weighted mean `fixed_subset`); adaptive_bK = batches of K items, D-optimal at the current ability; "
+                  "`pinned_irt` predicts unseen pinned items at the ability instead of by the population rate.", ""]
+        for group in ("all", "merges"):
+            for n_ref, hit in r["reach"][group].items():
+                verdict = (f"adaptive reaches it at {hit['adaptive_items']} items per task (ratio {hit['ratio']:.2f})"
+                           if hit["adaptive_items"] else f"adaptive does not reach it within {max(r['sizes'])} items")
+                if hit.get("se_rule_items"):
+                    verdict += (f"; with the se stopping rule, threshold {hit['se_rule_threshold']} uses "
+                                f"{hit['se_rule_items']:.1f} items per task on average (ratio {hit['se_rule_ratio']:.2f})")
+                else:
+                    verdict += "; no se threshold reaches it"
+                lines.append(f"- {group}: fixed {r['estimator']} at n={n_ref} has MAE {hit['fixed_mae']:.4f}; {verdict}.")
+        lines += ["", "Stopping rule (min 10, max 60 items per task, batches of 5): se threshold -> mean items "
+                  "per task, MAE, stops (se / budget / exhausted):", ""]
+        lines += ["| rows | se threshold | mean items | MAE | se | budget | exhausted |", "|---|---|---|---|---|---|---|"]
+        for group in ("all", "merges"):
+            for th, s in r["mae"][group]["stopping"].items():
+                lines.append(f"| {group} | {th} | {s['mean_items']:.1f} | {s['mae']:.4f} | {s['stops']['se']} | "
+                             f"{s['stops']['budget']} | {s['stops']['exhausted']} |")
+        for z, rc in r["racing"].items():
+            lines += ["", f"Racing (other settings default, z = {z}) against the Pareto set of the other "
+                      f"{rc['candidates'] - 1} models' true accuracies: {rc['raced_out']} of {rc['candidates']} raced "
+                      f"out, {rc['wrongly_raced_out']} of them truly on that Pareto set; items {rc['items']} against "
+                      f"{rc['items_without_racing']} without racing."]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def record() -> None:
+    results = ROOT / "RESULTS.md"
+    text = results.read_text()
+    block = f"{BEGIN}\n{table()}{END}"
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Adaptive items (issue 16, item 3)\n\n" + block + "\n"
+    results.write_text(text)
+    print(table())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fitness", type=Path, default=REPO / "fitness" / "zoo_small")
+    parser.add_argument("--label", default="zoo_small")
+    parser.add_argument("--record", action="store_true", help="regenerate the RESULTS.md block from the JSON and exit")
+    args = parser.parse_args()
+    if args.record:
+        record()
+        return
+    from evomerge.fitness.sealed import sealed_test
+
+    with sealed_test("benchmarks/adaptive_items.py chooses the adaptive defaults"):
+        result = main_measure(args)
+    out = ROOT / "results" / f"adaptive_items_{args.label}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
