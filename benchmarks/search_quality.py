@@ -624,7 +624,13 @@ def open_results(results: Path, study: dict, resume: bool) -> None:
                 raise SystemExit(f"{results} holds records of an earlier study: pass --resume to continue it, "
                                  "or remove the folder to start again")
         else:
-            changed = [k for k in STUDY_IDENTITY if old.get(k) != study.get(k)]
+            def same(key: str) -> bool:
+                if key == "prescreen":  # per row: rows may be added or left out, a shared row must agree
+                    a, b = old.get(key) or {}, study.get(key) or {}
+                    return all(a[r] == b[r] for r in set(a) & set(b))
+                return old.get(key) == study.get(key)
+
+            changed = [k for k in STUDY_IDENTITY if not same(k)]
             if changed:
                 raise SystemExit(f"{results}: --resume with other settings than the study there ({', '.join(changed)} "
                                  "differ); use another --results folder")
