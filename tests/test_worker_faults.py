@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
+import threading
+import time
 import types
 from dataclasses import asdict
 
@@ -20,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.runs.backends import _Worker
+from evomerge.runs.backends import _Worker, check_ray_address
 from evomerge.runs.config import ConfigError, WorkersConfig
 from evomerge.runs.problem import Evaluation, MergeProblem
 from evomerge.runs.ray_pool import ActorPool, ActorRequest, WorkersLost, actor_request
@@ -67,6 +70,7 @@ def test_ray_gives_each_gpu_worker_its_own_gpu(monkeypatch):
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False)
     try:
+        check_ray_address(ray.get_runtime_context().gcs_address)  # a real cluster address passes the check
         request = actor_request(WorkersConfig(num_workers=3), ray.cluster_resources())
         assert request == ActorRequest(2, 1, 1, "cuda")
 
@@ -84,6 +88,48 @@ def test_ray_gives_each_gpu_worker_its_own_gpu(monkeypatch):
         assert not ready
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def listener():
+    """A loopback TCP server that answers each connection with `reply` (None: never answers)."""
+    servers = []
+
+    def serve(reply: bytes | None) -> str:
+        server = socket.create_server(("127.0.0.1", 0))
+        servers.append(server)
+
+        def answer():
+            while True:
+                try:
+                    connection, _ = server.accept()
+                except OSError:
+                    return
+                servers.append(connection)
+                if reply is not None:
+                    connection.recv(1024)
+                    connection.sendall(reply)
+
+        threading.Thread(target=answer, daemon=True).start()
+        return f"127.0.0.1:{server.getsockname()[1]}"
+
+    yield serve
+    for server in servers:
+        server.close()
+
+
+def test_an_address_where_no_ray_cluster_answers_fails_in_seconds(listener):
+    """ray.init waits minutes on these (measured: still connecting after 150 s to a silent port)."""
+    started = time.perf_counter()
+    dashboard = listener(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")  # what port 8265 would say
+    with pytest.raises(ConfigError, match=rf"field `workers.address`: something answers at {dashboard}, but not a "
+                                          r"Ray cluster \(it does not speak gRPC; first bytes b'HTTP/1.1 "
+                                          r"'\); give the address `ray start --head` prints"):
+        check_ray_address(dashboard)
+    silent = listener(None)
+    with pytest.raises(ConfigError, match=rf"cannot reach a Ray cluster at {silent} \(no answer within 1 s\)"):
+        check_ray_address(silent, timeout=1)
+    assert time.perf_counter() - started < 10
 
 
 def test_an_actor_that_runs_out_of_memory_reports_the_candidate_failed(monkeypatch):

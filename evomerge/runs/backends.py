@@ -126,8 +126,11 @@ RAY_CONNECT_TIMEOUT = 10.0  # seconds to reach a cluster's address before giving
 def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
     """Fail fast, naming the field, when a Ray cluster's `HOST:PORT` (or `ray://HOST:PORT`) does not answer.
 
-    `ray.init` itself retries an unreachable address for minutes; a plain TCP connection tells in
-    at most `timeout` seconds. `auto` (the address Ray finds on this machine) is left to Ray."""
+    `ray.init` itself retries an unreachable address for minutes, and one where something else
+    listens (the dashboard's port, 8265, for the cluster's, 6379) for as long; a TCP connection and
+    the opening of an HTTP/2 exchange (Ray's cluster address is a gRPC server, which answers the
+    client's preface with its SETTINGS frame) tell in at most `timeout` seconds. `auto` (the
+    address Ray finds on this machine) is left to Ray."""
     import socket
 
     from evomerge.runs.config import ConfigError
@@ -139,13 +142,32 @@ def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> Non
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"field `workers.address`: {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as connection:
+            connection.sendall(_HTTP2_PREFACE + _HTTP2_EMPTY_SETTINGS)
+            answer = _read_at_most(connection, 9)  # the server's first frame header: length(3) type(1) flags(1) id(4)
     except OSError as exc:
         reason = "no answer" if isinstance(exc, (TimeoutError, socket.timeout)) else (exc.strerror or str(exc))
         raise ConfigError(f"field `workers.address`: cannot reach a Ray cluster at {address} ({reason} within "
                           f"{timeout:.0f} s); start the cluster, correct the address, or remove it to run a local "
                           "pool") from None
+    if len(answer) < 9 or answer[3] != 0x04:  # not a SETTINGS frame: no gRPC server there
+        raise ConfigError(f"field `workers.address`: something answers at {address}, but not a Ray cluster (it does "
+                          f"not speak gRPC; first bytes {answer[:16]!r}); give the address `ray start --head` prints "
+                          "(HEAD:6379 by default; 8265 is the dashboard's port)")
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HTTP2_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _read_at_most(connection, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = connection.recv(n - len(data))
+        if not chunk:  # closed
+            break
+        data += chunk
+    return data
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
