@@ -272,3 +272,23 @@ def test_search_records_say_items_and_stop_and_a_resumed_run_is_the_same(run_wor
     keys = ("id", "objectives", "responses", "adaptive", "item_evaluations")
     assert [{k: r[k] for k in keys} for r in again] == [{k: r[k] for k in keys} for r in records]
     assert settings.racing and {"se", "raced"} <= stops  # (here: 22 se, 13 raced, 1 budget of 36)
+
+
+def test_run_config_adaptive_block_is_validated_with_field_errors():
+    from evomerge.runs.config import ConfigError, load_run_config
+
+    base = {"name": "x", "models": {"base": "/b", "experts": ["/e"]}, "search_space": "s", "fitness": {"name": "f"},
+            "optimizer": {"name": "random"}, "budget": {"evaluations": 4}, "workers": {"backend": "inprocess"}}
+    config = load_run_config(base)
+    assert config.fitness.adaptive is None and "adaptive" not in config.to_yaml()  # off, and not in the snapshot
+    on = load_run_config({**base, "fitness": {"name": "f", "adaptive": {"max_items": 30}}})
+    assert on.fitness.adaptive.settings() == AdaptiveSettings(max_items=30) and "max_items: 30" in on.to_yaml()
+    cases = [({"max_items": 10, "min_items": 20}, "field `fitness.adaptive`: adaptive settings: min_items must lie in"),
+             ({"batch_size": 0}, "field `fitness.adaptive.batch_size`"),
+             ({"se_threshold": -1}, "field `fitness.adaptive.se_threshold`"),
+             ({"seed": 1}, "field `fitness.adaptive.seed` is not supported")]
+    for block, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            load_run_config({**base, "fitness": {"name": "f", "adaptive": block}})
+    with pytest.raises(ConfigError, match="field `fitness.adaptive.racing`: true needs `workers.backend: inprocess`"):
+        load_run_config({**base, "fitness": {"name": "f", "adaptive": {"racing": True}}, "workers": {"backend": "ray"}})

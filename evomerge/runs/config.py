@@ -7,6 +7,7 @@ models:
   experts: [../zoo/small/expert_addition, ../zoo/small/expert_reversal]
 search_space: ties_per_layer        # preset name or a YAML path
 fitness: zoo_small                  # a compressed fitness by name or path (see `evomerge fitness calibrate`)
+                                    # or {name: zoo_small, adaptive: {max_items: 60}}: items chosen per candidate
 optimizer: {name: nsga2, settings: {pop_size: 16}}
 budget: {evaluations: 150, wall_time: null}   # stop at whichever comes first
 workers: {backend: ray, num_workers: 2}       # or {backend: inprocess}, or {backend: ray, address: HOST:PORT}
