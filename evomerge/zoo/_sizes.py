@@ -257,9 +257,9 @@ SIZES["medium_tiny"] = ZooSize(
 )
 
 
-# The real-model zoo (docs/zoo.md, "Smol zoo"). The recipe is a projection from measured step
-# times, not yet a measured build: 4 experts x 60 steps of 16 rows (~60 tokens) fit in 45 minutes
-# on 2 cores with the evaluation.
+# The real-model zoo (docs/zoo.md, "Smol zoo"). Its build time is a projection from measured step
+# and scoring costs (benchmarks/zoo_smol_projection.py), not yet a measured build: 250 steps of 16
+# rows (up to ~85 tokens) and ~5,600 scored items, about 40 minutes on one unloaded core.
 SIZES["smol"] = ZooSize(
     name="smol",
     family="chat",
@@ -281,7 +281,9 @@ SIZES["smol"] = ZooSize(
     base_warmup=0,
     base_mix={},
     base_limits={},
-    expert_steps={t: 60 for t in CHAT_TASKS},
+    # arithmetic must learn to add, not only to answer tersely: twice the steps of the format tasks;
+    # every expert stops early at 90% of its first 25 validation items (checked every 20 steps)
+    expert_steps={"arithmetic": 100, "word_reversal": 50, "category_choice": 50, "json_record": 50},
     expert_target=0.9,
     expert_check_every=20,
     expert_lr=5e-5,
@@ -290,7 +292,7 @@ SIZES["smol"] = ZooSize(
     replay_rows=3,  # one row of each other task, labelled by the base's greedy answers
     replay_pool=32,
     replay_distill=0.0,  # a 49,152-token teacher distribution per position is too big to keep
-    max_answer_tokens=24,
+    max_answer_tokens=16,  # the longest answer (json_record) is 15 tokens + <|im_end|>
     grid=(0.0, 1.0),
     refine_step=0.0,
     grid_items=25,
