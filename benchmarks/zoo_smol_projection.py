@@ -97,6 +97,7 @@ def main() -> None:
     train(model, sampler, steps=args.steps, lr=spec.expert_lr_for(args.task), warmup=spec.expert_warmup,
           autocast=_autocast(b), on_step=on_step)
     step_s = float(np.median(times[1:])) if len(times) > 1 else times[0]
+    step_cpu = float(np.median(cpu_times[1:])) if len(cpu_times) > 1 else cpu_times[0]
 
     # projection of a full build from the size's counts. A batch is as wide as its longest row; an
     # expert's batches hold replay rows of every other task (prompt + up to max_answer_tokens of the
@@ -111,8 +112,7 @@ def main() -> None:
     widths = {t: max([own_width[t]] + [prompt_width[o] + spec.max_answer_tokens - 1 for o in spec.tasks if o != t])
               for t in spec.tasks}
     measured_width = int(own.lengths.max())
-    training_s = sum(spec.expert_steps[t] * step_s * widths[t] / measured_width for t in spec.tasks)
-    steps = sum(spec.expert_steps.values())
+    width_steps = sum(spec.expert_steps[t] * widths[t] / measured_width for t in spec.tasks)  # in measured steps
     checks = sum(s // spec.expert_check_every for s in spec.expert_steps.values()) if spec.expert_check_every else 0
     corners = len(spec.grid) ** n_tasks
     scored_items = {
@@ -122,13 +122,16 @@ def main() -> None:
         "grid screening": corners * n_tasks * spec.grid_items,
         "finalists, uniform, averaging": (spec.grid_finalists + 2) * n_tasks * spec.validation_items,
     }
-    projection = {
+    projection = {  # wall-clock seconds as measured here (on a loaded machine: pessimistic)
         "tokenizer + tasks": stages_s,
         "base import": base_s,
-        "expert training": training_s + n_tasks * load_s,
+        "expert training": width_steps * step_s + n_tasks * load_s,
         **{k: v / items_per_s for k, v in scored_items.items()},
         "model loads in the evaluation": (n_tasks + 1) * load_s,
     }
+    # the same from process CPU seconds: one idle core's wall-clock time at one thread
+    cpu_projection = {"expert training": width_steps * step_cpu,
+                      **{k: v * score_cpu / (args.items * len(scorers)) for k, v in scored_items.items()}}
     print(json.dumps({
         "threads": args.threads, "device": str(b.device), "autocast": str(_autocast(b)),
         "load_average": os.getloadavg(),
@@ -142,6 +145,8 @@ def main() -> None:
         "scored_items": scored_items,
         "projection_s": {k: round(v) for k, v in projection.items()},
         "projection_total_min": round(sum(projection.values()) / 60, 1),
+        "cpu_projection_s": {k: round(v) for k, v in cpu_projection.items()},
+        "cpu_projection_total_min_without_import": round(sum(cpu_projection.values()) / 60, 1),
     }))
 
 
