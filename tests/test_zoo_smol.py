@@ -230,3 +230,36 @@ def test_missing_package_and_missing_chat_template_are_clear_errors(monkeypatch)
                                    eos_token="</s>")
     with pytest.raises(CheckpointError, match="some/file.gguf: field tokenizer.chat_template is missing"):
         check_chat_template(bare, "some/file.gguf")
+
+
+# ------------------------------------------------------------------------------- the real base (slow)
+@pytest.mark.slow
+@needs_smollm2
+def test_smol_base_is_the_imported_smollm2_keyed_by_the_file(tmp_path):
+    """The real `smol` stages up to the base: SmolLM2's shape, its chat template, the GGUF sha256 in the keys."""
+    from evomerge.zoo._build import _Builder
+    from evomerge.zoo._stages import build_base_stage, build_task_stages, build_tokenizer_stage
+
+    builder = _Builder(tmp_path / "smol", get_size("smol"), 0, progress=False)
+    (tmp_path / "smol").mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with sealed_test("the smol build reads no test split"):
+            build_tokenizer_stage(builder)
+            build_task_stages(builder)
+            build_base_stage(builder)
+    finally:
+        torch.set_num_threads(threads)
+    digest = hashlib.sha256(smollm2_gguf().read_bytes()).hexdigest()
+    base = builder.data["models"]["base"]
+    assert base["training"]["gguf_sha256"] == builder.data["tokenizer"]["gguf_sha256"] == digest
+    assert base["n_parameters"] == 134_515_008
+    config = json.loads((tmp_path / "smol" / base["path"] / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["tie_word_embeddings"], config["vocab_size"]) == (30, 576, 9, 3, True, 49152)
+    assert "quantization_config" not in config
+    assert not (tmp_path / "smol" / base["path"] / "_import").exists()
+    assert sorted(p.name for p in (tmp_path / "smol" / base["path"]).iterdir()) == [
+        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
