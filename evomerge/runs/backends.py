@@ -31,17 +31,11 @@ from typing import Sequence
 import numpy as np
 
 from evomerge.runs.config import RunConfig
-from evomerge.runs.problem import Evaluation, MergeProblem
+from evomerge.runs.problem import Evaluation, MergeProblem, failed_evaluation
 
 log = logging.getLogger(__name__)
 
 Candidate = tuple[int, np.ndarray]
-
-
-def failed_evaluation(candidate_id: int, tasks: Sequence[str], error: str, worker: str = "") -> Evaluation:
-    nan = float("nan")
-    return Evaluation(candidate_id, {t: nan for t in tasks}, {t: nan for t in tasks}, {}, 0,
-                      worker=worker, status="failed", error=error)
 
 
 def release_device_memory(exc: BaseException) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -175,3 +175,10 @@ def _test_hooks(candidate_id: int) -> None:
         with open(marker, "w") as handle:
             handle.write(str(os.getpid()))
         os._exit(17)
+
+
+def failed_evaluation(candidate_id: int, tasks: Sequence[str], error: str, worker: str = "") -> Evaluation:
+    """The record of a candidate that could not be scored: NaN everywhere, the reason in `error`."""
+    nan = float("nan")
+    return Evaluation(candidate_id, {t: nan for t in tasks}, {t: nan for t in tasks}, {}, 0,
+                      worker=worker, status="failed", error=error)

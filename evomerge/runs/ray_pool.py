@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from evomerge.runs.config import ConfigError, WorkersConfig
-from evomerge.runs.problem import Evaluation
+from evomerge.runs.problem import Evaluation, failed_evaluation
 from evomerge.runs.store import RunStoreError
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,6 @@ class ActorPool:
                             len(retries), self.max_retries)
                 self._queue.appendleft(candidate_id)
                 return None
-            from evomerge.runs.backends import failed_evaluation
-
             evaluation = failed_evaluation(candidate_id, self.tasks, f"lost its worker {len(retries)} times: "
                                            + "; ".join(retries), self.names[worker])
         else:
