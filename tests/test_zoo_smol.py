@@ -206,16 +206,16 @@ def test_two_builds_are_byte_identical(smol_tiny: Manifest, tmp_path):
 
 def test_presets_score_what_the_build_measured(smol_tiny: Manifest):
     """The zoo_smol_* presets, pointed at the tiny zoo's folders, give the build's own validation accuracies."""
+    from transformers import AutoTokenizer
+
     from evomerge.fitness.tasks import load_task
     from evomerge.zoo._stages import _load_model
 
     model = _load_model(smol_tiny.model_path("arithmetic"), torch.device("cpu"))
+    model_tokenizer = AutoTokenizer.from_pretrained(smol_tiny.model_path("arithmetic"))
     for task in CHAT_TASKS:
         spec = load_task(f"zoo_smol_{task}", overrides={"dataset": {"path": str(smol_tiny.task_path(task))}})
-        items = spec.load_split("fitness")
-        from transformers import AutoTokenizer
-
-        scorer = spec.make_scorer(AutoTokenizer.from_pretrained(smol_tiny.model_path("arithmetic")), items)
+        scorer = spec.make_scorer(model_tokenizer, spec.load_split("fitness"))
         assert float(np.mean(scorer(model))) == smol_tiny.accuracy["arithmetic"][task]
 
 
