@@ -14,6 +14,10 @@ folder. Each mode runs in a fresh process:
   one process; the ratio is materialisation / copy.
 
     nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory_modes.py [--methods task_arithmetic,ties]
+
+`--device cuda` puts the materializer on the GPU: the device peak is then `torch.cuda.max_memory_allocated`
+against the plan's device bytes, and the RSS delta against its host bytes. `--layers N` shrinks the model
+(30 is SmolLM2-135M's; benchmarks/gpu_check.sh --cpu-dry-run uses 1).
 """
 from __future__ import annotations
 
@@ -56,14 +60,14 @@ def reset_peak() -> None:
         handle.write("5")  # resets VmHWM to the current RSS
 
 
-def build_family(root: Path) -> tuple[Path, list[Path]]:
+def build_family(root: Path, layers: int = SMOLLM2_135M["layers"]) -> tuple[Path, list[Path]]:
     import torch
     from transformers import LlamaConfig
 
     from evomerge.testing import make_family
 
     s = SMOLLM2_135M
-    config = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
+    config = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=layers,
                          num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
                          tie_word_embeddings=s["tied"], max_position_embeddings=2048)
     return make_family(root, n_experts=3, seed=0, delta_scale=0.02, dtype=torch.bfloat16, config=config)
@@ -83,12 +87,17 @@ def child(args: argparse.Namespace) -> None:
     release_heap()
     before, _ = rss()
     t0 = time.perf_counter()
-    mat = Materializer.from_folders(base, experts, device="cpu", memory=args.mode, compile=False,
+    cuda = args.device.startswith("cuda")
+    mat = Materializer.from_folders(base, experts, device=args.device, memory=args.mode, compile=False,
                                     cache_dir=args.cache_dir, cache_random_draws=False, seed=0)
     load_s = time.perf_counter() - t0
     release_heap()
     held, _ = rss()
     reset_peak()
+    if cuda:
+        torch.cuda.synchronize()
+        device_held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     weights = [[0.5, 0.3, 0.4]]
     kwargs = {"weight": weights[0]}
     if args.method != "task_arithmetic":
@@ -98,6 +107,7 @@ def child(args: argparse.Namespace) -> None:
     first_s = time.perf_counter() - first
     mat.apply(args.method, **kwargs)
     _, peak = rss()
+    device_peak = torch.cuda.max_memory_allocated() if cuda else 0
 
     store = mat.store
     buffer = torch.empty((store.num_experts + 1) * store.max_numel, dtype=store.dtype, device=store.device)
@@ -109,21 +119,26 @@ def child(args: argparse.Namespace) -> None:
             store._release(i)
 
     materialize, copy = [], []
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.reps):  # alternated: both see the same machine load
+        sync()
         t = time.perf_counter()
         mat.apply(args.method, **kwargs)
+        sync()
         materialize.append(time.perf_counter() - t)
         t = time.perf_counter()
         plain_copy()
+        sync()
         copy.append(time.perf_counter() - t)
     shapes = ModelShapes.from_folders(base, experts)
-    need = mode_needs(shapes, args.method, cuda=False, sort_workers=torch.get_num_threads())[args.mode]
+    need = mode_needs(shapes, args.method, cuda=cuda, sort_workers=torch.get_num_threads())[args.mode]
     copied = sum((store.num_experts + 1) * n for n in store.numels) * torch.tensor([], dtype=store.dtype).element_size()
     print(json.dumps({"mode": args.mode, "method": args.method, "before": before, "held": held, "peak": peak,
                       "plan_device": need.device_bytes, "plan_host": need.host_bytes, "plan_disk": need.disk_bytes,
                       "load_s": load_s, "first_s": first_s, "materialize_s": statistics.median(materialize),
                       "copy_s": statistics.median(copy), "copied_bytes": copied,
-                      "threads": torch.get_num_threads()}))
+                      "threads": torch.get_num_threads(), "device": args.device,
+                      "device_held": device_held if cuda else 0, "device_peak": device_peak}))
 
 
 def main() -> None:
@@ -131,6 +146,8 @@ def main() -> None:
     parser.add_argument("--methods", default="task_arithmetic,ties")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu (the device is host memory) or cuda")
+    parser.add_argument("--layers", type=int, default=SMOLLM2_135M["layers"], help="30: SmolLM2-135M's shape")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -144,19 +161,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="memory_modes_") as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        base, experts = build_family(root / "family")
-        print(f"# models: random Llama weights of SmolLM2-135M's shape, bf16, base + 3 experts "
+        base, experts = build_family(root / "family", args.layers)
+        print(f"# models: random Llama weights of SmolLM2-135M's shape ({args.layers} layers), bf16, base + 3 experts "
               f"({time.perf_counter() - t:.0f} s to write)", flush=True)
         lines = []
         for method in args.methods.split(","):
             for mode in args.modes.split(","):
                 command = [sys.executable, __file__, "--child", "--mode", mode, "--method", method, "--base", str(base),
                            "--experts", ",".join(map(str, experts)), "--cache-dir", str(root / "cache"),
-                           "--reps", str(args.reps)]
+                           "--reps", str(args.reps), "--device", args.device]
                 out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 delta = r["peak"] - r["before"]
                 plan = r["plan_device"] + r["plan_host"]
+                if r["device"].startswith("cuda"):  # device and host measured apart
+                    line = (f"memory_modes {mode:<8} {method:<15} {r['device']} peak {r['device_peak'] / 1e9:.3f} GB vs "
+                            f"plan {r['plan_device'] / 1e9:.3f} GB = {r['device_peak'] / r['plan_device']:.3f}x; host "
+                            f"peak RSS delta {delta / 1e9:.3f} GB vs plan {r['plan_host'] / 1e9:.3f} GB | per candidate "
+                            f"{r['materialize_s'] * 1e3:.1f} ms vs plain copy of the same {r['copied_bytes'] / 1e9:.2f} GB "
+                            f"{r['copy_s'] * 1e3:.1f} ms = {r['materialize_s'] / r['copy_s']:.1f}x (first candidate "
+                            f"{r['first_s']:.1f} s, load {r['load_s']:.1f} s)")
+                    print(line, flush=True)
+                    lines.append(line)
+                    continue
                 line = (f"memory_modes {mode:<8} {method:<15} peak RSS delta {delta / 1e9:.3f} GB vs plan "
                         f"{plan / 1e9:.3f} GB (device {r['plan_device'] / 1e9:.3f} + host {r['plan_host'] / 1e9:.3f}; "
                         f"CPU: the device is host memory) = {delta / plan:.3f}x; held after load "

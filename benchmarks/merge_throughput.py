@@ -20,6 +20,8 @@ magnitude thresholds are exact (the same tensors `evomerge merge` writes), so P1
 in a fresh process each, the bytes the statistics take and the peak resident memory after loading
 and one ties candidate (the statistics are built at the first magnitude-pruned candidate).
 `--json` writes every number (and the printed lines) to a file.
+`--device cuda` runs P1 on the GPU (the copy and the candidates timed with CUDA synchronisation);
+`--layers N` shrinks the model (12 by default; benchmarks/gpu_check.sh --cpu-dry-run uses 1).
 Every section prints the 1-minute load average: on a shared machine the numbers move with it.
 """
 from __future__ import annotations
@@ -48,14 +50,14 @@ def load() -> str:
     return f"load {os.getloadavg()[0]:.1f}"
 
 
-def build_family(n_experts: int = 3) -> tuple[Path, list[Path], int]:
+def build_family(n_experts: int = 3, layers: int = 12) -> tuple[Path, list[Path], int]:
     """A ~134M-parameter Llama (hidden 768, 12 layers, vocab 32000) and 3 experts, cached on disk."""
     from evomerge.testing import llama_config, make_family
 
-    folder = CACHE / "llama134m"
+    folder = CACHE / ("llama134m" if layers == 12 else f"llama134m_layers{layers}")
     done = folder / "done.json"
     if not done.is_file():
-        config = llama_config(hidden=768, layers=12, heads=12, intermediate=2048, vocab=32000)
+        config = llama_config(hidden=768, layers=layers, heads=12, intermediate=2048, vocab=32000)
         config.max_position_embeddings = 512
         started = time.perf_counter()
         make_family(folder, n_experts=n_experts, seed=0, delta_scale=0.05, config=config, max_shard_size="200MB")
@@ -69,9 +71,16 @@ def build_family(n_experts: int = 3) -> tuple[Path, list[Path], int]:
 
 # ----------------------------------------------------------------------------- P1 materializer
 
+def sync(device: str = "cpu") -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def copy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
+    sync(str(src.device))
     t0 = time.perf_counter()
     dst.copy_(src)
+    sync(str(src.device))
     return time.perf_counter() - t0
 
 
@@ -86,13 +95,13 @@ def grid_option(value: str | None) -> dict:
 
 
 def materializer_bandwidth(base: Path, experts: list[Path], reps: int, thread_counts: list[int],
-                           grid: str | None = None) -> list[str]:
+                           grid: str | None = None, device: str = "cpu") -> list[str]:
     from evomerge.merge.materializer import Materializer
 
     t0 = time.perf_counter()
-    mat = Materializer.from_folders(base, experts, device="cpu", compile=True, **grid_option(grid))
+    mat = Materializer.from_folders(base, experts, device=device, compile=True, **grid_option(grid))
     n_bytes = mat.weight_bytes
-    print(f"materializer load: {time.perf_counter() - t0:.1f}s, compile={mat.compile}, "
+    print(f"materializer load: {time.perf_counter() - t0:.1f}s, device {mat.device}, compile={mat.compile}, "
           f"order_stats_grid={mat.order_stats_grid}, bytes per candidate {n_bytes / 1e9:.2f} GB ({load()})", flush=True)
     RESULTS["P1"]["order_stats_grid"] = mat.order_stats_grid
     rng = np.random.default_rng(0)
@@ -108,10 +117,11 @@ def materializer_bandwidth(base: Path, experts: list[Path], reps: int, thread_co
     for method in methods:  # first calls: compile, order statistics, random draws
         t0 = time.perf_counter()
         mat.apply(method, **coefficients(method))
+        sync(device)
         print(f"  {method}: first call {time.perf_counter() - t0:.1f}s ({load()})", flush=True)
     print(f"  cached random draws: {mat.random_draws_bytes / 1e9:.2f} GB", flush=True)
 
-    src = torch.randn(n_bytes // 8)
+    src = torch.randn(n_bytes // 8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best: dict[tuple[int, str], float] = {}
@@ -122,8 +132,10 @@ def materializer_bandwidth(base: Path, experts: list[Path], reps: int, thread_co
             best[threads, "copy"] = min(best.get((threads, "copy"), 1e9), copy_seconds(src, dst))
             for method in methods:
                 c = coefficients(method)
+                sync(device)
                 t0 = time.perf_counter()
                 mat.apply(method, **c)
+                sync(device)
                 best[threads, method] = min(best.get((threads, method), 1e9), time.perf_counter() - t0)
             loads.append(os.getloadavg()[0])
     torch.set_num_threads(DEFAULT_THREADS)
@@ -312,6 +324,8 @@ def disk_merge(base: Path, experts: list[Path], thread_settings: list[str]) -> l
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="P1's device: cpu or cuda")
+    parser.add_argument("--layers", type=int, default=12, help="the model's depth (12: 134M parameters)")
     parser.add_argument("--threads", default="default,1",
                         help="torch thread counts for P1 and OMP_NUM_THREADS for P2, comma-separated")
     parser.add_argument("--skip-disk", action="store_true")
@@ -327,13 +341,13 @@ def main() -> None:
         return
     settings = list(dict.fromkeys(s.strip() for s in args.threads.split(",")))
     torch.manual_seed(0)
-    base, experts, n_params = build_family()
+    base, experts, n_params = build_family(layers=args.layers)
     print(f"model: Llama, {n_params / 1e6:.0f}M parameters, {len(experts)} experts; "
           f"torch threads {DEFAULT_THREADS}; {load()}", flush=True)
     lines = []
     if not args.skip_memory:
         counts = list(dict.fromkeys(DEFAULT_THREADS if s == "default" else int(s) for s in settings))
-        lines += materializer_bandwidth(base, experts, args.reps, counts, args.order_stats_grid)
+        lines += materializer_bandwidth(base, experts, args.reps, counts, args.order_stats_grid, args.device)
         print("\n".join(lines), flush=True)
     if args.stats_memory:
         lines += stats_memory(["none", "65536"])

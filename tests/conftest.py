@@ -1,8 +1,47 @@
-"""Session-wide fixtures: the tiny zoo, built once per test session."""
+"""Session-wide fixtures: the tiny zoo, built once per test session.
+
+`EVOMERGE_TEST_DEVICE=cuda` (benchmarks/gpu_check.sh sets it) makes the session refuse to start
+without that device, calibrates `run_workspace` on it, and counts the tests that allocated memory
+on it (printed at the end). The library's own defaults already pick `cuda` when present; tests that
+pass `device="cpu"` (CPU references) stay on the CPU.
+"""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
+
+TEST_DEVICE = os.environ.get("EVOMERGE_TEST_DEVICE") or None
+_CUDA_TESTS = {"ran": 0, "allocated": 0}
+
+
+def pytest_configure(config):
+    if TEST_DEVICE is not None:
+        from evomerge._device import DeviceError, resolve_device
+
+        try:
+            resolve_device(TEST_DEVICE, field="EVOMERGE_TEST_DEVICE")
+        except DeviceError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture(autouse=True)
+def _count_cuda_use():
+    """Under EVOMERGE_TEST_DEVICE=cuda: whether this test allocated CUDA memory in this process."""
+    if TEST_DEVICE is None or not TEST_DEVICE.startswith("cuda"):
+        yield
+        return
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    _CUDA_TESTS["ran"] += 1
+    _CUDA_TESTS["allocated"] += torch.cuda.max_memory_allocated() > 0
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TEST_DEVICE is not None and TEST_DEVICE.startswith("cuda"):
+        terminalreporter.write_line(f"EVOMERGE_TEST_DEVICE={TEST_DEVICE}: cuda_tests={_CUDA_TESTS['allocated']} "
+                                    f"of {_CUDA_TESTS['ran']} allocated CUDA memory in the pytest process")
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +84,7 @@ def run_workspace(tmp_path_factory):
 
     with sealed_test("calibrating a compressed fitness"):
         calibrate(tasks, str(base), [str(e) for e in experts], root / "fitness" / "mc", name="mc", random_merges=12,
-                  n=8, echo=lambda *a: None)
+                  n=8, echo=lambda *a: None, device=TEST_DEVICE)
     return root
 
 
