@@ -48,7 +48,9 @@ if [[ $DRY == 1 ]]; then
     ZOO_SIZE=smol_tiny SEARCH_ON=random_family RANDOM_MERGES=12 SUBSET_N=8 BUDGET=4
 else
     DEVICE=cuda
-    T_TESTS=180 T_SCORING=40 T_MERGE=90 T_MEMORY=75 T_SMOL=180 T_IMPORT=60
+    # seconds per check; each can be overridden from the environment (T_TESTS=300 benchmarks/gpu_check.sh)
+    T_TESTS=${T_TESTS:-180} T_SCORING=${T_SCORING:-40} T_MERGE=${T_MERGE:-90} T_MEMORY=${T_MEMORY:-75}
+    T_SMOL=${T_SMOL:-180} T_IMPORT=${T_IMPORT:-60}
     TESTS=(tests)
     SCORING=(--items 1000 --reps 2)
     MERGE=(--reps 2 --threads default)
