@@ -77,18 +77,6 @@ def test_cpu_dry_run_one_summary_line_per_check(tmp_path):
     smol = lines["smol_search"][1]
     assert smol["zoo"] == "smol_tiny" and smol["search_on"] == "random_family"
     assert int(smol["candidates"]) >= 4 and smol["failed"] == "0" and int(smol["pareto"]) >= 1
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("device, says", [("cuda", "no CUDA GPU is available here"), ("gpu", "unknown device 'gpu'")])
-def test_conftest_refuses_a_test_device_this_machine_lacks(device, says):
-    """EVOMERGE_TEST_DEVICE=cuda without a GPU must not quietly run the suite on the CPU."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           f"{Path(__file__).name}::test_summary_parser_on_a_hand_written_line"],
-                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "EVOMERGE_TEST_DEVICE": device})
-    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error: no test ran
-    assert "EVOMERGE_TEST_DEVICE" in done.stderr and says in done.stderr, done.stderr
     # the numbers against the benchmarks' own lines in the logs, parsed here independently of the script
     logs = out / "gpu_check_logs"
     throughput = (logs / "merge_throughput.log").read_text()
@@ -104,3 +92,15 @@ def test_conftest_refuses_a_test_device_this_machine_lacks(device, says):
     done_line = re.search(r"done: (\d+) candidates \((\d+) failed\).*Pareto set of (\d+)",
                           (logs / "smol_search.log").read_text())
     assert (smol["candidates"], smol["failed"], smol["pareto"]) == done_line.groups()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device, says", [("cuda", "no CUDA GPU is available here"), ("gpu", "unknown device 'gpu'")])
+def test_conftest_refuses_a_test_device_this_machine_lacks(device, says):
+    """EVOMERGE_TEST_DEVICE=cuda without a GPU must not quietly run the suite on the CPU."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{Path(__file__).name}::test_summary_parser_on_a_hand_written_line"],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "EVOMERGE_TEST_DEVICE": device})
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error: no test ran
+    assert "EVOMERGE_TEST_DEVICE" in done.stderr and says in done.stderr, done.stderr
