@@ -254,3 +254,25 @@ def test_levers_compare_chosen_validation_means_paired_by_seed(tmp_path):
     assert lever["vs_reference_worst"]["mean"] == pytest.approx(0.2 / 3)
     assert lever["item_evaluations"] == 120 and result["corners"]["mean"] == pytest.approx(0.65)
     assert "| lever | 4 |" in levers.markdown(result, "cmd")
+
+
+def test_levers_on_test_pair_every_seed_with_a_deterministic_baseline_reference_minus_arm(tmp_path):
+    levers = _load("search_levers")
+    for seed, mean in enumerate([0.70, 0.74, 0.72]):
+        path = tmp_path / "study" / "layer-map-seeded" / f"seed{seed:02d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seed": seed, "item_evaluations": {"total": 10},
+                                    "test": {"chosen_mean": mean, "chosen_worst": 0.5}}))
+    corners = tmp_path / "study" / "corners" / "deterministic.json"
+    corners.parent.mkdir(parents=True)
+    corners.write_text(json.dumps({"item_evaluations": {"total": 99}, "test": {"chosen_mean": 0.71, "chosen_worst": 0.6}}))
+    result = levers.compare([levers.arm_records(f"recommended={tmp_path / 'study'}:layer-map-seeded"),
+                             levers.arm_records(f"corners={tmp_path / 'study'}:corners")], None, "test",
+                            reference_minus_arm=True)
+    corners_arm = result["arms"][1]
+    # hand: recommended - corners per seed: -0.01, +0.03, +0.01; worst: -0.1 each
+    assert corners_arm["vs_reference_mean"]["mean"] == pytest.approx(0.01)
+    assert corners_arm["vs_reference_worst"]["mean"] == pytest.approx(-0.1)
+    assert corners_arm["vs_reference_mean"]["n"] == 3
+    text = levers.markdown(result, "cmd", "t")
+    assert "| corners | 1 (deterministic) | 99 | 71.0 | 60.0 | +1.0 [" in text and "reference - arm" in text
