@@ -68,7 +68,13 @@ from evomerge.search.pareto import ParetoArchive, crowding_distance
 
 log = logging.getLogger(__name__)
 RUN_META = "run.json"
-MAX_CORNERS = 20  # known genomes given to an optimizer whose first population sets no limit
+# Known genomes given to an optimizer whose first population sets no limit: every expert subset up
+# to six experts. Chosen on validation (RESULTS.md, "Search levers on validation"): on the medium zoo
+# (6 experts) the best merge any method found is a three-expert corner, which the first 20 corners
+# (base, singles, pairs, all) do not hold (their best scores 75.2 on validation against 76.4); a
+# seeded per-layer MAP search of 120 candidates chose 73.7 from 8 corners and 76.4 (the best corner)
+# from all 64, at 146,400 item evaluations against the corners baseline's 384,000.
+MAX_CORNERS = 64
 
 
 class SearchInterrupted(KeyboardInterrupt):
