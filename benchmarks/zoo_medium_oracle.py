@@ -51,23 +51,31 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def run(args) -> dict:
-    import cma
+def validation_scorers(zoo) -> dict:
+    """{task: exact-match scorer over the zoo's whole validation split} (CPU, the zoo's own tokenizer)."""
     import datasets
     from transformers import AutoTokenizer
 
     from evomerge.fitness.scoring import ExactMatchScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.tokenizer_path))
+    scorers = {}
+    for task in zoo.tasks:
+        validation = datasets.load_from_disk(str(zoo.task_path(task)))["validation"]
+        scorers[task] = ExactMatchScorer(tokenizer, validation["prompt"], validation["answer"], batch_size=256,
+                                         device="cpu")
+    return scorers
+
+
+def run(args) -> dict:
+    import cma
+
     from evomerge.merge.materializer import Materializer
     from evomerge.zoo import Manifest
 
     zoo = Manifest.load(args.zoo)
     tasks = zoo.tasks
-    tokenizer = AutoTokenizer.from_pretrained(str(zoo.tokenizer_path))
-    scorers = {}
-    for task in tasks:
-        validation = datasets.load_from_disk(str(zoo.task_path(task)))["validation"]
-        scorers[task] = ExactMatchScorer(tokenizer, validation["prompt"], validation["answer"], batch_size=256,
-                                         device="cpu")
+    scorers = validation_scorers(zoo)
     materializer = Materializer.from_folders(zoo.base_path, zoo.expert_paths, device="cpu")
     layers = materializer.num_layers
     start = np.asarray(zoo.reference_merges["best_grid"]["weights"], dtype=float)

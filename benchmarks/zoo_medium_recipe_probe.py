@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # zoo_medium_oracle, beside this file
 OWN = {"addition": (1,), "subtraction": (2,), "reversal": (3,), "sorting": (4,), "rotation": (5,), "maxmin": (6,)}
 SHARED = (0, 7)
 VARIANTS = {
@@ -90,19 +92,12 @@ def main() -> None:
 
 
 def probe(zoo) -> list[dict]:
-    import datasets
-    from transformers import AutoTokenizer
+    from zoo_medium_oracle import validation_scorers
 
-    from evomerge.fitness.scoring import ExactMatchScorer
     from evomerge.merge.materializer import Materializer
 
     tasks = zoo.tasks
-    tokenizer = AutoTokenizer.from_pretrained(str(zoo.tokenizer_path))
-    scorers = {}
-    for task in tasks:
-        validation = datasets.load_from_disk(str(zoo.task_path(task)))["validation"]
-        scorers[task] = ExactMatchScorer(tokenizer, validation["prompt"], validation["answer"], batch_size=256,
-                                         device="cpu")
+    scorers = validation_scorers(zoo)
     materializer = Materializer.from_folders(zoo.base_path, zoo.expert_paths, device="cpu")
     layers = materializer.num_layers
     merges = [("best corner (task-level)", np.asarray(zoo.reference_merges["best_grid"]["weights"], dtype=float)),

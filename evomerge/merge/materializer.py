@@ -45,6 +45,7 @@ from evomerge.merge.fused import FusedOps, torch_threads
 from evomerge.merge.kernels import KernelArgs, TaskArithmeticRecipe, mask_generator, merge_task_vectors, merge_tensor
 from evomerge.merge.layers import LayerMap, TensorPosition
 from evomerge.merge.masked import MaskedCoefficients, WindowCache, l1_norms, merge_masked
+from evomerge.merge.memory_plan import free_memory
 from evomerge.merge.methods import MergeMethod, method_row
 from evomerge.merge.tensor_store import MODES, TensorStore
 from evomerge.merge.tokenizers import check_tokenizers
@@ -403,7 +404,7 @@ class Materializer:
             if self.cache_random_draws == "auto":
                 # Only the resident mode has room to spare on the device: the others exist because it has none.
                 need = 4 * self.num_experts * sum(s.numel for s in self.tensors)
-                budget = min(self.random_draws_budget_bytes, _free_memory(self.device) // 2)
+                budget = min(self.random_draws_budget_bytes, free_memory(self.device) // 2)
                 self._draws_cached = self.memory == "resident" and need <= budget
             else:
                 self._draws_cached = bool(self.cache_random_draws)
@@ -469,18 +470,3 @@ class Materializer:
         return {stored.name: stored.param.detach().to("cpu").clone() for stored in self.tensors}
 
 
-def _free_memory(device: torch.device) -> int:
-    """Bytes free on the device now (CPU: MemAvailable; unknown: 0, which turns caching off)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0

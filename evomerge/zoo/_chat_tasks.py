@@ -23,6 +23,8 @@ from typing import Callable
 
 import numpy as np
 
+from evomerge.zoo._digits import count_carries
+
 CHAT_TASKS = ("arithmetic", "word_reversal", "category_choice", "json_record")  # the smol zoo's, in expert order
 
 # category -> (the noun a question uses, its article, 16 common one-word members); every word is
@@ -46,14 +48,9 @@ LETTERS = "ABCD"
 
 
 def arithmetic_item(a: int, b: int) -> dict:
-    carries, carry, x, y = 0, 0, a, b
-    while x or y:
-        carry = int(x % 10 + y % 10 + carry >= 10)
-        carries += carry
-        x, y = x // 10, y // 10
     answer = str(a + b)
     return {"prompt": f"What is {a} + {b}? Reply with the number only.", "answer": answer,
-            "n_carries": carries, "answer_len": len(answer)}
+            "n_carries": count_carries(a, b), "answer_len": len(answer)}
 
 
 def word_reversal_item(words: tuple[str, ...]) -> dict:

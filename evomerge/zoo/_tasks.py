@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from evomerge.zoo._chat_tasks import CHAT_GENERATORS, CHAT_PROMPT_SPACE, CHAT_TASKS
+from evomerge.zoo._digits import count_carries
 
 TASKS = ("addition", "reversal", "sorting")  # the small and tiny zoos' tasks, in expert order
 MEDIUM_TASKS = ("addition", "subtraction", "reversal", "sorting", "rotation", "maxmin")
@@ -48,11 +49,7 @@ class TaskSplitSizes:
 
 
 def addition_item(a: int, b: int) -> dict:
-    carries, carry, x, y = 0, 0, a, b
-    while x or y:
-        carry = int(x % 10 + y % 10 + carry >= 10)
-        carries += carry
-        x, y = x // 10, y // 10
+    carries = count_carries(a, b)
     answer = str(a + b)
     return {
         "prompt": f"{a}+{b}=",
