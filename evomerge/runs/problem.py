@@ -111,13 +111,14 @@ class MergeProblem:
                 task = "(adaptive items)"  # named in an out-of-memory message
                 objectives, stderr, responses, adaptive = self._evaluate_adaptive(model)
                 items = sum(entry["used"] for entry in adaptive.values())
-            for task, scorer in (self.scorers.items() if self.adaptive is None else ()):
-                answers = np.asarray(scorer(model), dtype=np.int64)
-                estimate = self.fitness.estimate(task, answers, self.config.fitness.estimator)
-                objectives[task] = float(estimate.value)
-                stderr[task] = float(estimate.stderr)
-                responses[task] = answers.tolist()
-                items += int(answers.size)
+            else:
+                for task, scorer in self.scorers.items():
+                    answers = np.asarray(scorer(model), dtype=np.int64)
+                    estimate = self.fitness.estimate(task, answers, self.config.fitness.estimator)
+                    objectives[task] = float(estimate.value)
+                    stderr[task] = float(estimate.stderr)
+                    responses[task] = answers.tolist()
+                    items += int(answers.size)
         except torch.OutOfMemoryError as exc:  # free the activations so the next candidate can run
             if self.materializer.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -148,15 +149,26 @@ class MergeProblem:
 
 class _BatchScorer:
     """Scores any items of one task's fitness split: `scorer(model, item_indices)` -> 0/1 answers.
-    The split is loaded once; each batch is tokenized when it is scored (a few items at a time)."""
+    The split is loaded once; a batch's scorer (its tokenized prompts) is built the first time that
+    batch is asked for and kept: every candidate starts from the same ability, so the first batches
+    recur from candidate to candidate."""
+
+    MAX_CACHED = 256  # batches of a few items each: a few MB of token ids at most
 
     def __init__(self, task, tokenizer, device):
         self.task, self.tokenizer, self.device = task, tokenizer, device
         self.split = task.load_split("fitness")
+        self._scorers: dict[tuple[int, ...], Any] = {}
 
     def __call__(self, model: torch.nn.Module, items: np.ndarray) -> np.ndarray:
-        rows = self.split.select([int(i) for i in items])
-        return np.asarray(self.task.make_scorer(self.tokenizer, rows, device=self.device)(model), dtype=np.int64)
+        key = tuple(int(i) for i in items)
+        scorer = self._scorers.get(key)
+        if scorer is None:
+            scorer = self.task.make_scorer(self.tokenizer, self.split.select(list(key)), device=self.device)
+            if len(self._scorers) >= self.MAX_CACHED:
+                self._scorers.pop(next(iter(self._scorers)))  # the oldest batch
+            self._scorers[key] = scorer
+        return np.asarray(scorer(model), dtype=np.int64)
 
 
 def _test_hooks(candidate_id: int) -> None:
