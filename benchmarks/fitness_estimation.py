@@ -317,7 +317,18 @@ def main() -> None:
     parser.add_argument("--girth-only", action="store_true", help="only the girth rows of (c)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for scoring (1: on a shared 2-core box, 2 threads ran 5-10x slower)")
+    parser.add_argument("--accounting", action="store_true",
+                        help="issue 16: item evaluations at the budgets used, estimators at equal total cost on "
+                             "held-out merges and real searches' candidates; writes benchmarks/results/"
+                             "fitness_accounting_<label>.json")
+    parser.add_argument("--label", default=None, help="--accounting: the JSON's label (default: the zoo's size)")
+    parser.add_argument("--record", nargs="*", type=Path, default=None,
+                        help="regenerate RESULTS.md's fitness_accounting block from these JSON files (default: all)")
     args = parser.parse_args()
+    if args.record is not None:
+        return record(args.record or sorted(RESULTS_JSON.parent.glob("fitness_accounting_*.json")))
+    if args.accounting:
+        return accounting(args)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -425,6 +436,364 @@ def main() -> None:
                         continue
                     mg = metrics({t: {name: theirs[case][t][name]} for t in truth}, truth)[name]
                     print(f"{n:>4} {method:11} {name:9} {fmt(ours[name]):>19} {fmt(mg):>19}")
+
+
+# ------------------------------------------------------------------------------- issue 16: accounting
+
+
+DEMO_CALIBRATION = Path("fitness/examples/zoo_small_calibration.yaml")
+DEMO_RUN = Path("search_spaces/examples/zoo_small_run.yaml")
+SEARCH_STRATEGIES = ("random", "m2n2", "map")
+SEARCH_SETTINGS = {"random": {"batch_size": 10}, "m2n2": {"archive_size": 20, "batch_size": 4},
+                   "map": {"batch_size": 8, "terms": "auto"}}  # as benchmarks/search_quality.py runs them
+SEARCH_BUDGET = 96  # candidates per strategy (whole batches: random's last batch may run over)
+RESULTS_JSON = ROOT / "results" / "fitness_accounting_{label}.json"
+RESULTS_MD = ROOT / "RESULTS.md"
+MARK_BEGIN, MARK_END = "<!-- fitness_accounting:begin -->", "<!-- fitness_accounting:end -->"
+RANDOM_MEAN_SEEDS = 10
+
+
+def demo_settings(root: Path) -> dict:
+    """The demo's budget, read from its calibration preset, run config and `evomerge.demo.FINALISTS`."""
+    import yaml
+
+    from evomerge.demo import FINALISTS
+
+    cal = yaml.safe_load((root / DEMO_CALIBRATION).read_text())
+    run = yaml.safe_load((root / DEMO_RUN).read_text())
+    return {"random_merges": int(cal["calibration"]["random_merges"]), "n": int(cal["subset"]["n"]),
+            "subset_method": cal["subset"]["method"], "estimator": cal["estimator"],
+            "candidates": int(run["budget"]["evaluations"]), "finalists": int(FINALISTS),
+            "optimizer": run["optimizer"]["name"], "search_space": run["search_space"]}
+
+
+def budgets(demo: dict, n_endpoints: int) -> list[dict]:
+    """The budgets actually used: the demo's, the search benchmark's 150 candidates and 500 (defaults n = 20)."""
+    from evomerge.fitness.calibrate import DEFAULT_RANDOM_MERGES, DEFAULT_SUBSET_METHOD
+
+    rows = [{"label": "demo", "candidates": demo["candidates"], "n": demo["n"], "random_merges": demo["random_merges"],
+             "subset_method": demo["subset_method"]},
+            # the most items per task at which the demo's search still saves 10x (issue 16's target)
+            {"label": "demo at 10x (n=40)", "candidates": demo["candidates"], "n": 40,
+             "random_merges": demo["random_merges"], "subset_method": demo["subset_method"]}]
+    rows += [{"label": f"{b} candidates", "candidates": b, "n": 20, "random_merges": DEFAULT_RANDOM_MERGES,
+              "subset_method": DEFAULT_SUBSET_METHOD} for b in (150, 500)]
+    for row in rows:
+        row["calibration_models"] = n_endpoints + row["random_merges"]
+        row["finalists"] = demo["finalists"]
+    return rows
+
+
+def item_accounting(budget: dict, n_total: dict) -> dict:
+    """Total item evaluations of a search: calibration (models x full splits) + candidates x subset items
+    + finalists x full splits; against every candidate on the full splits. The random-subset baseline
+    spends the calibration's items on its candidates instead: n + floor(calibration items per task / B)."""
+    full = sum(n_total.values())
+    tasks = len(n_total)
+    c, b, n, f = budget["calibration_models"], budget["candidates"], budget["n"], budget["finalists"]
+    calibration, search, finalists = c * full, b * n * tasks, f * full
+    total = calibration + search + finalists
+    per_task = min(n_total.values())
+    n_equal = n + (c * per_task) // b
+    return {"full_split_items": full, "calibration": calibration, "search": search, "finalists": finalists,
+            "total": total, "all_full": b * full, "saving": b * full / total,
+            "saving_without_finalists": b * full / (calibration + search),
+            "random_mean_n": min(n_equal, per_task),
+            "random_mean_total": b * min(n_equal, per_task) * tasks + finalists}
+
+
+def score_genomes(materializer, space, scorers, genomes) -> dict[str, np.ndarray]:
+    """task -> (len(genomes), items) 0/1 full-split answers of per-layer genomes."""
+    out = {task: [] for task in scorers}
+    for g in genomes:
+        decoded = space.decode(np.asarray(g, dtype=np.float64))
+        model = materializer.apply(decoded.method, decoded.coefficients(materializer.layer_map),
+                                   **decoded.materializer_settings())
+        for task, scorer in scorers.items():
+            out[task].append(np.asarray(scorer(model), dtype=np.int8))
+    return {t: np.vstack(rows) for t, rows in out.items()}
+
+
+def per_layer_space(manifest):
+    from evomerge.merge.checkpoint import ModelFolder
+    from evomerge.merge.layers import LayerMap
+    from evomerge.search.space import SearchSpace
+
+    base = ModelFolder.open(str(manifest.base_path))
+    return SearchSpace.load("task_arithmetic_per_layer").bind(LayerMap.from_config(base.config).num_layers,
+                                                               len(manifest.experts))
+
+
+def endpoint_mask(manifest, genomes: np.ndarray) -> np.ndarray:
+    """Which genomes are the base or one expert alone (weight 1 in every layer): calibration models."""
+    space = per_layer_space(manifest)
+    k = len(manifest.experts)
+    ends = [space.task_level_genome({"weight": w.tolist()}) for w in [np.zeros(k), *np.eye(k)]]
+    return np.array([any(np.allclose(g, e) for e in ends) for g in genomes])
+
+
+def search_candidates(manifest, tasks, strategy: str, guide: dict, estimator: str, seed: int = 0):
+    """A short per-layer search (corners first, as the demo) guided by the demo's compressed fitness,
+    every candidate scored on the whole fitness split once (the truth; the guide reads its subset items).
+    Cached in benchmarks/.cache by zoo, strategy, budget and the guide's subsets."""
+    from evomerge.fitness.calibrate import population_scorers
+    from evomerge.runs.search import MAX_CORNERS
+    from evomerge.search.optimizers import OPTIMIZERS
+    from evomerge.search.optimizers._registry import make_optimizer
+
+    key_parts = [manifest.content_hash, strategy, SEARCH_SETTINGS[strategy], SEARCH_BUDGET, seed, estimator,
+                 {t: f.subset.items.tolist() for t, f in guide.items()}]
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = CACHE / f"fitness_search_{strategy}_{key}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return data["genomes"], {t.name: data[t.name] for t in tasks}, float(data["seconds"])
+    space = per_layer_space(manifest)
+    materializer, scorers, _ = population_scorers(tasks, str(manifest.base_path), [str(p) for p in manifest.expert_paths])
+    settings = {"gene_blocks": space.gene_blocks.tolist(), **SEARCH_SETTINGS[strategy]}
+    capacity = OPTIMIZERS[strategy].initial_capacity(settings) or MAX_CORNERS
+    settings["initial_genomes"] = [tuple(g) for g in space.corner_genomes(capacity).tolist()]
+    opt = make_optimizer(strategy, space.dim, space.bounds, len(tasks), seed=seed, **settings)
+    genomes, answers = [], {t.name: [] for t in tasks}
+    started = time.perf_counter()
+    while len(genomes) < SEARCH_BUDGET:
+        asked = opt.ask()
+        full = score_genomes(materializer, space, scorers, asked)
+        objectives = np.array([[guide[t].estimate(estimator, full[t][i, guide[t].subset.items]).value
+                                for t in full] for i in range(len(asked))])
+        seen = np.hstack([full[t][:, guide[t].subset.items] for t in full]).astype(np.float64)
+        opt.tell(asked, objectives, seen)
+        genomes.extend(np.asarray(asked).tolist())
+        for t in full:
+            answers[t].append(full[t])
+        print(f"[search {strategy}] {len(genomes)}/{SEARCH_BUDGET} ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
+    seconds = time.perf_counter() - started
+    responses = {t: np.vstack(rows) for t, rows in answers.items()}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, genomes=np.asarray(genomes), seconds=seconds, **responses)
+    return np.asarray(genomes), responses, seconds
+
+
+def error_metrics(est: dict, truth: dict, rows: np.ndarray | None = None, pairs: dict | None = None) -> dict:
+    """MAE over tasks x candidates, mean per-task Spearman, Spearman of the task mean (rows: candidate
+    indices; pairs: task -> candidate indices, for MAE only, e.g. candidates above every calibration model)."""
+    from scipy.stats import spearmanr
+
+    tasks = list(truth)
+    if pairs is not None:
+        errs = np.concatenate([est[t][pairs[t]] - truth[t][pairs[t]] for t in tasks])
+        return {"mae": float(np.abs(errs).mean()) if errs.size else None, "count": int(errs.size)}
+    idx = np.arange(len(truth[tasks[0]])) if rows is None else rows
+    errs = np.concatenate([est[t][idx] - truth[t][idx] for t in tasks])
+    rho_t = [spearmanr(est[t][idx], truth[t][idx])[0] for t in tasks]
+    mean_e = np.mean([est[t][idx] for t in tasks], axis=0)
+    mean_t = np.mean([truth[t][idx] for t in tasks], axis=0)
+    return {"mae": float(np.abs(errs).mean()), "spearman_task": float(np.nanmean(rho_t)),
+            "spearman_mean": float(spearmanr(mean_e, mean_t)[0]), "count": int(len(idx))}
+
+
+def nanmean(values) -> float | None:
+    """Mean over subset seeds of a metric that is undefined (NaN) for a seed whose estimates are all equal."""
+    values = np.asarray(values, dtype=np.float64)
+    return None if np.isnan(values).all() else float(np.nanmean(values))
+
+
+def accounting(args) -> None:
+    """Issue 16, items 1, 2, 5: item evaluations at the budgets used, and every estimator against a random
+    subset mean at equal total item evaluations, on held-out merges and on candidates of real searches."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from evomerge.fitness.calibrate import DEFAULT_FOLDS, DEFAULT_IRT_DIMS, DEFAULT_IRT_MODEL, \
+        endpoint_coefficients, random_task_level_coefficients
+
+    started = time.perf_counter()
+    manifest, tasks = zoo_tasks(args.zoo)
+    k = len(manifest.experts)
+    endpoints = endpoint_coefficients(k)
+    demo = demo_settings(ROOT.parent)
+    r_max = max(demo["random_merges"], 10)
+    pool = random_task_level_coefficients(k, MAX_CALIBRATION_MERGES, WEIGHT_BOUNDS, DENSITY_BOUNDS, 0)[:r_max]
+    y_pool, pool_seconds = scored_population(manifest, tasks, "calibration_acc", endpoints + pool)
+    held_out = random_task_level_coefficients(k, args.held_out, WEIGHT_BOUNDS, DENSITY_BOUNDS, 1)
+    y_held, held_seconds = scored_population(manifest, tasks, "held_out", held_out)
+    n_total = {t: y.shape[1] for t, y in y_held.items()}
+    ends = list(range(len(endpoints)))
+
+    def calibration(r: int):
+        return {t: y[: len(endpoints) + r] for t, y in y_pool.items()}, list(range(len(endpoints), len(endpoints) + r))
+
+    plan = budgets(demo, len(endpoints))
+    fits_by_r = {}
+    for b in plan:
+        r = b["random_merges"]
+        if r not in fits_by_r:
+            y_c, rows = calibration(r)
+            fits_by_r[r] = (y_c, TaskFits(y_c, ends, rows, DEFAULT_IRT_MODEL, "cv", DEFAULT_FOLDS, DEFAULT_IRT_DIMS))
+    # the demo's compressed fitness (subset seed 0) guides the searches
+    y_c, fits = fits_by_r[demo["random_merges"]]
+    _, guide = estimate_held_out(fits, y_c, {t: y[:1] for t, y in y_held.items()}, demo["n"], demo["subset_method"], 0)
+    search = {}
+    for strategy in SEARCH_STRATEGIES:
+        genomes, resp, secs = search_candidates(manifest, tasks, strategy, guide, demo["estimator"])
+        search[strategy] = {"genomes": genomes, "responses": resp, "seconds": secs,
+                            "endpoint": endpoint_mask(manifest, genomes)}
+    # drop the endpoints (the corners "base" and "one expert at weight 1" are calibration models: in-sample)
+    sets = {"held-out merges": y_held}
+    for strategy, s in search.items():
+        sets[f"search: {strategy}"] = {t: y[~s["endpoint"]] for t, y in s["responses"].items()}
+    sets["search: all"] = {t: np.vstack([sets[f"search: {s}"][t] for s in SEARCH_STRATEGIES]) for t in n_total}
+    truth = {name: {t: y.mean(axis=1) for t, y in ys.items()} for name, ys in sets.items()}
+    y_c_demo, _ = calibration(demo["random_merges"])
+    cal_best = {t: y.mean(axis=1).max() for t, y in y_c_demo.items()}
+    cal_best_mean = float(np.mean([y.mean(axis=1) for y in y_c_demo.values()], axis=0).max())
+    subsets_of = {}
+    for name in ("held-out merges", "search: all"):
+        mean_t = np.mean([truth[name][t] for t in n_total], axis=0)
+        top = np.argsort(-mean_t)[: max(2, int(np.ceil(len(mean_t) / 10)))]
+        subsets_of[f"{name} / top decile"] = ("rows", name, np.sort(top))
+        above = np.flatnonzero(mean_t > cal_best_mean)
+        subsets_of[f"{name} / mean above every calibration model"] = ("rows", name, above)
+        subsets_of[f"{name} / above every calibration model"] = (
+            "pairs", name, {t: np.flatnonzero(truth[name][t] > cal_best[t]) for t in n_total})
+
+    seeds = list(range(args.seeds))
+    records = []
+    for b in plan:
+        acc = item_accounting(b, n_total)
+        y_cal, fits = fits_by_r[b["random_merges"]]
+        rows_out = []
+        for method in ("anchors", "random"):
+            per_seed = []
+            for seed in seeds:
+                est = {}
+                for name, ys in sets.items():
+                    values, _ = estimate_held_out(fits, y_cal, ys, b["n"], method, seed)
+                    est[name] = values
+                per_seed.append(est)
+            for estimator in per_seed[0]["held-out merges"][next(iter(n_total))]:
+                label = f"{estimator} ({method} n={b['n']}, {b['calibration_models']}-model calibration)"
+                rows_out.append((label, [{name: {t: e[name][t][estimator] for t in n_total} for name in sets}
+                                         for e in per_seed]))
+        rng_rows = []
+        n_eq = acc["random_mean_n"]
+        for seed in range(RANDOM_MEAN_SEEDS):
+            rng = np.random.default_rng([16, seed])
+            items = {t: rng.choice(n_total[t], n_eq, replace=False) for t in n_total}
+            rng_rows.append({name: {t: ys[t][:, items[t]].mean(axis=1) for t in n_total} for name, ys in sets.items()})
+        rows_out.append((f"random subset mean, n={n_eq} (no calibration)", rng_rows))
+        table = []
+        for label, per_seed in rows_out:
+            row = {"estimator": label, "sets": {}}
+            for name in sets:
+                ms = [error_metrics(e[name], truth[name]) for e in per_seed]
+                row["sets"][name] = {key: float(np.mean([m[key] for m in ms])) for key in ("mae", "spearman_task", "spearman_mean")}
+                row["sets"][name]["count"] = ms[0]["count"]
+            for sub, (kind, base, sel) in subsets_of.items():
+                if kind == "rows" and len(sel) < 5:  # no rank correlation on fewer than 5
+                    ms = [error_metrics(e[base], truth[base], pairs={t: sel for t in n_total}) for e in per_seed]
+                    row["sets"][sub] = {"mae": None if not len(sel) else float(np.mean([m["mae"] for m in ms])),
+                                        "spearman_task": None, "spearman_mean": None, "count": len(sel)}
+                elif kind == "rows":
+                    ms = [error_metrics(e[base], truth[base], rows=sel) for e in per_seed]
+                    row["sets"][sub] = {key: nanmean([m[key] for m in ms]) for key in ("mae", "spearman_task", "spearman_mean")}
+                    row["sets"][sub]["count"] = ms[0]["count"]
+                else:
+                    ms = [error_metrics(e[base], truth[base], pairs=sel) for e in per_seed]
+                    row["sets"][sub] = {"mae": None if ms[0]["mae"] is None else float(np.mean([m["mae"] for m in ms])),
+                                        "count": ms[0]["count"]}
+            table.append(row)
+        records.append({"budget": b, "items": acc, "rows": table})
+    out = {"zoo": str(args.zoo), "zoo_content": manifest.content_hash, "size": manifest.size,
+           "tasks": n_total, "demo": demo, "seeds": len(seeds), "random_mean_seeds": RANDOM_MEAN_SEEDS,
+           "held_out": args.held_out, "search_budget": SEARCH_BUDGET, "search_settings": SEARCH_SETTINGS,
+           "search_candidates": {s: int(len(search[s]["genomes"])) for s in search},
+           "search_candidates_kept": {s: int(len(sets[f"search: {s}"][next(iter(n_total))])) for s in search},
+           "calibration_best": {t: float(v) for t, v in cal_best.items()}, "calibration_best_mean": cal_best_mean,
+           "scoring_seconds": {"calibration": pool_seconds, "held_out": held_seconds,
+                               **{s: search[s]["seconds"] for s in search}},
+           "seconds": time.perf_counter() - started,
+           "command": " ".join(["benchmarks/fitness_estimation.py", *sys.argv[1:]]),
+           "budgets": records}
+    path = Path(str(RESULTS_JSON).format(label=args.label or manifest.size))
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+    print(render(out))
+
+
+COLUMNS = [("held-out merges", True), ("held-out merges / top decile", True),
+           ("held-out merges / mean above every calibration model", True), ("search: random", True),
+           ("search: m2n2", True), ("search: map", True), ("search: all", True), ("search: all / top decile", True),
+           ("search: all / mean above every calibration model", True)]
+
+
+def render(out: dict) -> str:
+    """The RESULTS.md block: item accounting per budget, then per budget every estimator's error on each set."""
+    t = out["tasks"]
+    lines = [f"**{out['zoo']}** (content `{out['zoo_content'][:12]}`; tasks " + ", ".join(f"{k} {v} items" for k, v in t.items())
+             + f"; fitness split only, test sealed). Command: `.venv/bin/python {out['command']}`; scoring "
+             + ", ".join(f"{k} {v:.0f} s" for k, v in out["scoring_seconds"].items())
+             + f" (one torch thread; cached in benchmarks/.cache), this run {out['seconds']:.0f} s. Demo settings read from {DEMO_CALIBRATION} and {DEMO_RUN}: "
+             f"{out['demo']['random_merges']} random merges + endpoints, {out['demo']['n']} {out['demo']['subset_method']} "
+             f"items per task, {out['demo']['estimator']}, {out['demo']['candidates']} candidates "
+             f"({out['demo']['optimizer']}, {out['demo']['search_space']}), {out['demo']['finalists']} finalists "
+             "re-scored on the whole fitness split.", "",
+             "Item evaluations per search (calibration = models x full splits; finalists = finalists x full splits; "
+             "baseline = every candidate on the full splits). The random subset mean gets the calibration's items "
+             "as extra items per candidate per task (n + calibration items per task / candidates):", "",
+             "| budget | candidates | items/task | calibration | search | finalists | total | all full | saving | "
+             "saving w/o finalists | random mean: items/task | random mean: total |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in out["budgets"]:
+        b, a = rec["budget"], rec["items"]
+        lines.append(f"| {b['label']} | {b['candidates']} | {b['n']} | {a['calibration']:,} | {a['search']:,} | "
+                     f"{a['finalists']:,} | {a['total']:,} | {a['all_full']:,} | {a['saving']:.1f}x | "
+                     f"{a['saving_without_finalists']:.1f}x | {a['random_mean_n']} | {a['random_mean_total']:,} |")
+    kept = ", ".join(f"{s} {out['search_candidates_kept'][s]} of {out['search_candidates'][s]}" for s in out["search_candidates"])
+    lines += ["", f"Error sets: {out['held_out']} held-out random task-level merges (seed 1); candidates of short per-layer "
+              f"searches guided by the demo's compressed fitness, corners first, seed 0 ({kept}; the base and the "
+              "experts alone are calibration models and left out); the top decile of each by true task-mean accuracy; "
+              "and (candidate, task) pairs whose true accuracy exceeds every calibration model's on that task "
+              "(best calibration accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in out["calibration_best"].items())
+              + "; " + ", ".join(f"{out['budgets'][0]['rows'][0]['sets'][f'{n} / above every calibration model']['count']} "
+                                 f"such pairs among the {n}" for n in ("held-out merges", "search: all"))
+              + f"), and candidates whose true task mean exceeds every calibration model's "
+              f"({out['calibration_best_mean']:.3f}). Cells: MAE / Spearman of the task mean (MAE / pairs where marked); mean over {out['seeds']} "
+              f"subset seeds (random mean: {out['random_mean_seeds']} seeds).", ""]
+    for rec in out["budgets"]:
+        b, a = rec["budget"], rec["items"]
+        first = rec["rows"][0]["sets"]
+        head = []
+        for col, ranked in COLUMNS:
+            head.append(f"{col} ({first[col]['count']}{'' if ranked else ' pairs'})")
+        lines += [f"*{b['label']}*: {a['total']:,} item evaluations for every row (random mean "
+                  f"{a['random_mean_total']:,}).", "",
+                  "| estimator | " + " | ".join(head) + " |", "|---|" + "---|" * len(COLUMNS)]
+        for row in rec["rows"]:
+            cells = []
+            for col, ranked in COLUMNS:
+                m = row["sets"][col]
+                if ranked and m["spearman_mean"] is None:
+                    cells.append("-" if m["mae"] is None else f"{m['mae']:.4f} / -")
+                elif ranked:
+                    cells.append(f"{m['mae']:.4f} / {m['spearman_mean']:.3f}")
+                else:
+                    cells.append("-" if m["mae"] is None else f"{m['mae']:.4f} / {m['count']}")
+            lines.append(f"| {row['estimator']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def record(paths: list[Path]) -> None:
+    """Regenerate the marked block of RESULTS.md from the committed raw JSON."""
+    body = "\n\n".join(render(json.loads(p.read_text())) for p in paths)
+    text = RESULTS_MD.read_text()
+    if MARK_BEGIN not in text:
+        raise SystemExit(f"{RESULTS_MD} has no {MARK_BEGIN} ... {MARK_END} block")
+    head, rest = text.split(MARK_BEGIN, 1)
+    _, tail = rest.split(MARK_END, 1)
+    RESULTS_MD.write_text(head + MARK_BEGIN + "\n" + body.rstrip() + "\n" + MARK_END + tail)
+    print(f"recorded {', '.join(map(str, paths))} in {RESULTS_MD}")
 
 
 if __name__ == "__main__":
