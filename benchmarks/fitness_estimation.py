@@ -2,6 +2,17 @@
 
 Usage: .venv/bin/python benchmarks/fitness_estimation.py [--zoo zoo/small] [--held-out 64]
            [--seeds 3] [--mergenetic-python /tmp/mgvenv/bin/python] [--girth | --girth-only]
+       .venv/bin/python benchmarks/fitness_estimation.py --accounting [--zoo zoo/small]   # issue 16
+       .venv/bin/python benchmarks/fitness_estimation.py --record [JSON ...]              # RESULTS.md block
+
+--accounting (issue 16, items 1, 2, 5): total item evaluations (calibration + candidates x subset items +
+finalists re-scored in full) at the demo's budget (read from its calibration preset and run config), at 150
+and at 500 candidates; every estimator against a plain random subset mean given the calibration's items as
+extra items per candidate (equal total item evaluations), on the held-out merges and on the candidates of
+short per-layer searches (random, m2n2, map; corners first, guided by the demo's compressed fitness; every
+candidate scored on the whole fitness split once, ~2.5 s each on one thread, cached), their top decile by true
+accuracy and the candidates above every calibration model. Writes benchmarks/results/
+fitness_accounting_<label>.json; --record regenerates the marked block of RESULTS.md from those files.
 
 The calibration population is what `evomerge fitness calibrate` scores (`endpoint_coefficients`
 and `random_task_level_coefficients`, seed 0, through the materializer and `score_population`);
