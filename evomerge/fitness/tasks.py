@@ -364,6 +364,7 @@ class MultipleChoiceScorer:
         self._char_lengths = np.array(lengths, dtype=np.float64)
         order = np.argsort([len(s) for s in sequences], kind="stable")
         self._batches = []
+        self._targets = []
         for start in range(0, len(order), task.batch_size):
             rows = order[start:start + task.batch_size]
             width = max(len(sequences[r]) for r in rows)
@@ -377,16 +378,68 @@ class MultipleChoiceScorer:
                 lo, hi = spans[r]
                 target[j, lo:hi] = True
             self._batches.append((rows, ids.to(self.device), mask.to(self.device), target.to(self.device)))
+            # the (row, position) pairs whose next token is a continuation token, and those tokens
+            where = target[:, 1:].nonzero(as_tuple=True)  # ((P,), (P,)), row-major
+            self._targets.append((tuple(w.to(self.device) for w in where), ids[:, 1:][where].to(self.device)))
 
     @torch.inference_mode()
     def loglikelihoods(self, model: torch.nn.Module) -> np.ndarray:
+        """Summed log p(continuation token | everything before it) per choice (float32 sums).
+
+        The LM head and the log-softmax run only at the positions that predict a continuation token:
+        a pre-hook on the model's output embeddings (`get_output_embeddings()`, the head its forward
+        calls once on the (batch, length, hidden) final states) hands it those rows only, so the model's
+        own forward still runs the base and whatever follows the head (logit scaling, soft-capping).
+        The hidden states are those of the same forward call, the log-probabilities are row-wise and
+        they are summed over the same (batch, length - 1) layout as the full computation: the result
+        equals the full-vocabulary-at-every-position one. A model without such a head, or one whose
+        forward does not call it exactly once on those states, takes the full path.
+        """
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = head if isinstance(head, torch.nn.Module) else None
         out = np.zeros(len(self._owners))
-        for rows, ids, mask, target in self._batches:
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
-            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            token_lp = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1): log p(token t | < t)
-            out[rows] = (token_lp * target[:, 1:]).sum(dim=1).cpu().numpy()
+        for (rows, ids, mask, _), (where, tokens) in zip(self._batches, self._targets):
+            token_lp, logits = (None, None) if head is None else self._at_targets(model, head, ids, mask, where, tokens)
+            if token_lp is None:  # the full path: head and log-softmax at every position
+                if logits is None:
+                    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+                token_lp = torch.log_softmax(logits.float()[:, :-1], dim=-1)[where].gather(
+                    -1, tokens[:, None]).squeeze(-1)  # (P,)
+            dense = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=token_lp.dtype, device=token_lp.device)
+            dense[where] = token_lp  # (B, T-1): log p(token t + 1 | <= t) at the continuation tokens, else 0
+            out[rows] = dense.sum(dim=1).cpu().numpy()
         return out
+
+    @staticmethod
+    def _at_targets(model, head, ids, mask, where, tokens):
+        """One forward with `head` fed the final hidden states at the (row, position) pairs `where`
+        only. Returns (log p(tokens) there (P,), None); (None, the forward's (B, T, V) logits) when the
+        forward never called `head` on (batch, length, hidden) states; (None, None) when it called it
+        otherwise (more than once, or its output is not (P, V)): the caller then runs the full path."""
+        batch, length = ids.shape
+        calls = []
+
+        def gather(module, args, kwargs):
+            hidden = args[0] if args else None
+            ok = (isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and hidden.dim() == 3
+                  and tuple(hidden.shape[:2]) == (batch, length))
+            calls.append(ok)
+            return ((hidden[where], *args[1:]), kwargs) if ok else None  # hidden[where]: (P, H)
+
+        handle = head.register_forward_pre_hook(gather, with_kwargs=True)
+        try:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        except Exception:
+            if any(calls):  # the forward may not take the gathered shape after the head: the full path
+                return None, None
+            raise
+        finally:
+            handle.remove()
+        if not any(calls):
+            return None, logits
+        if calls != [True] or logits.dim() != 2 or logits.shape[0] != len(tokens):
+            return None, None
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1), None
 
     def __call__(self, model: torch.nn.Module) -> np.ndarray:
         scores = self.loglikelihoods(model)
