@@ -270,14 +270,19 @@ def verify_command(run_dir: Path, members: tuple[int, ...], role: str, quiet: bo
               help="Without --member: score this many best Pareto members on the whole fitness split and "
                    "export the best of them there (recorded in verify.json).")
 @click.option("--choose-by", "choose_by", default=None, help=CHOOSE_BY_HELP + "  [default: mean]")
+@click.option("--racing", is_flag=True,
+              help="With --finalists: score the finalists on the fitness split a batch of items at a time and drop "
+                   "those confidently worse than the leader (paired bound; recorded in verify.json).")
+@click.option("--racing-batch", "racing_batch", type=int, default=None,
+              help="With --racing: items per task per round  [default: 100]")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True,
               help="Replace OUT if it is a model folder evomerge wrote; never a folder holding other files, "
                    "nor an input model.")
 @click.option("--shard-size", default="5GB", show_default=True)
 @quiet_option(loads_models=False)
-def export_command(run_dir: Path, member: int | None, finalists: int | None, choose_by: str | None, out_dir: Path,
-                   overwrite: bool, shard_size: str, quiet: bool) -> None:
+def export_command(run_dir: Path, member: int | None, finalists: int | None, choose_by: str | None, racing: bool,
+                   racing_batch: int | None, out_dir: Path, overwrite: bool, shard_size: str, quiet: bool) -> None:
     """Write a Pareto member as a Hugging Face model folder plus recipe.yaml (mergekit format)."""
     from evomerge.runs.run import ChoiceRule, Run
 
@@ -285,12 +290,19 @@ def export_command(run_dir: Path, member: int | None, finalists: int | None, cho
         _fail(click.UsageError("give --member or --finalists, not both"))
     if member is not None and choose_by is not None:
         _fail(click.UsageError("give --member or --choose-by, not both"))
+    if (racing or racing_batch is not None) and not finalists:
+        _fail(click.UsageError("--racing and --racing-batch need --finalists"))
+    if racing_batch is not None and not racing:
+        _fail(click.UsageError("--racing-batch needs --racing"))
+    if racing_batch is not None and racing_batch < 1:
+        _fail(click.UsageError(f"--racing-batch: expected at least 1 item per task, got {racing_batch}"))
     try:
         run = Run.load(run_dir)
         rule = ChoiceRule.parse(choose_by or "mean", run.tasks)  # before any scoring
         run.check_export(out_dir, overwrite=overwrite, max_shard_bytes=shard_size)
         if member is None:
-            member = run.choose(finalists, by=rule, echo=click.echo) if finalists else run.best_balanced(rule)
+            member = (run.choose(finalists, by=rule, echo=click.echo, racing=racing, batch=racing_batch)
+                      if finalists else run.best_balanced(rule))
         path = run.export(member, out_dir, overwrite=overwrite, max_shard_bytes=shard_size, progress=not quiet)
     except _run_errors() as exc:
         _fail(exc)

@@ -114,7 +114,8 @@ class Run:
         return ChoiceRule.parse(by, self.tasks).ranked(frame)
 
     def choose(self, finalists: int = 5, *, by: ChooseBy = "mean", among: list[int] | None = None,
-               device: str | None = None, echo=print) -> int:
+               device: str | None = None, echo=print, racing: bool | str = False, batch: int | None = None,
+               confidence: float | None = None, seed: int | None = None) -> int:
         """The member to take without looking at the test split: the `finalists` Pareto members
         ranked best by the rule `by` on the compressed fitness are scored on the whole fitness split,
         and the best by the same rule there wins (full ties: the better compressed-fitness rank).
@@ -122,10 +123,31 @@ class Run:
         or one weight per task in the run's task order (normalised; the worst task breaking ties);
         see `ChoiceRule`. `among`: choose from these candidate ids instead of the Pareto set.
 
-        Costs finalists x (fitness split items) item evaluations; recorded in verify.json."""
+        Costs finalists x (fitness split items) item evaluations; recorded in verify.json.
+
+        `racing=True` (or "paired"): score the finalists on the fitness split `batch` items per task
+        at a time (default `racing.DEFAULT_BATCH`), the same seeded items for every finalist, and drop
+        a finalist once its paired confidence bound (`confidence`, default 0.95) lies below the
+        leader's; stop when one is left or the split is used up (then the choice is the one above).
+        See evomerge/runs/racing.py. Either way verify.json's "choose" entry says, per finalist, how
+        many items of each task it used and why it stopped, and the total item evaluations; the
+        whole-split accuracies go under splits.fitness as before (racing: only the finalists that used
+        the whole split). Not resumable: an interrupted choice records nothing."""
+        from evomerge.runs.racing import DEFAULT_BATCH, DEFAULT_CONFIDENCE, RacingSettings
+
         rule = ChoiceRule.parse(by, self.tasks)  # a bad rule fails before any scoring
         if finalists < 1:
             raise ValueError(f"finalists must be at least 1, got {finalists}")
+        mode = _racing_mode(racing)
+        settings = None
+        if mode is not None:
+            settings = RacingSettings(batch=DEFAULT_BATCH if batch is None else batch,
+                                      confidence=DEFAULT_CONFIDENCE if confidence is None else confidence,
+                                      seed=self.config.seed if seed is None else seed)
+        elif batch is not None or confidence is not None or seed is not None:
+            from evomerge.errors import OptionError
+
+            raise OptionError("racing", "batch, confidence and seed apply only with racing on")
         if among is None:
             frame = self.pareto
         else:
@@ -135,9 +157,64 @@ class Run:
         if frame.empty:
             raise RunStoreError(f"{self.path}: the Pareto set is empty")
         shortlist = rule.ranked(frame)[:finalists]
+        if settings is not None:
+            return self._race(shortlist, rule, settings, device=device, echo=echo)
         scores = self.verify(shortlist, role="fitness", device=device, echo=echo)
         full = pd.DataFrame([scores[str(i)] for i in shortlist], index=shortlist)[self.tasks]
-        return rule.ranked(full)[0]  # a stable sort: full ties keep the compressed-fitness order
+        chosen = rule.ranked(full)[0]  # a stable sort: full ties keep the compressed-fitness order
+        n_items = self._fitness_split_sizes()
+        members = {str(i): {"items": dict(n_items), "stop": "split_used", "round": 1, "dropped_by": None,
+                            "accuracy": scores[str(i)], "chosen": i == chosen} for i in shortlist}
+        total = len(shortlist) * sum(n_items.values())
+        self._record_choice({"by": rule.describe(), "racing": None, "finalists": shortlist, "chosen": chosen,
+                             "item_evaluations": total, "full_split_item_evaluations": total, "members": members})
+        return chosen
+
+    def _fitness_split_sizes(self) -> dict[str, int]:
+        from evomerge.fitness.compressed import CompressedFitness
+
+        meta = json.loads((self.path / "run.json").read_text())
+        fitness = CompressedFitness.load(meta["fitness"])
+        return {t: len(fitness.task(t).task.load_split("fitness")) for t in self.tasks}
+
+    def _record_choice(self, entry: dict[str, Any], full: dict[str, dict[str, float]] | None = None) -> None:
+        data = self.store.read_verify() or {}
+        splits = self.verified()
+        if full:
+            splits.setdefault("fitness", {}).update(full)
+        self.store.write_verify({**{k: v for k, v in data.items() if k not in ("split", "members")},
+                                 "splits": splits, "choose": entry})
+
+    def _race(self, shortlist: list[int], rule: "ChoiceRule", settings, *, device: str | None, echo) -> int:
+        """`choose` with racing: see evomerge/runs/racing.py."""
+        from evomerge.fitness.compressed import CompressedFitness
+        from evomerge.runs.problem import MergeProblem, _BatchScorer
+        from evomerge.runs.racing import race_finalists
+
+        meta = json.loads((self.path / "run.json").read_text())
+        fitness = CompressedFitness.load(meta["fitness"])
+        problem = MergeProblem(self.config, fitness, device=device, worker="verify")
+        scorers = {t: _BatchScorer(fitness.task(t).task, problem.tokenizer, problem.materializer.device)
+                   for t in self.tasks}
+        n_items = {t: len(scorers[t].split) for t in self.tasks}
+
+        def answers(candidate_id: int, items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            model = problem.materialize(self.genome(candidate_id))
+            return {t: scorers[t](model, idx) if idx.size else np.zeros(0, np.int64) for t, idx in items.items()}
+
+        echo(f"racing {len(shortlist)} finalists, {settings.batch} items per task per round "
+             f"(confidence {settings.confidence}, seed {settings.seed})")
+        result = race_finalists(shortlist, n_items, rule, answers, settings, echo=echo)
+        full = {str(c): m["accuracy"] for c, m in result.members.items() if m["items"] == n_items}
+        entry = {"by": rule.describe(), "racing": {"mode": "paired", "batch": settings.batch,
+                                                   "confidence": settings.confidence, "seed": settings.seed},
+                 "finalists": shortlist, **result.to_dict()}
+        self._record_choice(entry, full)
+        for c, m in result.members.items():
+            echo(f"  member {c}: {m['stop']} after round {m['round']} ("
+                 + ", ".join(f"{t} {n}" for t, n in m["items"].items()) + " items)")
+        echo(f"  {result.item_evaluations} item evaluations (the whole split: {result.full_split_item_evaluations})")
+        return result.chosen
 
     def best_balanced(self, by: ChooseBy = "mean") -> int:
         """The Pareto member `evomerge export` takes by default: the best by the rule `by` on the
@@ -318,6 +395,24 @@ class ChoiceRule:
         """`frame`'s index, best first."""
         keys = self.keys(frame)
         return [int(i) for i in keys.sort_values(["primary", "secondary"], ascending=False, kind="stable").index]
+
+
+RACING_MODES = ("paired",)
+
+
+def _racing_mode(racing: bool | str | None) -> str | None:
+    """`Run.choose(racing=...)`: False/None/"off" -> None; True/"paired"/"on" -> "paired"."""
+    from evomerge.errors import OptionError
+
+    if racing is None or racing is False:
+        return None
+    if racing is True:
+        return "paired"
+    if isinstance(racing, str) and racing.strip().lower() in ("off", "none", "false"):
+        return None
+    if isinstance(racing, str) and racing.strip().lower() in ("on", "true", *RACING_MODES):
+        return "paired"
+    raise OptionError("racing", f"expected True, False, 'paired' or 'off', got {racing!r}")
 
 
 GROUP_TITLES = {"attention": "attention (self_attn)", "mlp": "MLP", "rest": "rest (norms, embeddings, lm_head)",
