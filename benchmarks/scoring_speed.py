@@ -54,6 +54,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 JSON_OUT = ROOT / "benchmarks" / "results" / "scoring_speed_smol.json"
+# the same benchmark before MultipleChoiceScorer computed the head only at the continuation positions
+BEFORE_JSON = ROOT / "benchmarks" / "results" / "scoring_speed_smol_full_head.json"
 BEGIN, END = "<!-- scoring_speed:begin -->", "<!-- scoring_speed:end -->"
 TASKS = ("arithmetic", "word_reversal", "category_choice", "json_record")
 BATCH_SIZE = 50  # the smol presets' (fitness/zoo_smol_*.yaml)
@@ -348,9 +350,22 @@ def lines(result: dict) -> list[str]:
     return out
 
 
+def mc_line(label: str, result: dict) -> str:
+    """Multiple choice against its floor over all candidates, and the worker's peaks, of one run."""
+    rows = [r["multiple_choice"] for r in result["candidates"]]
+    s, f, n = (sum(r[k] for r in rows) for k in ("scorer_s", "floor_s", "items"))
+    return (f"scoring_speed {label}: multiple_choice {n / s:.2f} items/s vs floor {n / f:.2f} items/s = {s / f:.2f}x | "
+            f"max |loglik diff| {max(r['max_abs_loglik_diff'] for r in rows):.1e} | peak RSS while scoring multiple "
+            f"choice {max(r['peak_rss_mc_gb'] for r in result['candidates']):.2f} GB, while materialising and scoring "
+            f"exact match {max(r['peak_rss_materialise_em_gb'] for r in result['candidates']):.2f} GB")
+
+
 def record(result: dict) -> None:
     """The RESULTS.md section, generated from the JSON, between its markers at the end of the file."""
     body_lines = lines(result)
+    if BEFORE_JSON.is_file():
+        body_lines += [mc_line(f"before ({BEFORE_JSON.name}: the head at every position)", json.loads(BEFORE_JSON.read_text())),
+                       mc_line("after (this run: the head at the continuation positions only)", result)]
     em = [v for row in result["candidates"] for v in row["exact_match"].values()]
     em_ratio = sum(v["scorer_s"] for v in em) / sum(v["floor_s"] for v in em)
     at_limit = sum(v["generated_tokens"] == v["items"] * v["max_new_tokens"] for v in em)
@@ -383,12 +398,14 @@ def record(result: dict) -> None:
         "row decoded to `max_new_tokens` without an end of sequence (the instruct model explains instead of "
         "answering, and the noisy merges do too; accuracy near 0), so the scorer's remaining overhead, rows that "
         "have ended still computed until their batch ends, does not show here; the gold-answer floor (answers "
-        "shorter than what the model writes) bounds what a model that answers exactly would cost. Multiple "
-        "choice computes the LM head and a log-softmax over the 49,152-token vocabulary at every position of "
-        "every sequence (a (batch, length, 49,152) float32 tensor and its log-softmax per batch), which is "
-        "where its ratio and the worker's higher peak memory while it scores come from; computing the head "
-        "only at the continuation positions, as the floor does, gives the same log-likelihoods "
-        "(evomerge/fitness/tasks.py, not changed here).",
+        "shorter than what the model writes) bounds what a model that answers exactly would cost. "
+        "`MultipleChoiceScorer` used to compute the LM head and a log-softmax over the 49,152-token vocabulary "
+        "at every position of every sequence (a (batch, length, 49,152) float32 tensor and its log-softmax per "
+        "batch: the `before` line, from the JSON of that run); it now hands the head, through a pre-hook on the "
+        "model's output embeddings, only the hidden states at the positions that predict a continuation token, "
+        "as the floor does (the `after` line). Its log-likelihoods are unchanged (max |loglik diff| against the "
+        "floor; tests/test_multiple_choice_head.py checks them against a float64 full-logits computation and, "
+        "bit for bit, against the full float32 one).",
         END])
     text = RESULTS.read_text()
     if BEGIN in text:
