@@ -37,8 +37,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # zoo_medium_oracle, beside this file
 OWN = {"addition": (1,), "subtraction": (2,), "reversal": (3,), "sorting": (4,), "rotation": (5,), "maxmin": (6,)}
 SHARED = (0, 7)
+# Variant ``drift``: disjoint own blocks (addition 0-1, subtraction 2-3, then one layer each), the
+# skill learnt with every other parameter frozen, then a drift stage that trains everything *but*
+# the own block on the same objective (ZooSize.expert_drift_steps)
+BLOCKS = {"addition": (0, 1), "subtraction": (2, 3), "reversal": (4,), "sorting": (5,), "rotation": (6,),
+          "maxmin": (7,)}
 VARIANTS = {
     "shared": {"expert_layers": {t: tuple(sorted(OWN[t] + SHARED)) for t in OWN}, "expert_other_lr_scale": 0.1},
+    "drift": {"expert_layers": BLOCKS, "expert_other_lr_scale": 0.0,
+              "expert_lr": {t: 1e-3 for t in BLOCKS}, "expert_drift_steps": 150, "expert_drift_lr": 3e-4},
 }
 
 
@@ -79,7 +86,7 @@ def main() -> None:
     with sealed_test("a medium-zoo recipe probe chooses on validation only"):
         zoo = build_zoo(args.out, size=name, seed=0)
         build_seconds = time.perf_counter() - began
-        merges = probe(zoo)
+        merges = probe(zoo, args.variant)
     result = {"variant": args.variant, "recipe": {k: (dict(v) if isinstance(v, dict) else v)
                                                  for k, v in VARIANTS[args.variant].items()},
               "zoo": str(target), "content_hash": zoo.content_hash, "build_seconds": round(build_seconds, 1),
@@ -91,7 +98,7 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def probe(zoo) -> list[dict]:
+def probe(zoo, variant: str) -> list[dict]:
     from zoo_medium_oracle import validation_scorers
 
     from evomerge.merge.materializer import Materializer
@@ -102,9 +109,27 @@ def probe(zoo) -> list[dict]:
     layers = materializer.num_layers
     merges = [("best corner (task-level)", np.asarray(zoo.reference_merges["best_grid"]["weights"], dtype=float)),
               ("uniform task arithmetic", np.ones(len(tasks)))]
-    for s in (1 / 6, 1 / 3, 0.5, 1.0):
-        merges.append((f"own layer 1, shared layers {s:.2f}, rest 0", per_layer_weights(tasks, layers, s)))
-    merges.append(("own layer 1, shared layers 0.33, rest 1", per_layer_weights(tasks, layers, 1 / 3, rest=1.0)))
+    if variant == "drift":
+        for rest in (0.0, 0.25, 0.5, 1.0):
+            w = np.full((len(tasks), layers), rest)
+            for k, task in enumerate(tasks):
+                w[k, list(BLOCKS[task])] = 1.0
+            merges.append((f"own block 1, rest {rest:.2f}", w))
+        # do two experts' blocks compose? each pair's blocks alone (rest 0) against the whole pair
+        for pair in (("addition", "subtraction"), ("subtraction", "sorting"), ("reversal", "sorting")):
+            blocks, whole = np.zeros((len(tasks), layers)), np.zeros((len(tasks), layers))
+            for k, task in enumerate(tasks):
+                if task in pair:
+                    blocks[k, list(BLOCKS[task])], whole[k] = 1.0, 1.0
+            merges += [(f"blocks of {' + '.join(pair)} only", blocks), (f"{' + '.join(pair)} whole", whole)]
+        for k, task in enumerate(tasks):
+            w = np.zeros((len(tasks), layers))
+            w[k, list(BLOCKS[task])] = 1.0
+            merges.append((f"block of {task} only", w))
+    else:
+        for s in (1 / 6, 1 / 3, 0.5, 1.0):
+            merges.append((f"own layer 1, shared layers {s:.2f}, rest 0", per_layer_weights(tasks, layers, s)))
+        merges.append(("own layer 1, shared layers 0.33, rest 1", per_layer_weights(tasks, layers, 1 / 3, rest=1.0)))
     out = []
     for label, weights in merges:
         model = materializer.apply("task_arithmetic", weight=weights)

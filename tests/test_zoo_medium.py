@@ -207,3 +207,41 @@ def test_a_zero_learning_rate_scale_freezes_a_parameter():
     for name in before:
         assert torch.equal(before[name], after[name]) != (".layers.1." in name), name
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_the_drift_stage_changes_only_what_the_skill_stage_left_frozen(medium_tiny_zoo: Manifest, tmp_path):
+    """`expert_drift_steps`: the skill is learnt in the own layers with everything else frozen, then
+    the drift trains everything else with the own layers frozen. Reference: the same build without
+    the drift stage; its own layers must be equal bit for bit to the drifted expert's, and its other
+    parameters equal to the base's."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from evomerge.zoo._sizes import SIZES
+
+    variants = {"medium_tiny_frozen": {}, "medium_tiny_drift": {"expert_drift_steps": 3, "expert_drift_lr": 1e-3}}
+    built = {}
+    try:
+        for name, extra in variants.items():
+            SIZES[name] = dataclasses.replace(SIZES["medium_tiny"], name=name, expert_other_lr_scale=0.0,
+                                              expert_target=0.0, **extra)
+            shutil.copytree(medium_tiny_zoo.root, tmp_path / name)  # the tokenizer, tasks and base are reused
+            built[name] = one_torch_thread(build_zoo, tmp_path, size=name, seed=0)
+    finally:
+        for name in variants:
+            SIZES.pop(name, None)
+    frozen, drift = built["medium_tiny_frozen"], built["medium_tiny_drift"]
+    assert "drift" not in frozen.data["models"]["addition"]["training"]
+    assert drift.data["models"]["addition"]["training"]["drift"]["steps"] == 3
+    base = load_file(str(frozen.base_path / "model.safetensors"))
+    own_layers = get_size("medium_tiny").expert_layers
+    for task in frozen.experts:
+        skill = load_file(str(frozen.model_path(task) / "model.safetensors"))
+        drifted = load_file(str(drift.model_path(task) / "model.safetensors"))
+        for name, tensor in base.items():
+            own = ".layers." in name and int(name.split(".layers.")[1].split(".")[0]) in own_layers[task]
+            if own:
+                assert not torch.equal(skill[name], tensor) and torch.equal(drifted[name], skill[name]), (task, name)
+            else:
+                assert torch.equal(skill[name], tensor) and not torch.equal(drifted[name], tensor), (task, name)

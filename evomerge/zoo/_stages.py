@@ -345,15 +345,19 @@ def _chat_replay(b: _Builder, base_model, tokenizer, prompts: list[str]) -> Enco
     return encode_token_examples(prompt_ids, continuations, pad_id=_chat._pad_id(tokenizer))
 
 
-def _layer_lr_scale(training: dict) -> Callable[[str], float] | None:
-    """Full learning rate in the expert's own decoder layers, `other_lr_scale` x it elsewhere."""
+def _layer_lr_scale(training: dict, drift: bool = False) -> Callable[[str], float] | None:
+    """Full learning rate in the expert's own decoder layers, `other_lr_scale` x it elsewhere;
+    `drift`: the reverse (own layers frozen, everything else at the full rate)."""
     if "layers" not in training:
         return None
     own, other = set(training["layers"]), training["other_lr_scale"]
 
     def scale(name: str) -> float:
         match = re.search(r"\.layers\.(\d+)\.", name)
-        return 1.0 if match and int(match.group(1)) in own else other
+        in_own = bool(match) and int(match.group(1)) in own
+        if drift:
+            return 0.0 if in_own else 1.0
+        return 1.0 if in_own else other
 
     return scale
 
@@ -395,6 +399,9 @@ def build_expert_stages(b: _Builder) -> None:
         if s.expert_layers is not None:  # recorded only when set, so the small zoo's keys stay
             training["layers"] = list(s.expert_layers[task])
             training["other_lr_scale"] = s.expert_other_lr_scale
+        if s.expert_drift_steps:  # recorded only when set, so the other zoos' keys stay
+            training["drift"] = {"steps": s.expert_drift_steps, "lr": s.expert_drift_lr,
+                                 "trains": "every parameter outside the expert's own layers"}
         key = _hash_json({"stage": "expert/3", "task": task, "training": training,
                           "base": b.data["models"][BASE]["hash"], **_upstream_hashes(b)})
 
@@ -426,6 +433,17 @@ def build_expert_stages(b: _Builder) -> None:
                            stage=f"expert {task}", log=b.log,
                            log_every=max(1, training["max_steps"] // 4), on_step=on_step,
                            lr_scale=_layer_lr_scale(training))
+            if "drift" in training:
+                # A fresh optimizer over the parameters the skill did not use; no early stop (the
+                # skill is already there, and the objective keeps it)
+                losses += train(model, make_sampler(parts, generator), steps=training["drift"]["steps"],
+                                lr=training["drift"]["lr"], warmup=s.expert_warmup,
+                                distill_weight=s.replay_distill, autocast=_autocast(b),
+                                stage=f"expert {task} drift", log=b.log,
+                                log_every=max(1, training["drift"]["steps"] // 2),
+                                lr_scale=_layer_lr_scale(training, drift=True))
+                if target:  # the skill after the drift, as the last check
+                    checks.append((len(losses), float(np.mean(own(model)))))
             _save(b, model.cpu(), folder)
             return _model_info(model, "expert", task, BASE, {
                 **training, "steps": len(losses), "final_loss": round(float(np.mean(losses[-10:])), 4),
