@@ -290,5 +290,7 @@ def test_run_config_adaptive_block_is_validated_with_field_errors():
     for block, message in cases:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             load_run_config({**base, "fitness": {"name": "f", "adaptive": block}})
-    with pytest.raises(ConfigError, match="field `fitness.adaptive.racing`: true needs `workers.backend: inprocess`"):
-        load_run_config({**base, "fitness": {"name": "f", "adaptive": {"racing": True}}, "workers": {"backend": "ray"}})
+    # Racing on any backend (the Pareto set travels with each job: tests/test_racing_backends.py).
+    for workers in ({"backend": "ray", "num_workers": 2}, {"backend": "ray", "schedule": "async"}):
+        raced = load_run_config({**base, "fitness": {"name": "f", "adaptive": {"racing": True}}, "workers": workers})
+        assert raced.fitness.adaptive.settings().racing and "racing: true" in raced.to_yaml()

@@ -17,6 +17,12 @@ The asynchronous schedule (`workers.schedule: async`) uses the other half of eac
 any submitted candidate finishes and returns its `Evaluation` (completion order, not id order).
 A pool whose `next_result` takes a `timeout` (seconds; None when nothing finished by then) lets
 the search write its log only while every worker is busy.
+
+Racing (`fitness.adaptive.racing`): the Pareto set a candidate races against travels with its job,
+as `front=` (members, tasks: a small array of objective vectors) to `evaluate` (one set for the
+whole batch) or `submit` (one per candidate), and on to `MergeProblem.evaluate` on the worker; the
+search fixes it when it hands the candidate out, so which worker scores a candidate, and when,
+does not change the result. Without racing no `front` is passed.
 """
 from __future__ import annotations
 
@@ -38,6 +44,12 @@ log = logging.getLogger(__name__)
 Candidate = tuple[int, np.ndarray]
 
 
+def _with_front(front) -> dict:
+    """The keyword that hands a job its racing front; nothing without racing (pools and problems that
+    take no `front` keep working)."""
+    return {} if front is None else {"front": front}
+
+
 def release_device_memory(exc: BaseException) -> None:
     """After a candidate ran out of device memory, hand its cached blocks back so the next one starts clean."""
     import torch
@@ -53,28 +65,31 @@ class InProcessBackend:
         self.config = config
         self.fitness = fitness  # the driver's CompressedFitness: loaded and checked once per process
         self.problem = MergeProblem(config, fitness, worker="inprocess")
-        self._queue: deque[Candidate] = deque()  # submitted, scored first in first out
+        self._queue: deque[tuple[int, np.ndarray, np.ndarray | None]] = deque()  # submitted, scored first in first out
 
     @property
     def tasks(self) -> list[str]:
         return list(self.fitness.task_names)
 
-    def submit(self, candidate_id: int, genome: np.ndarray) -> None:
-        self._queue.append((candidate_id, genome))
+    def submit(self, candidate_id: int, genome: np.ndarray, front: np.ndarray | None = None) -> None:
+        """Queue one candidate; `front`: the Pareto set it races against (racing only)."""
+        self._queue.append((candidate_id, genome, front))
 
     def next_result(self, timeout: float | None = None) -> Evaluation | None:
         """Scores the oldest submitted candidate (one process scores one at a time); with a timeout,
         None: nothing here finishes without being waited for."""
         if timeout is not None:
             return None
-        return self.evaluate([self._queue.popleft()])[0]
+        candidate_id, genome, front = self._queue.popleft()
+        return self.evaluate([(candidate_id, genome)], front=front)[0]
 
-    def evaluate(self, candidates: Sequence[Candidate], on_result=None) -> list[Evaluation]:
-        """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes."""
+    def evaluate(self, candidates: Sequence[Candidate], on_result=None, front: np.ndarray | None = None) -> list[Evaluation]:
+        """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes; `front`:
+        the Pareto set every one of them races against (racing only)."""
         out = []
         for candidate_id, genome in sorted(candidates, key=lambda c: c[0]):
             try:
-                result = self.problem.evaluate(candidate_id, genome)
+                result = self.problem.evaluate(candidate_id, genome, **_with_front(front))
             except Exception as exc:  # a candidate that breaks scoring must not end the run
                 log.error("candidate %d failed: %s", candidate_id, exc)
                 release_device_memory(exc)
@@ -101,9 +116,10 @@ class _Worker:
         # The driver checked the fitness's data hashes before starting the pool: load, don't re-hash.
         self.problem = MergeProblem(config, CompressedFitness.load(fitness_path, check_data=False), worker=self.name)
 
-    def evaluate(self, candidate_id: int, genome: list[float]) -> dict:
+    def evaluate(self, candidate_id: int, genome: list[float], front: list[list[float]] | None = None) -> dict:
         try:
-            return asdict(self.problem.evaluate(candidate_id, np.asarray(genome, dtype=np.float64)))
+            return asdict(self.problem.evaluate(candidate_id, np.asarray(genome, dtype=np.float64),
+                                                **_with_front(None if front is None else np.asarray(front, np.float64))))
         except Exception as exc:  # the candidate's own failure (out of device memory, ...): recorded, not retried
             release_device_memory(exc)
             tasks = list(self.problem.fitness.task_names)
@@ -233,18 +249,20 @@ class RayBackend:
         names = ray.get([a.ready.remote() for a in self.actors])
         self.pool = ActorPool(self.actors, names, self.tasks, max_retries=workers.max_retries)
 
-    def submit(self, candidate_id: int, genome: np.ndarray) -> None:
-        self.pool.submit(candidate_id, genome)
+    def submit(self, candidate_id: int, genome: np.ndarray, front: np.ndarray | None = None) -> None:
+        """Queue one candidate; `front`: the Pareto set it races against (racing only)."""
+        self.pool.submit(candidate_id, genome, front)
 
     def next_result(self, timeout: float | None = None) -> Evaluation | None:
         """The next submitted candidate to finish (a lost worker's candidate goes to another); with
         `timeout` (seconds), None when none has finished by then."""
         return self.pool.next_result(timeout)
 
-    def evaluate(self, candidates: Sequence[Candidate], on_result=None) -> list[Evaluation]:
-        """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes."""
+    def evaluate(self, candidates: Sequence[Candidate], on_result=None, front: np.ndarray | None = None) -> list[Evaluation]:
+        """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes; `front`:
+        the Pareto set every one of them races against (racing only)."""
         for candidate_id, genome in sorted(candidates, key=lambda c: c[0]):
-            self.pool.submit(candidate_id, genome)
+            self.pool.submit(candidate_id, genome, front)
         results: dict[int, Evaluation] = {}
         for _ in range(len(candidates)):
             evaluation = self.pool.next_result()

@@ -46,7 +46,7 @@ class AdaptiveConfig(Strict):
     max_items: int | None = Field(default=None, ge=1)  # per task and candidate: the budget, in item evaluations
     min_items: int | None = Field(default=None, ge=0)  # before the standard-error rule may stop a task
     se_threshold: float | None = Field(default=None, gt=0)  # stop a task once its accuracy's s.e. is this small
-    racing: bool = False  # stop a candidate whose upper bounds cannot reach the Pareto set (in-process workers)
+    racing: bool = False  # stop a candidate whose upper bounds cannot reach the Pareto set (fixed when it is handed out)
     z: float | None = Field(default=None, gt=0)  # racing's upper bound: value + z * stderr
 
     @model_validator(mode="after")
@@ -198,10 +198,4 @@ def load_run_config(path: str | os.PathLike | dict, *, source: str | None = None
             resolve_device(config.workers.device)
         except DeviceError as exc:
             raise ConfigError(f"{source}: field `workers.device`: {exc.message}") from None
-    adaptive = config.fitness.adaptive
-    if adaptive is not None and adaptive.racing and config.workers.backend != "inprocess":
-        # Racing compares a candidate with the Pareto set while it is scored; the search hands the set
-        # to in-process workers only (Ray workers would score without it, and results would differ).
-        raise ConfigError(f"{source}: field `fitness.adaptive.racing`: true needs `workers.backend: inprocess`; "
-                          f"this run uses {config.workers.backend!r}")
     return config.resolved(root)

@@ -10,7 +10,9 @@ subset answers, and the recipe it scored (the log's and `export`'s record of the
 With `fitness.adaptive` in the run config the items are chosen per candidate instead
 (evomerge/fitness/adaptive.py): batch by batch from each task's whole fitness split, by Fisher
 information at the candidate's current ability, until the accuracy's standard error, the per-task
-budget or racing against the Pareto set (`race_against`, set by the search) stops the task. The
+budget or racing against the Pareto set stops the task. The set a candidate races against travels
+with its job (`evaluate(..., front=)`: the objective vectors, fixed by the search when the candidate
+is handed out), so a worker holds no racing state and every backend scores a candidate alike. The
 record's `responses[task]` are then the answers in the order the items were given, and
 `adaptive[task]` says which items (`items`), how many (`used`), in how many batches and why the task
 stopped (`stop`: se, budget, exhausted or raced).
@@ -83,7 +85,6 @@ class MergeProblem:
         self.tokenizer = AutoTokenizer.from_pretrained(config.models.base, trust_remote_code=False)
         adaptive = config.fitness.adaptive
         self.adaptive = adaptive.settings() if adaptive is not None else None
-        self.race_front: np.ndarray | None = None  # (members, tasks) the Pareto set a candidate races against
         if self.adaptive is None:
             self.scorers = fitness.subset_scorers(self.tokenizer, device=self.materializer.device)
         else:  # items come from the whole fitness split, a batch at a time
@@ -99,7 +100,9 @@ class MergeProblem:
         models = self.config.models
         return decoded.recipe(models.base, models.experts, dtype=self.config.dtype, seed=self.config.seed)
 
-    def evaluate(self, candidate_id: int, genome: np.ndarray) -> Evaluation:
+    def evaluate(self, candidate_id: int, genome: np.ndarray, front: np.ndarray | None = None) -> Evaluation:
+        """Score one candidate. `front` (members, tasks in fitness order): the Pareto set's objectives
+        it races against when `fitness.adaptive.racing` is on; None or empty: nothing to race against."""
         _test_hooks(candidate_id)
         t0 = time.perf_counter()
         decoded = self.space.decode(genome)
@@ -109,7 +112,7 @@ class MergeProblem:
         try:
             if self.adaptive is not None:
                 task = "(adaptive items)"  # named in an out-of-memory message
-                objectives, stderr, responses, adaptive = self._evaluate_adaptive(model)
+                objectives, stderr, responses, adaptive = self._evaluate_adaptive(model, front)
                 items = sum(entry["used"] for entry in adaptive.values())
             else:
                 for task, scorer in self.scorers.items():
@@ -130,18 +133,16 @@ class MergeProblem:
                           {"materialize": t1 - t0, "score": t2 - t1}, worker=self.worker, recipe=self.recipe(decoded),
                           memory=self.materializer.memory, adaptive=adaptive)
 
-    def race_against(self, front: np.ndarray | None) -> None:
-        """The Pareto set's objectives (members, tasks in fitness order) the next candidates race
-        against when `fitness.adaptive.racing` is on; None or empty: nothing to race against."""
-        self.race_front = None if front is None or len(front) == 0 else np.asarray(front, dtype=np.float64)
-
-    def _evaluate_adaptive(self, model: torch.nn.Module):
+    def _evaluate_adaptive(self, model: torch.nn.Module, front: np.ndarray | None):
         from evomerge.fitness.adaptive import run_adaptive
 
         tasks = self.fitness.task_names
         params = {t: self.fitness.task(t).estimator.item_params for t in tasks}
         scorers = {t: (lambda batch, t=t: self.scorers[t](model, batch)) for t in tasks}
-        tests = run_adaptive(scorers, params, self.adaptive, front=self.race_front if self.adaptive.racing else None)
+        if front is not None:
+            front = np.asarray(front, dtype=np.float64).reshape(-1, len(tasks))  # (members, tasks)
+        race = self.adaptive.racing and front is not None and len(front) > 0
+        tests = run_adaptive(scorers, params, self.adaptive, front=front if race else None)
         record = {t: {"items": x.items, "used": x.used, "batches": x.batches, "stop": x.stop} for t, x in tests.items()}
         return ({t: x.value for t, x in tests.items()}, {t: x.stderr for t, x in tests.items()},
                 {t: x.responses for t, x in tests.items()}, record)

@@ -18,6 +18,9 @@ its own reasons (out of device memory, a genome that cannot be decoded) comes ba
 as a failed `Evaluation` with the reason, is not retried, and the pool goes on. With no live
 worker left for `restart_wait` seconds the pool raises `WorkersLost`: the log keeps every finished
 evaluation and `evomerge resume` continues once the cluster has room again.
+
+A candidate's racing front (`submit(..., front)`, racing only) is kept with it until it finishes,
+so a retried candidate races against the same set on its next worker.
 """
 from __future__ import annotations
 
@@ -98,6 +101,7 @@ class ActorPool:
         self.restart_wait = restart_wait
         self._queue: deque[int] = deque()  # candidate ids waiting for a worker
         self._genomes: dict[int, list[float]] = {}
+        self._fronts: dict[int, list[list[float]]] = {}  # candidate id -> the Pareto set it races against
         self._retries: dict[int, list[str]] = {}  # candidate id -> its lost attempts
         self._idle: list[int] = list(range(len(actors)))
         self._running: dict[Any, tuple[int, int]] = {}  # object ref -> (candidate id, worker)
@@ -109,8 +113,11 @@ class ActorPool:
         """Candidates submitted and not yet returned."""
         return len(self._queue) + len(self._running)
 
-    def submit(self, candidate_id: int, genome: np.ndarray) -> None:
+    def submit(self, candidate_id: int, genome: np.ndarray, front: np.ndarray | None = None) -> None:
+        """Queue one candidate; `front` (members, tasks): the Pareto set it races against (racing only)."""
         self._genomes[candidate_id] = np.asarray(genome, dtype=np.float64).tolist()
+        if front is not None:
+            self._fronts[candidate_id] = np.asarray(front, dtype=np.float64).tolist()
         self._queue.append(candidate_id)
         self._dispatch()
 
@@ -163,7 +170,10 @@ class ActorPool:
                 self._probes[self.actors[worker].ready.remote()] = (worker, now)
         while self._queue and self._idle:
             candidate_id, worker = self._queue.popleft(), self._idle.pop(0)
-            ref = self.actors[worker].evaluate.remote(candidate_id, self._genomes[candidate_id])
+            job = (candidate_id, self._genomes[candidate_id])
+            if candidate_id in self._fronts:
+                job += (self._fronts[candidate_id],)
+            ref = self.actors[worker].evaluate.remote(*job)
             self._running[ref] = (candidate_id, worker)
 
     def _probe_answered(self, ref) -> None:
@@ -205,6 +215,7 @@ class ActorPool:
             evaluation = Evaluation(**value)
         evaluation.retries = self._retries.pop(candidate_id, [])
         del self._genomes[candidate_id]
+        self._fronts.pop(candidate_id, None)
         return evaluation
 
     def _lost_message(self) -> str:

@@ -37,6 +37,15 @@ holds), and from the first result that does not fit (a failure, another genome) 
 rest of the log and evaluates live again; the candidates then in flight go to the workers. A run
 folder whose checkpoints are deleted replays its whole log the same way.
 
+Racing (`fitness.adaptive.racing`): a candidate races against the Pareto set fixed when it is
+handed out, and that set (its objective vectors) travels with the job to whichever worker scores
+it, so every backend gives the same results. With `schedule: generations` every candidate of a
+generation races against the set as it stood before that generation (none of the generation's own
+results, even on one in-process worker that scores them one after another); with `schedule: async`
+against the set after the `asked_after` results told before it was asked. A resume restores the
+first from the checkpoint's archive and rebuilds the second, for the candidates in flight, from
+the logged results in their recorded order.
+
 The search talks to its optimizer only through the ask/tell protocol: the search space's
 structure (`gene_blocks`) and known genomes (`initial_genomes: corners`, as many as the
 optimizer's first population holds) are settings every optimizer accepts.
@@ -134,6 +143,7 @@ class Search:
         self._backend = backend
         self.schedule = resolve_schedule(config, echo)
         self._adaptive = config.fitness.adaptive is not None  # items differ per candidate (fitness/adaptive.py)
+        self._racing = self._adaptive and config.fitness.adaptive.racing  # candidates race against the Pareto set
         self._load_state(optimizer)
 
     # ---------------------------------------------------------------- opening
@@ -219,6 +229,7 @@ class Search:
         # asynchronous schedule: candidates asked and not yet told, id -> (genome, asked_after); submitted
         self._flight: dict[int, tuple[np.ndarray, int]] = {}
         self._submitted: set[int] = set()
+        self._fronts: dict[int, np.ndarray] = {}  # racing: id -> the Pareto set it races against (fixed at its ask)
         if restored is None:
             self.optimizer = optimizer or new_optimizer(self.config, self.space, len(self.tasks))
             self.archive, self.progress = ParetoArchive(len(self.tasks)), Progress()
@@ -235,7 +246,24 @@ class Search:
             else:
                 finished = r["id"] < self.progress.next_id
             (self._records if finished else self._salvage)[r["id"]] = r
+        if self._racing and self._flight:
+            self._fronts = self._fronts_at_ask()
         self._in_generation = False
+
+    def _fronts_at_ask(self) -> dict[int, np.ndarray]:
+        """Racing, asynchronous schedule, after a resume: the Pareto set each candidate in flight was
+        asked against, rebuilt as the archive of the first `asked_after` results told (the log's
+        records in their recorded order, added as `_tell_one` adds them)."""
+        told = sorted((r for r in self._records.values() if "told" in r), key=lambda r: r["told"])
+        archive, position, fronts = ParetoArchive(len(self.tasks)), 0, {}
+        for candidate_id, (_, asked_after) in sorted(self._flight.items(), key=lambda item: item[1][1]):
+            while position < len(told) and told[position]["told"] < asked_after:
+                r = told[position]
+                if r["status"] == "ok":
+                    archive.add(r["id"], [r["objectives"].get(t, np.nan) for t in self.tasks])
+                position += 1
+            fronts[candidate_id] = archive.objectives
+        return fronts
 
     # ---------------------------------------------------------------- running
     @property
@@ -291,9 +319,8 @@ class Search:
             written[candidate_id] = _record(evaluation, genome_of[candidate_id], self.progress.generation)
             self.store.append(written[candidate_id])
 
-        if todo:
-            self._race_front()
-            self._backend.evaluate(todo, on_result=log_result)
+        if todo:  # racing: the whole generation races against the Pareto set before it
+            self._backend.evaluate(todo, on_result=log_result, **self._race_front())
         records = [reused[candidate_id] if candidate_id in reused else written[candidate_id] for candidate_id in ids]
         n_ok = sum(r["status"] == "ok" for r in records)
         if n_ok == 0:
@@ -388,19 +415,19 @@ class Search:
         """The next live result; with `poll`, None unless one has finished already (pools whose
         `next_result` takes no timeout are waited for)."""
         backend = self._pool()
-        self._race_front()
         if not poll:
             return backend.next_result()
         if "timeout" not in inspect.signature(backend.next_result).parameters:
             return None
         return backend.next_result(timeout=0)
 
-    def _race_front(self) -> None:
-        """Racing (`fitness.adaptive.racing`): the in-process worker gets the Pareto set as it stands
-        (restored with the archive on a resume, so a resumed run races against the same set)."""
-        problem = getattr(self._backend, "problem", None)
-        if hasattr(problem, "race_against"):
-            problem.race_against(self.archive.objectives)
+    def _race_front(self, candidate_id: int | None = None) -> dict:
+        """Racing (`fitness.adaptive.racing`): the backend's `front=` keyword, the Pareto set a job
+        races against: the archive as it stands (a generation), or the set fixed when candidate
+        `candidate_id` was asked (asynchronous schedule). Without racing no keyword."""
+        if not self._racing:
+            return {}
+        return {"front": self.archive.objectives if candidate_id is None else self._fronts[candidate_id]}
 
     def _append(self, records: list[dict]) -> None:
         while records:
@@ -409,7 +436,7 @@ class Search:
     def _submit_flight(self) -> None:
         for candidate_id, (genome, _) in self._flight.items():
             if candidate_id not in self._submitted:  # the pool is made only when something is to be evaluated
-                self._pool().submit(candidate_id, genome)
+                self._pool().submit(candidate_id, genome, **self._race_front(candidate_id))
                 self._submitted.add(candidate_id)
 
     def _fill(self, started: float) -> None:
@@ -427,11 +454,14 @@ class Search:
                     raise RuntimeError(f"optimizer {self.optimizer.name} proposes nothing with no result pending")
                 return
             self._flight[p.next_id] = (genome, p.evaluations)
+            if self._racing:
+                self._fronts[p.next_id] = self.archive.objectives  # fixed now: the job carries it
             p.next_id += 1
 
     def _tell_one(self, record: dict) -> None:
         genome, _ = self._flight.pop(record["id"])
         self._submitted.discard(record["id"])
+        self._fronts.pop(record["id"], None)
         ok = record["status"] == "ok"
         row = np.array([record["objectives"].get(t, np.nan) if ok else np.nan for t in self.tasks], dtype=np.float64)
         self.optimizer.tell_one(genome, row, _response_matrix([record], self.tasks, self.fitness, self._adaptive)[0])
