@@ -36,7 +36,8 @@ expert generating its answers took 0.62 s through HFLM and 0.38 s through `Exact
 same 0.962, every item alike); a random 4-layer, 256-wide Llama took 1.31 against 1.17 s for 6-token
 generations and 1.54 s through `HFLM.loglikelihood` against 2.72 s through `MultipleChoiceScorer`
 for three-way multiple choice (HFLM runs one forward per shared context and a log-softmax only
-over continuation positions). At most 1.6x faster, 1.8x slower on multiple choice, and not
+over continuation positions; measured before `MultipleChoiceScorer` computed its head only at those
+positions too, commit 63f3400, not re-measured). At most 1.6x faster, 1.8x slower on multiple choice, and not
 lm-eval's own tokenization and stopping rules: HFLM it is. `simple_evaluate` rebuilds the requests
 on every call (3.35 s for those multiple-choice items); a scorer builds them once.
 
