@@ -133,7 +133,8 @@ def table(result: dict | None = None) -> str:
              f"{result['split']}, fitness/zoo_small's item parameters, default adaptive settings; candidates of the "
              "per-layer searches of `fitness_estimation.py --accounting`, replayed in ask order; raw: "
              f"benchmarks/results/{RESULTS_JSON.name}).", "",
-             "| search | candidates | rule | z | item evaluations | saved vs no racing | raced out | true Pareto members raced out |",
+             "| search | candidates | rule | z | item evaluations | saved vs no racing | raced out "
+             "| true Pareto members raced out |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for strategy, entry in result["strategies"].items():
         lines.append(f"| {strategy} | {entry['candidates']} | no racing | - | {entry['items_off']} | - | - | "

@@ -83,7 +83,8 @@ class InProcessBackend:
         candidate_id, genome, front = self._queue.popleft()
         return self.evaluate([(candidate_id, genome)], front=front)[0]
 
-    def evaluate(self, candidates: Sequence[Candidate], on_result=None, front: np.ndarray | None = None) -> list[Evaluation]:
+    def evaluate(self, candidates: Sequence[Candidate], on_result=None,
+                 front: np.ndarray | None = None) -> list[Evaluation]:
         """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes; `front`:
         the Pareto set every one of them races against (racing only)."""
         out = []
@@ -118,8 +119,9 @@ class _Worker:
 
     def evaluate(self, candidate_id: int, genome: list[float], front: list[list[float]] | None = None) -> dict:
         try:
-            return asdict(self.problem.evaluate(candidate_id, np.asarray(genome, dtype=np.float64),
-                                                **_with_front(None if front is None else np.asarray(front, np.float64))))
+            genome = np.asarray(genome, dtype=np.float64)
+            front = None if front is None else np.asarray(front, dtype=np.float64)
+            return asdict(self.problem.evaluate(candidate_id, genome, **_with_front(front)))
         except Exception as exc:  # the candidate's own failure (out of device memory, ...): recorded, not retried
             release_device_memory(exc)
             tasks = list(self.problem.fitness.task_names)
@@ -258,7 +260,8 @@ class RayBackend:
         `timeout` (seconds), None when none has finished by then."""
         return self.pool.next_result(timeout)
 
-    def evaluate(self, candidates: Sequence[Candidate], on_result=None, front: np.ndarray | None = None) -> list[Evaluation]:
+    def evaluate(self, candidates: Sequence[Candidate], on_result=None,
+                 front: np.ndarray | None = None) -> list[Evaluation]:
         """Evaluations ordered by id; `on_result(evaluation)` is called as each one finishes; `front`:
         the Pareto set every one of them races against (racing only)."""
         for candidate_id, genome in sorted(candidates, key=lambda c: c[0]):
