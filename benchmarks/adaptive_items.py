@@ -41,7 +41,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
-BEGIN, END = "<!-- adaptive_items:begin -->", "<!-- adaptive_items:end -->"
 SIZES = (5, 10, 15, 20, 30, 40, 60, 80, 100)
 RANDOM_SEEDS = 5
 RACING_Z = (1.96, 3.0)
@@ -297,14 +296,10 @@ def table() -> str:
 
 
 def record() -> None:
-    results = ROOT / "RESULTS.md"
-    text = results.read_text()
-    block = f"{BEGIN}\n{table()}{END}"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n## Adaptive items (issue 16, item 3)\n\n" + block + "\n"
-    results.write_text(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a test loads this file
+    from results_md import record_section
+
+    record_section("adaptive_items", table(), ROOT / "RESULTS.md", heading="## Adaptive items (issue 16, item 3)")
     print(table())
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,6 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 ROOT = REPO / "benchmarks"
 OUT = ROOT / "results" / "finalist_racing.json"
-BEGIN, END = "<!-- finalist_racing:begin -->", "<!-- finalist_racing:end -->"
 RULES = ("mean", "worst")
 FINALISTS = (3, 5, 10)
 BATCHES = (25, 50, 100, 200)
@@ -178,14 +178,10 @@ def table() -> str:
 
 
 def record() -> None:
-    results = ROOT / "RESULTS.md"
-    text = results.read_text()
-    block = f"{BEGIN}\n{table()}{END}"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n## Finalist racing (issue 16, item 3)\n\n" + block + "\n"
-    results.write_text(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a test loads this file
+    from results_md import record_section
+
+    record_section("finalist_racing", table(), ROOT / "RESULTS.md", heading="## Finalist racing (issue 16, item 3)")
     print(table())
 
 

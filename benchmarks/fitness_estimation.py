@@ -798,12 +798,12 @@ def render(out: dict) -> str:
 def record(paths: list[Path]) -> None:
     """Regenerate the marked block of RESULTS.md from the committed raw JSON."""
     body = "\n\n".join(render(json.loads(p.read_text())) for p in paths)
-    text = RESULTS_MD.read_text()
-    if MARK_BEGIN not in text:
+    if MARK_BEGIN not in RESULTS_MD.read_text():  # this block is placed by hand, never appended
         raise SystemExit(f"{RESULTS_MD} has no {MARK_BEGIN} ... {MARK_END} block")
-    head, rest = text.split(MARK_BEGIN, 1)
-    _, tail = rest.split(MARK_END, 1)
-    RESULTS_MD.write_text(head + MARK_BEGIN + "\n" + body.rstrip() + "\n" + MARK_END + tail)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a test loads this file
+    from results_md import record_section
+
+    record_section("fitness_accounting", body, RESULTS_MD)
     print(f"recorded {', '.join(map(str, paths))} in {RESULTS_MD}")
 
 

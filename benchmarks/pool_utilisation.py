@@ -41,7 +41,6 @@ from evomerge.search.optimizers import make_optimizer
 TASKS = ("a", "b")
 ITEMS = 8  # per task: the per-item answers M2N2 competes on
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-BEGIN, END = "<!-- pool_utilisation:begin -->", "<!-- pool_utilisation:end -->"
 
 
 class FakeFitness:
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def record(command: str, lines: list[str]) -> None:
-    body = "\n".join([BEGIN, "## Worker-pool utilisation: generations vs async (issue 17, item 2)", "",
+    body = "\n".join(["## Worker-pool utilisation: generations vs async (issue 17, item 2)", "",
                       "Fraction of worker time spent evaluating (sleeping workers, the real search loop; see the "
                       "module docstring of benchmarks/pool_utilisation.py). Target: async >= 90%.", "",
                       f"`{command}`", "", "```", *lines, "```", "",
@@ -201,14 +200,11 @@ def record(command: str, lines: list[str]) -> None:
                       "file (fsynced), a few ms each on this shared 2-core machine (profiled: fsync was half "
                       "of the driver's time at a 0.1 s median with 8 workers), while with 8 workers a result "
                       "arrives every ~15 ms. The rest is the drain: workers idle while the last candidates "
-                      "of the budget finish.", END])
-    text = RESULTS.read_text()
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + body + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    RESULTS.write_text(text)
+                      "of the budget finish."])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a test loads this file
+    from results_md import record_section
+
+    record_section("pool_utilisation", body, RESULTS)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
-BEGIN, END = "<!-- racing_schedule:begin -->", "<!-- racing_schedule:end -->"
 STRATEGIES = {"random": 10, "m2n2": 4, "map": 8}  # -> generation size (fitness_estimation.SEARCH_SETTINGS' batch_size)
 WORKERS = 4
 Z = (3.0, 1.96)
@@ -156,14 +155,11 @@ def table(result: dict | None = None) -> str:
 
 
 def record() -> None:
-    path = ROOT / "RESULTS.md"
-    text = path.read_text()
-    block = f"{BEGIN}\n## Racing against the set a search hands out (issue 16, item 3)\n\n{table()}{END}"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a test loads this file
+    from results_md import record_section
+
+    record_section("racing_schedule", f"## Racing against the set a search hands out (issue 16, item 3)\n\n{table()}",
+                   ROOT / "RESULTS.md")
     print(table())
 
 

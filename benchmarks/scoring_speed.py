@@ -56,7 +56,6 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 JSON_OUT = ROOT / "benchmarks" / "results" / "scoring_speed_smol.json"
 # the same benchmark before MultipleChoiceScorer computed the head only at the continuation positions
 BEFORE_JSON = ROOT / "benchmarks" / "results" / "scoring_speed_smol_full_head.json"
-BEGIN, END = "<!-- scoring_speed:begin -->", "<!-- scoring_speed:end -->"
 TASKS = ("arithmetic", "word_reversal", "category_choice", "json_record")
 BATCH_SIZE = 50  # the smol presets' (fitness/zoo_smol_*.yaml)
 TARGET = 1.5
@@ -371,7 +370,7 @@ def record(result: dict) -> None:
     at_limit = sum(v["generated_tokens"] == v["items"] * v["max_new_tokens"] for v in em)
     verdict = "met" if em_ratio <= result["target_ratio"] else "missed"
     body = "\n".join([
-        BEGIN, "## Scoring speed on a real model (issue 15, item 6)", "",
+        "## Scoring speed on a real model (issue 15, item 6)", "",
         f"`{result['command']} --record` (writes the JSON and this section; `--from-json` regenerates the "
         f"section; from the project root; CPU, {result['threads']} torch thread, shared 2-core "
         f"machine; raw numbers in benchmarks/results/{JSON_OUT.name}).", "",
@@ -405,15 +404,11 @@ def record(result: dict) -> None:
         "model's output embeddings, only the hidden states at the positions that predict a continuation token, "
         "as the floor does (the `after` line). Its log-likelihoods are unchanged (max |loglik diff| against the "
         "floor; tests/test_multiple_choice_head.py checks them against a float64 full-logits computation and, "
-        "bit for bit, against the full float32 one).",
-        END])
-    text = RESULTS.read_text()
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + body + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    RESULTS.write_text(text)
+        "bit for bit, against the full float32 one)."])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a test loads this file
+    from results_md import record_section
+
+    record_section("scoring_speed", body, RESULTS)
 
 
 def main(argv: list[str] | None = None) -> None:

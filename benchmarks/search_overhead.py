@@ -145,9 +145,6 @@ def measure(root: Path, evaluations: int, rep: int = 0) -> dict:
             "materialize_score_per_candidate_ms": 1000 * work / len(records)}
 
 
-BEGIN, END = "<!-- search_overhead:begin -->", "<!-- search_overhead:end -->"
-
-
 def table() -> str:
     """The RESULTS.md block, generated from the committed JSON results."""
     rows = [json.loads(p.read_text()) for p in sorted((ROOT / "results").glob("search_overhead_*.json"))]
@@ -161,14 +158,10 @@ def table() -> str:
 
 
 def record() -> None:
-    results = ROOT / "RESULTS.md"
-    text = results.read_text()
-    block = f"{BEGIN}\n{table()}\n{END}"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    results.write_text(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a test loads this file
+    from results_md import record_section
+
+    record_section("search_overhead", table(), ROOT / "RESULTS.md")
     print(table())
 
 
