@@ -93,17 +93,11 @@ def strategy_settings(name: str, budget: int) -> dict[str, Any]:
 
 # =============================================================================== results file
 def record_section(key: str, markdown: str, path: Path = RESULTS_MD) -> None:
-    """Replace (or append) the section between ``<!-- key:begin -->`` and ``<!-- key:end -->``."""
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{markdown.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-    print(f"recorded in {path} ({key})")
+    """Replace (or append) the section between ``<!-- key:begin -->`` and ``<!-- key:end -->``
+    (benchmarks/results_md.py: the one implementation every benchmark uses)."""
+    from results_md import record_section as record
+
+    record(key, markdown, path)
 
 
 def paired_t(diff: np.ndarray) -> float:
@@ -740,7 +734,9 @@ def zoo_main(args: argparse.Namespace) -> None:
     print()
     print(markdown)
     if args.record:
-        record_section("search_quality:zoo", markdown, Path(args.results_md))
+        # one section per zoo size (the medium zoo's kept its first key, "zoo")
+        key = "search_quality:zoo" if manifest.size == "medium" else f"search_quality:{manifest.size}"
+        record_section(key, markdown, Path(args.results_md))
 
 
 def _load(path: Path) -> dict:
