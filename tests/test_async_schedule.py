@@ -7,7 +7,6 @@ sleeping pool for the busy fraction.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -262,11 +261,9 @@ def test_an_optimizer_needing_whole_generations_falls_back_with_one_line(run_wor
 
 # ---------------------------------------------------------------------------- the busy fraction
 def _benchmark():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pool_utilisation.py"
-    spec = importlib.util.spec_from_file_location("pool_utilisation", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmark_modules import load_benchmark
+
+    return load_benchmark("pool_utilisation")
 
 
 def test_busy_fraction_of_a_two_worker_sleeping_pool_matches_the_hand_schedule(tmp_path):

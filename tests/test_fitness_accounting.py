@@ -3,23 +3,17 @@ worked by hand, the random-mean baseline's items at equal total cost, the error 
 hand-computed values, and the RESULTS.md block regenerated from the committed JSON (no model: fast)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_modules import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+_load = load_benchmark
 
 
 fe = _load("fitness_estimation")

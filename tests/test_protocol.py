@@ -161,12 +161,9 @@ def test_demo_reads_test_only_in_its_final_report_and_its_verdicts_are_right(run
 
 
 def test_fitness_estimation_checks_the_manifest_on_validation_under_a_seal(tiny_zoo):
-    import importlib.util
+    from benchmark_modules import load_benchmark
 
-    spec = importlib.util.spec_from_file_location(
-        "fitness_estimation", Path(__file__).resolve().parent.parent / "benchmarks" / "fitness_estimation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("fitness_estimation")
     with sealed_test("fitness_estimation"):
         manifest, tasks = module.zoo_tasks(tiny_zoo.root)
         assert module.manifest_accuracy_gaps(manifest, tasks) == []

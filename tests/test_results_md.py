@@ -2,16 +2,12 @@
 against whole files written out by hand; everything outside the block byte for byte as it was."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location(
-    "results_md", Path(__file__).resolve().parent.parent / "benchmarks" / "results_md.py")
-results_md = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(results_md)
-record_section = results_md.record_section
+from benchmark_modules import load_benchmark
+
+record_section = load_benchmark("results_md").record_section
 
 # Other blocks, prose, a blank line kept before the block and trailing spaces on a line that is not ours.
 BEFORE = "# Benchmark results\n\nintro  \n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n\n## Mine\n\n"

@@ -3,25 +3,20 @@ item budgets worked by hand, paired comparisons against `evomerge.stats`, the bu
 RESULTS.md block generated from per-seed records (no model, no split: fast)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_modules import load_benchmark
 
 from evomerge.stats import paired_difference
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+_load = load_benchmark
 
 
 sq = _load("search_quality_table")
