@@ -100,6 +100,11 @@ def record_section(key: str, markdown: str, path: Path = RESULTS_MD) -> None:
     record(key, markdown, path)
 
 
+def section_key(zoo_size: str) -> str:
+    """One RESULTS.md section per zoo size; the medium zoo's kept its first key, "zoo"."""
+    return "search_quality:zoo" if zoo_size == "medium" else f"search_quality:{zoo_size}"
+
+
 def paired_t(diff: np.ndarray) -> float:
     """Paired t statistic of the differences (inf when they are all equal and non-zero)."""
     diff = np.asarray(diff, dtype=float)
@@ -611,8 +616,11 @@ def open_results(results: Path, study: dict, resume: bool) -> None:
     """Refuse to mix two studies in one folder: --resume continues one with the same identity
     (zoo, budgets, settings; seeds and rows may be added); without it the folder must hold no records."""
     path = results / "study.json"
+    commands = [study["command"]]
     if path.is_file():
         old = json.loads(path.read_text())
+        earlier = old.get("commands") or [old["command"]]
+        commands = earlier + ([study["command"]] if study["command"] not in earlier else [])
         if not resume:
             if any(results.glob("*/*.json")):
                 raise SystemExit(f"{results} holds records of an earlier study: pass --resume to continue it, "
@@ -628,6 +636,7 @@ def open_results(results: Path, study: dict, resume: bool) -> None:
             if changed:
                 raise SystemExit(f"{results}: --resume with other settings than the study there ({', '.join(changed)} "
                                  "differ); use another --results folder")
+    study["commands"] = commands
     results.mkdir(parents=True, exist_ok=True)
     from evomerge._atomic import write_json_atomic
 
@@ -679,6 +688,18 @@ def zoo_main(args: argparse.Namespace) -> None:
              "plan": plan.to_json(), "warm_start": args.warm_start, "prescreen": prescreen, "spaces": spaces,
              "finalists": args.finalists, "pareto_test_cap": args.pareto_test_cap, "fitness": fitness,
              "rows": [r.to_json() for r in rows]}
+    if args.report_only:  # the tables from the records there, nothing run and nothing read
+        path = results / "study.json"
+        if not path.is_file():
+            raise SystemExit(f"{results}: no study.json, nothing to report")
+        study = json.loads(path.read_text())
+        records = [json.loads(p.read_text()) for p in sorted(results.glob("*/*.json"))]
+        wanted = {r.key for r in rows}
+        markdown, _ = report(rows, [r for r in records if r["row"] in wanted], study)
+        print(markdown)
+        if args.record:
+            record_section(section_key(manifest.size), markdown, Path(args.results_md))
+        return
     open_results(results, study, args.resume)
     print(f"zoo {zoo} ({manifest.size}, {costs.experts} experts, {costs.tasks} tasks, {n_val:,} validation items); "
           f"records in {results}; runs in {work / 'runs'}", flush=True)
@@ -734,9 +755,7 @@ def zoo_main(args: argparse.Namespace) -> None:
     print()
     print(markdown)
     if args.record:
-        # one section per zoo size (the medium zoo's kept its first key, "zoo")
-        key = "search_quality:zoo" if manifest.size == "medium" else f"search_quality:{manifest.size}"
-        record_section(key, markdown, Path(args.results_md))
+        record_section(section_key(manifest.size), markdown, Path(args.results_md))
 
 
 def _load(path: Path) -> dict:
@@ -778,6 +797,8 @@ def main(argv: list[str] | None = None) -> None:
     z.add_argument("--device", default=None)
     z.add_argument("--resume", action="store_true", help="skip finished jobs, resume interrupted searches")
     z.add_argument("--record", action="store_true", help="write the tables into benchmarks/RESULTS.md")
+    z.add_argument("--report-only", action="store_true",
+                   help="only the tables, from the records already there for this command's rows (runs nothing)")
     z.add_argument("--results-md", default=str(RESULTS_MD), help=argparse.SUPPRESS)
     z.set_defaults(func=zoo_main)
 

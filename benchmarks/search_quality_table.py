@@ -377,9 +377,14 @@ def report(rows: Sequence[Row], records: Iterable[dict], study: dict[str, Any]) 
     recs = by_row(complete(records))
     plan = study["plan"]
     costs = study["costs"]
+    seeded = sorted({len(rs) for rs in recs.values() if any(r.get("seed") is not None for r in rs)})
+    seeds = (f"{seeded[0]} seeds" if len(seeded) == 1 else
+             f"{seeded[0]}-{seeded[-1]} seeds per row (column *seeds*)" if seeded else f"{study['seeds']} seeds")
+    # a study extended with --resume (more seeds, more rows) lists every command that wrote its records
+    commands = study.get("commands") or [study["command"]]
     lines = [f"### Search quality on the {study['zoo_size']} zoo (`{study['zoo_hash'][:12]}`, "
-             f"{plan['search']['candidates']} candidates per searched row, {study['seeds']} seeds)", "",
-             f"`{study['command']}`", "",
+             f"{plan['search']['candidates']} candidates per searched row, {seeds})", "",
+             *[f"`{c}`" + ("" if i == len(commands) - 1 else "  ") for i, c in enumerate(commands)], "",
              f"Zoo: {costs['experts']} experts, {costs['tasks']} tasks, {costs['validation_items']:,} validation items "
              f"in all. Every choice on validation only (the fitness subsets, the finalists' whole-split re-scoring, "
              f"the corners' validation means); the test splits were read once, in the final step "

@@ -190,6 +190,24 @@ def test_report_is_generated_from_the_records():
     assert m2n2 == []  # no M2N2 rows in this study
 
 
+def test_a_study_extended_with_more_seeds_says_so_and_lists_every_command():
+    rows, records, study = small_study(seeds=5)
+    # the per-layer rows got seeds 3-4 from a second command; the others kept seeds 0-2
+    records = [r for r in records if r["seed"] is None or r["seed"] < 3 or r["row"].startswith("layer-")]
+    study = dict(study, commands=["python benchmarks/search_quality.py zoo --seeds 3",
+                                  "python benchmarks/search_quality.py zoo --seeds 5 --skip-baselines"])
+    markdown, _ = sq.report(rows, records, study)
+    assert markdown.startswith("### Search quality on the small zoo (`0123456789ab`, 16 candidates per searched row, "
+                               "3-5 seeds per row (column *seeds*))")
+    assert markdown.splitlines()[2:4] == ["`python benchmarks/search_quality.py zoo --seeds 3`  ",
+                                          "`python benchmarks/search_quality.py zoo --seeds 5 --skip-baselines`"]
+    seeds = {}  # the rows table comes first; the comparison tables repeat the row labels
+    for line in markdown.splitlines():
+        if line.startswith(("| per-layer ", "| task-level ")):
+            seeds.setdefault(line.split(" | ")[0], line.split(" | ")[1])
+    assert seeds["| per-layer map, seeded"] == "5" and seeds["| task-level map, seeded"] == "3"
+
+
 def test_report_ignores_records_without_the_final_step_and_is_deterministic():
     rows, records, study = small_study()
     unfinished = [dict(r, test=None) if r["row"] == "layer-random-seeded" else r for r in records]
