@@ -122,6 +122,14 @@ def test_shape_mismatch_names_folder_tensor_and_shapes(tmp_path, family):
     _, wider = make_family(tmp_path / "wider", n_experts=1, seed=5, config=llama_config(intermediate=48))
     with pytest.raises(CheckpointError) as info:
         check_compatible(ModelFolder.open(base), [ModelFolder.open(wider[0])])
+    assert str(info.value) == (f"{wider[0] / 'config.json'}: intermediate_size is 48 but the base model's "
+                               f"({base / 'config.json'}) is 64: a different depth or width cannot be merged")
+    # a config without the field: the first tensor of another shape, in file order, is named instead
+    config = json.loads((wider[0] / "config.json").read_text())
+    del config["intermediate_size"]
+    (wider[0] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        check_compatible(ModelFolder.open(base), [ModelFolder.open(wider[0])])
     message = str(info.value)
     assert str(wider[0]) in message
     assert "model.layers.0.mlp.down_proj.weight" in message  # first mismatching tensor in file order
@@ -131,6 +139,11 @@ def test_shape_mismatch_names_folder_tensor_and_shapes(tmp_path, family):
 def test_missing_tensor_and_architecture_mismatch(tmp_path, family):
     base, _ = family
     _, deeper = make_family(tmp_path / "deeper", n_experts=1, seed=6, config=llama_config(layers=3))
+    with pytest.raises(CheckpointError, match=r"config\.json: num_hidden_layers is 3 but the base model's .* is 2"):
+        check_compatible(ModelFolder.open(base), [ModelFolder.open(deeper[0])])
+    config = json.loads((deeper[0] / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (deeper[0] / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\..* is not in the base model"):
         check_compatible(ModelFolder.open(base), [ModelFolder.open(deeper[0])])
     other = ModelFolder.open(deeper[0])

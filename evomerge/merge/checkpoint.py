@@ -389,6 +389,12 @@ def _load_pickle(file: Path) -> dict:
 
 
 # ------------------------------------------------------------------ compatibility
+# config.json fields that fix the tensors' number and shapes (Llama-style names; others are caught by
+# the tensor checks)
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size")
+
+
 def check_compatible(base: ModelFolder, others: Sequence[ModelFolder]) -> list[str]:
     """Check that every model has the base's architecture, tensor names and shapes.
 
@@ -401,6 +407,15 @@ def check_compatible(base: ModelFolder, others: Sequence[ModelFolder]) -> list[s
                 f"{other.path}: architecture {other.architecture!r} differs from the base model "
                 f"{base.path} ({base.architecture!r})"
             )
+        # the shape fields of config.json first: "num_hidden_layers is 3 but the base's is 2" says more
+        # than the first tensor that is missing or of another shape (checked below all the same)
+        for field in SHAPE_FIELDS:
+            if field in other.config and field in base.config and other.config[field] != base.config[field]:
+                raise CheckpointError(
+                    f"{other.path / 'config.json'}: {field} is {other.config[field]!r} but the base model's "
+                    f"({base.path / 'config.json'}) is {base.config[field]!r}: a different depth or width "
+                    "cannot be merged"
+                )
         missing = [name for name in names if not other.has_tensor(name)]
         if missing:
             raise CheckpointError(
