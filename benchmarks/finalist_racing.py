@@ -38,8 +38,6 @@ def score_pool(run, pool: int) -> dict:
     """{member id: {task: '0101...'}} on the whole fitness split, for the `pool` best by each rule."""
     import torch
 
-    from evomerge.fitness.compressed import CompressedFitness
-    from evomerge.runs.problem import MergeProblem
     from evomerge.runs.run import ChoiceRule
 
     torch.set_num_threads(1)
@@ -48,8 +46,7 @@ def score_pool(run, pool: int) -> dict:
         for c in ChoiceRule.parse(by, run.tasks).ranked(run.pareto)[:pool]:
             if c not in ids:
                 ids.append(c)
-    fitness = CompressedFitness.load(json.loads((run.path / "run.json").read_text())["fitness"])
-    problem = MergeProblem(run.config, fitness, device="cpu", worker="verify")
+    fitness, problem = run._verify_problem("cpu")
     scorers = fitness.full_scorers(problem.tokenizer, role="fitness", device=problem.materializer.device)
     out = {}
     for c in ids:

@@ -8,7 +8,6 @@ family's run against a brute-force whole-split choice.
 """
 from __future__ import annotations
 
-import json
 from statistics import NormalDist
 
 import numpy as np
@@ -210,13 +209,9 @@ def small_run(run_workspace) -> Run:
 
 def brute_force_choice(run: Run, finalists: int, by: str) -> tuple[list[int], int]:
     """Every shortlisted member on the whole fitness split, scored here, and the rule on that."""
-    from evomerge.fitness.compressed import CompressedFitness
-    from evomerge.runs.problem import MergeProblem
-
     rule = ChoiceRule.parse(by, run.tasks)
     shortlist = rule.ranked(run.pareto)[:finalists]
-    fitness = CompressedFitness.load(json.loads((run.path / "run.json").read_text())["fitness"])
-    problem = MergeProblem(run.config, fitness, device="cpu", worker="verify")
+    fitness, problem = run._verify_problem("cpu")
     scorers = fitness.full_scorers(problem.tokenizer, role="fitness", device=problem.materializer.device)
     rows = {}
     for c in shortlist:

@@ -170,11 +170,21 @@ class Run:
                              "item_evaluations": total, "full_split_item_evaluations": total, "members": members})
         return chosen
 
-    def _fitness_split_sizes(self) -> dict[str, int]:
+    def _fitness(self):
+        """The run's compressed fitness, as run.json names it."""
         from evomerge.fitness.compressed import CompressedFitness
 
-        meta = json.loads((self.path / "run.json").read_text())
-        fitness = CompressedFitness.load(meta["fitness"])
+        return CompressedFitness.load(json.loads((self.path / "run.json").read_text())["fitness"])
+
+    def _verify_problem(self, device: str | None = None):
+        """(fitness, problem): what `verify`, finalist racing and benchmarks score whole splits with."""
+        from evomerge.runs.problem import MergeProblem
+
+        fitness = self._fitness()
+        return fitness, MergeProblem(self.config, fitness, device=device, worker="verify")
+
+    def _fitness_split_sizes(self) -> dict[str, int]:
+        fitness = self._fitness()
         return {t: len(fitness.task(t).task.load_split("fitness")) for t in self.tasks}
 
     def _record_choice(self, entry: dict[str, Any], full: dict[str, dict[str, float]] | None = None) -> None:
@@ -187,13 +197,10 @@ class Run:
 
     def _race(self, shortlist: list[int], rule: "ChoiceRule", settings, *, device: str | None, echo) -> int:
         """`choose` with racing: see evomerge/runs/racing.py."""
-        from evomerge.fitness.compressed import CompressedFitness
-        from evomerge.runs.problem import MergeProblem, _BatchScorer
+        from evomerge.runs.problem import _BatchScorer
         from evomerge.runs.racing import race_finalists
 
-        meta = json.loads((self.path / "run.json").read_text())
-        fitness = CompressedFitness.load(meta["fitness"])
-        problem = MergeProblem(self.config, fitness, device=device, worker="verify")
+        fitness, problem = self._verify_problem(device)
         scorers = {t: _BatchScorer(fitness.task(t).task, problem.tokenizer, problem.materializer.device)
                    for t in self.tasks}
         n_items = {t: len(scorers[t].split) for t in self.tasks}
@@ -255,12 +262,7 @@ class Run:
                echo=print) -> dict[str, dict[str, float]]:
         """Score Pareto members on the full `role` split ('test' or 'fitness') of every task and
         record it in verify.json, beside the other split's scores."""
-        from evomerge.fitness.compressed import CompressedFitness
-        from evomerge.runs.problem import MergeProblem
-
-        meta = json.loads((self.path / "run.json").read_text())
-        fitness = CompressedFitness.load(meta["fitness"])
-        problem = MergeProblem(self.config, fitness, device=device, worker="verify")
+        fitness, problem = self._verify_problem(device)
         scorers = fitness.full_scorers(problem.tokenizer, role=role, device=problem.materializer.device)
         ids = candidate_ids if candidate_ids is not None else list(self.pareto.index)
         results = {}
