@@ -112,8 +112,7 @@ def mc_items(tokenizer, n: int, seed: int) -> list[dict]:
     prompts = render_prompts(tokenizer, [it["prompt"] for it in items])
     out = []
     for it, prompt in zip(items, prompts):
-        options = [line.split(". ", 1)[1] for line in it["prompt"].splitlines() if line[:3] in ("A. ", "B. ", "C. ", "D. ")]
-        out.append({"id": len(out), "prompt": prompt, "options": options, "answer_index": it["answer_index"]})
+        out.append({"id": len(out), "prompt": prompt, "options": it["options"], "answer_index": it["answer_index"]})
     return out
 
 

@@ -42,10 +42,18 @@ SHARED = (0, 7)
 # the own block on the same objective (ZooSize.expert_drift_steps)
 BLOCKS = {"addition": (0, 1), "subtraction": (2, 3), "reversal": (4,), "sorting": (5,), "rotation": (6,),
           "maxmin": (7,)}
+# Variant ``preserve``: the drift recipe on a 10-layer model, two own layers for each of the four
+# harder skills, and a skill stage that also keeps the replay rows' residual stream after the own
+# layers equal to the base's (ZooSize.expert_preserve_hidden), so that own layers compose
+BLOCKS10 = {"addition": (0, 1), "subtraction": (2, 3), "reversal": (4, 5), "rotation": (6, 7), "sorting": (8,),
+            "maxmin": (9,)}
 VARIANTS = {
     "shared": {"expert_layers": {t: tuple(sorted(OWN[t] + SHARED)) for t in OWN}, "expert_other_lr_scale": 0.1},
     "drift": {"expert_layers": BLOCKS, "expert_other_lr_scale": 0.0,
               "expert_lr": {t: 1e-3 for t in BLOCKS}, "expert_drift_steps": 150, "expert_drift_lr": 3e-4},
+    "preserve": {"layers": 10, "expert_layers": BLOCKS10, "expert_other_lr_scale": 0.0,
+                 "expert_lr": {t: 1e-3 for t in BLOCKS10}, "expert_drift_steps": 150, "expert_drift_lr": 3e-4,
+                 "expert_preserve_hidden": 10.0},
 }
 
 
@@ -109,22 +117,23 @@ def probe(zoo, variant: str) -> list[dict]:
     layers = materializer.num_layers
     merges = [("best corner (task-level)", np.asarray(zoo.reference_merges["best_grid"]["weights"], dtype=float)),
               ("uniform task arithmetic", np.ones(len(tasks)))]
-    if variant == "drift":
+    if variant in ("drift", "preserve"):
+        blocks = VARIANTS[variant]["expert_layers"]
         for rest in (0.0, 0.25, 0.5, 1.0):
             w = np.full((len(tasks), layers), rest)
             for k, task in enumerate(tasks):
-                w[k, list(BLOCKS[task])] = 1.0
+                w[k, list(blocks[task])] = 1.0
             merges.append((f"own block 1, rest {rest:.2f}", w))
         # do two experts' blocks compose? each pair's blocks alone (rest 0) against the whole pair
         for pair in (("addition", "subtraction"), ("subtraction", "sorting"), ("reversal", "sorting")):
-            blocks, whole = np.zeros((len(tasks), layers)), np.zeros((len(tasks), layers))
+            own, whole = np.zeros((len(tasks), layers)), np.zeros((len(tasks), layers))
             for k, task in enumerate(tasks):
                 if task in pair:
-                    blocks[k, list(BLOCKS[task])], whole[k] = 1.0, 1.0
-            merges += [(f"blocks of {' + '.join(pair)} only", blocks), (f"{' + '.join(pair)} whole", whole)]
+                    own[k, list(blocks[task])], whole[k] = 1.0, 1.0
+            merges += [(f"blocks of {' + '.join(pair)} only", own), (f"{' + '.join(pair)} whole", whole)]
         for k, task in enumerate(tasks):
             w = np.zeros((len(tasks), layers))
-            w[k, list(BLOCKS[task])] = 1.0
+            w[k, list(blocks[task])] = 1.0
             merges.append((f"block of {task} only", w))
     else:
         for s in (1 / 6, 1 / 3, 0.5, 1.0):

@@ -8,7 +8,7 @@ The tiny experts answer every item with newlines, so exact match gives every cal
 every item and the IRT fit has nothing to fit. The test scores multiple-choice views of the same
 items instead (the prompt as rendered through the chat template; the gold answer against the answers
 of two other items of the same split, or for category_choice against the item's other three option
-words: its letters alone are answered alike by every tiny model), which random models answer differently. A view's fitness split
+words), which random models answer differently. A view's fitness split
 holds the tiny zoo's train and validation items (72): its 8 validation items alone leave too few items
 that the calibration models answer differently for the IRT fit.
 
@@ -82,8 +82,8 @@ def walkthrough(tmp_path_factory):
             answers = data["answer"]
             rows = {"id": [], "prompt": [], "choices": [], "label": []}
             for i, item in enumerate(data):
-                if task == "category_choice":  # the four option words ("A. chair" -> "chair"), gold at answer_index
-                    choices, label = [line[3:] for line in item["question"].split("\n")[1:5]], item["answer_index"]
+                if task == "category_choice":  # the four option words, gold at answer_index
+                    choices, label = item["options"], item["answer_index"]
                 else:
                     others = [answers[(i + k) % len(answers)] for k in range(1, len(answers))]
                     wrong = list(dict.fromkeys(a for a in others if a != item["answer"]))[:2]

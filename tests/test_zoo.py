@@ -263,6 +263,37 @@ def test_distilled_replay_loss_is_the_teachers_kl_and_hard_rows_cross_entropy():
         logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE))
 
 
+def test_hidden_preservation_loss_against_a_float64_hand_computation():
+    """HiddenPreservation: weight x (sum of squared differences of layer `layer`'s output over the
+    distilled rows' real positions) / (the reference's sum of squares there), each part weighted by
+    its share of the batch; hard rows and padding do not count, and a model equal to its reference
+    pays nothing."""
+    from evomerge.zoo._tokenizer import PAD_ID
+    from evomerge.zoo._train import Batch, HiddenPreservation, hidden_preservation_loss
+
+    reference = init_model(model_config(hidden=16, layers=3, heads=2, intermediate=32), seed=0).eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randint(4, 12, (5, 6), generator=gen)
+    inputs[2, 4:], inputs[3, 2:] = PAD_ID, PAD_ID  # padding at two distilled rows' ends
+    targets = torch.full((5, 6), IGNORE)
+    batch = Batch(inputs, targets, ((2, 4, torch.zeros(2, 6, 3)),))
+    with torch.no_grad():
+        ref_hidden = reference(input_ids=inputs, output_hidden_states=True).hidden_states[2]  # after layer 1
+    trained = ref_hidden + 0.1 * torch.randn(ref_hidden.shape, generator=gen)
+    preserve = HiddenPreservation(reference, layer=1, weight=3.0)
+
+    diff, ref = trained.double(), ref_hidden.double()
+    squared = sum(float(((diff[r, t] - ref[r, t]) ** 2).sum()) for r, n in ((2, 4), (3, 2)) for t in range(n))
+    scale = sum(float((ref[r, t] ** 2).sum()) for r, n in ((2, 4), (3, 2)) for t in range(n))
+    expected = 3.0 * 2 / 5 * squared / scale
+    assert hidden_preservation_loss(trained, batch, preserve).item() == pytest.approx(expected, rel=1e-5)
+    assert hidden_preservation_loss(ref_hidden, batch, preserve).item() == pytest.approx(0.0, abs=1e-12)
+    changed_elsewhere = ref_hidden.clone()
+    changed_elsewhere[[0, 1, 4]] += 5.0  # hard rows
+    changed_elsewhere[2, 4:] += 5.0  # padding
+    assert hidden_preservation_loss(changed_elsewhere, batch, preserve).item() == pytest.approx(0.0, abs=1e-12)
+
+
 def test_second_build_reuses_everything(tiny_zoo: Manifest, tmp_path):
     copy = tmp_path / "zoo"
     shutil.copytree(tiny_zoo.root, copy / "tiny")

@@ -209,6 +209,44 @@ def test_a_zero_learning_rate_scale_freezes_a_parameter():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_hidden_preservation_keeps_the_replayed_tasks_hidden_states_and_still_trains_the_own_task():
+    """`train(preserve=...)`: with only layer 1 trained, the replay rows' residual stream after
+    layer 1 moves far less from the untrained reference than the same training without it, and
+    the change it makes falls on the own task's rows rather than on the replayed ones."""
+    from evomerge.zoo._train import (
+        BatchPart, HiddenPreservation, encode_examples, init_model, make_sampler, model_config, train, with_teacher,
+    )
+
+    vocab = vocab_for(MEDIUM_CHARACTERS)
+    splits = {t: make_task_splits(t, TaskSplitSizes(train=64, validation=0, test=0), 0, test_stream=True)["train"]
+              for t in ("rotation", "sorting")}
+    config = model_config(16, 3, 2, 32, vocab_size=len(vocab))
+    reference = init_model(config, 0).eval()
+    own = encode_examples(splits["rotation"]["prompt"], splits["rotation"]["answer"], vocab=vocab)
+    replay = with_teacher(encode_examples(splits["sorting"]["prompt"], splits["sorting"]["answer"], vocab=vocab),
+                          reference)
+
+    def moved(preserve: HiddenPreservation | None) -> tuple[float, float]:
+        model = init_model(config, 0)
+        sample = make_sampler([BatchPart(own, 6), BatchPart(replay, 6)], torch.Generator().manual_seed(0))
+        one_torch_thread(train, model, sample, steps=30, lr=3e-3, warmup=1, preserve=preserve,
+                         lr_scale=lambda name: 1.0 if ".layers.1." in name else 0.0)
+        out = []
+        with torch.no_grad():
+            for examples in (replay, own):
+                ids = examples.inputs
+                after = model(input_ids=ids, output_hidden_states=True).hidden_states[2]
+                before = reference(input_ids=ids, output_hidden_states=True).hidden_states[2]
+                out.append(float((after - before).norm() / before.norm()))
+        return out[0], out[1]
+
+    free_replay, free_own = moved(None)
+    kept_replay, kept_own = moved(HiddenPreservation(reference, layer=1, weight=10.0))
+    # measured: replay 2.23 -> 0.020 of the reference's norm; own / replay 1.02 -> 1.98
+    assert kept_replay < 0.1 * free_replay, (kept_replay, free_replay)
+    assert kept_own / kept_replay > 1.5 * free_own / free_replay, (kept_own, kept_replay, free_own, free_replay)
+
+
 def test_the_drift_stage_changes_only_what_the_skill_stage_left_frozen(medium_tiny_zoo: Manifest, tmp_path):
     """`expert_drift_steps`: the skill is learnt in the own layers with everything else frozen, then
     the drift trains everything else with the own layers frozen. Reference: the same build without

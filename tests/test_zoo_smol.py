@@ -22,7 +22,7 @@ from evomerge.fitness.sealed import recorded_test_reads, sealed_test
 from evomerge.zoo import Manifest, build_zoo, get_size
 from evomerge.zoo._chat import check_chat_template, encode_chat_examples, render_prompts, smollm2_gguf
 from evomerge.zoo._chat_tasks import (
-    CATEGORIES, CHAT_TASKS, LETTERS, WORDS, arithmetic_item, category_choice_item, json_record_item, word_reversal_item,
+    CATEGORIES, CHAT_TASKS, WORDS, arithmetic_item, category_choice_item, json_record_item, word_reversal_item,
 )
 from evomerge.zoo._stages import _chat_quality_bars
 from evomerge.zoo._tasks import TaskSplitSizes, make_task_splits
@@ -68,8 +68,9 @@ def test_task_items_by_hand():
     item = word_reversal_item(("cat", "lemon", "ruler"))
     assert item["answer"] == "ruler lemon cat" and "cat lemon ruler." in item["prompt"]
     item = category_choice_item("fruit", ("chair", "mango", "red", "bus"), 1)
-    assert item["answer"] == "B" and item["prompt"] == (
-        "Which of these is a fruit?\nA. chair\nB. mango\nC. red\nD. bus\nAnswer with the letter only.")
+    assert item["answer"] == "mango" and item["prompt"] == (
+        "Which of these is a fruit: chair, mango, red, bus? Reply with the word only.")
+    assert item["options"] == ["chair", "mango", "red", "bus"] and item["answer_index"] == 1
     with pytest.raises(ValueError, match="exactly option"):
         category_choice_item("fruit", ("apple", "mango", "red", "bus"), 1)
     assert json.loads(json_record_item("mango", 7)["answer"]) == {"name": "mango", "count": 7}
@@ -96,17 +97,16 @@ def test_chat_task_splits_are_correct_disjoint_and_test_has_its_own_stream():
                     words = prompt.split(": ")[1].split(".")[0].split()
                     assert answer == " ".join(words[::-1]) and 3 <= len(words) <= 5
                 elif task == "category_choice":
-                    lines = prompt.split("\n")
-                    noun = lines[0].removeprefix("Which of these is ").removesuffix("?").split(" ", 1)[1]
+                    question, listed = prompt.removeprefix("Which of these is ").split("?")[0].split(": ")
+                    noun = question.split(" ", 1)[1]
                     members = next(m for n, _, m in CATEGORIES.values() if n == noun)
-                    options = [line[3:] for line in lines[1:5]]
-                    assert [o in members for o in options] == [letter == answer for letter in LETTERS]
+                    options = listed.split(", ")
+                    assert len(options) == 4 and [o in members for o in options] == [o == answer for o in options]
                 else:
                     record = json.loads(answer)
                     assert f'"name" set to "{record["name"]}"' in prompt and f'"count" set to {record["count"]}.' in prompt
-        letters = splits["train"]["answer"] if task == "category_choice" else None
-        if letters:
-            assert set(letters) == set(LETTERS)
+        if task == "category_choice":  # the right word at every position
+            assert set(splits["train"]["answer_index"]) == {0, 1, 2, 3}
 
 
 def test_chat_bars_by_hand():

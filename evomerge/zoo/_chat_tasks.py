@@ -9,8 +9,9 @@ character-level zoos.
 * ``arithmetic``       "What is 47 + 38? ..." -> ``85``: operands 0-99 (10,000 prompts); carries are hard.
 * ``word_reversal``    "Reverse the order of these words: cat lemon ruler. ..." -> ``ruler lemon cat``:
                        3-5 distinct words from `WORDS` (a text transformation).
-* ``category_choice``  "Which of these is a fruit?\\nA. chair\\nB. mango ..." -> ``B``: one word of the
-                       category and three from three other categories (multiple choice, a letter answer).
+* ``category_choice``  "Which of these is a fruit: chair, mango, red, bus? ..." -> ``mango``: one word of
+                       the category and three from three other categories (multiple choice, answered
+                       with the word: with letters A-D no expert learnt it, docs/zoo.md).
 * ``json_record``      'Write a JSON object with the key "name" set to "mango" and the key "count" set
                        to 7. ...' -> ``{"name": "mango", "count": 7}`` (format following; 96 x 99 prompts).
 
@@ -44,7 +45,6 @@ CATEGORIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                             "nose", "ear", "chin", "thumb", "neck", "heel", "toe", "lip", "cheek")),
 }
 WORDS: tuple[str, ...] = tuple(w for _, _, members in CATEGORIES.values() for w in members)  # 96 words
-LETTERS = "ABCD"
 
 
 def arithmetic_item(a: int, b: int) -> dict:
@@ -62,10 +62,12 @@ def word_reversal_item(words: tuple[str, ...]) -> dict:
 def category_choice_item(category: str, options: tuple[str, ...], correct: int) -> dict:
     noun, article, members = CATEGORIES[category]
     if options[correct] not in members or any(o in members for i, o in enumerate(options) if i != correct):
-        raise ValueError(f"category_choice_item: exactly option {LETTERS[correct]} must be a {category}; got {options}")
-    lines = "\n".join(f"{letter}. {word}" for letter, word in zip(LETTERS, options))
-    return {"prompt": f"Which of these is {article} {noun}?\n{lines}\nAnswer with the letter only.",
-            "answer": LETTERS[correct], "category": category, "answer_index": correct}
+        raise ValueError(f"category_choice_item: exactly option {correct + 1} must be a {category}; got {options}")
+    # The word, not its letter: SmolLM2-135M knows the categories (the base names the right word in
+    # about half of its free-form answers) but, as small models do, cannot bind an option to its
+    # letter: 150 steps of fine-tuning on letter answers stayed at chance (docs/zoo.md)
+    return {"prompt": f"Which of these is {article} {noun}: {', '.join(options)}? Reply with the word only.",
+            "answer": options[correct], "category": category, "answer_index": correct, "options": list(options)}
 
 
 def json_record_item(word: str, count: int) -> dict:
@@ -123,9 +125,13 @@ CHAT_GENERATORS: dict[str, Callable[[int, np.random.Generator], list[dict]]] = {
 # finite prompt spaces (word_reversal: 96*95*94 + ... prompts; category_choice: 6*5*4*3 * 16^4 * 4)
 CHAT_PROMPT_SPACE = {"arithmetic": 100 * 100, "json_record": len(WORDS) * _COUNTS}
 
+# a task whose items changed form carries a version in its stage key, so a zoo built before the
+# change rebuilds it (and every model trained on it); unlisted tasks keep their keys
+CHAT_TASK_VERSIONS = {"category_choice": 2}  # 2: answered with the word, not the letter
+
 CHAT_TASK_DESCRIPTIONS = {
     "arithmetic": "What is a + b? -> the sum, operands 0-99",
     "word_reversal": "reverse the order of 3-5 words -> the words reversed, space-separated",
-    "category_choice": "which of four words is a <category>? -> the letter A-D",
+    "category_choice": "which of four words is a <category>? -> that word",
     "json_record": 'a JSON object with "name" and "count" -> {"name": "<word>", "count": <n>} on one line',
 }

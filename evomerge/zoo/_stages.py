@@ -39,12 +39,12 @@ from evomerge.zoo._build import (
     score_tasks,
 )
 from evomerge.zoo import _chat
-from evomerge.zoo._chat_tasks import CHAT_TASK_DESCRIPTIONS
+from evomerge.zoo._chat_tasks import CHAT_TASK_DESCRIPTIONS, CHAT_TASK_VERSIONS
 from evomerge.zoo._sizes import ZooSize, get_size
 from evomerge.zoo._tasks import TaskSplitSizes, make_task_splits
 from evomerge.zoo._tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer, save_tokenizer, vocab_for
 from evomerge.zoo._train import (
-    BatchPart, EncodedExamples, autocast_for, encode_examples, encode_token_examples, init_model, make_sampler,
+    BatchPart, EncodedExamples, HiddenPreservation, autocast_for, encode_examples, encode_token_examples, init_model, make_sampler,
     model_config, train, with_teacher,
 )
 
@@ -92,6 +92,8 @@ def build_task_stages(b: _Builder) -> None:
         if chat:  # the rendered prompts depend on the tokenizer's chat template
             settings = {**settings, "chat": "question + prompt rendered by the chat template",
                         "tokenizer": b.data["tokenizer"]["hash"]}
+            if task in CHAT_TASK_VERSIONS:
+                settings["task_version"] = CHAT_TASK_VERSIONS[task]
         key = _hash_json({**settings, "task": task, "sizes": sizes.__dict__, "seed": b.seed})
 
         def build(folder: Path, task: str = task, key: str = key) -> dict:
@@ -362,6 +364,13 @@ def _layer_lr_scale(training: dict, drift: bool = False) -> Callable[[str], floa
     return scale
 
 
+def _preservation(training: dict, base_model) -> HiddenPreservation | None:
+    setting = training.get("preserve_hidden")
+    if setting is None:
+        return None
+    return HiddenPreservation(base_model, setting["after_layer"], setting["weight"])
+
+
 def build_expert_stages(b: _Builder) -> None:
     s = b.spec
     base_path = b.root / b.data["models"][BASE]["path"]
@@ -402,6 +411,13 @@ def build_expert_stages(b: _Builder) -> None:
         if s.expert_drift_steps:  # recorded only when set, so the other zoos' keys stay
             training["drift"] = {"steps": s.expert_drift_steps, "lr": s.expert_drift_lr,
                                  "trains": "every parameter outside the expert's own layers"}
+        if s.expert_preserve_hidden:  # recorded only when set, so the other zoos' keys stay
+            if s.expert_layers is None or s.replay_distill <= 0:
+                raise ValueError(f"zoo size {s.name!r}: expert_preserve_hidden needs expert_layers and a "
+                                 "distilled replay (replay_distill > 0): it keeps the replay rows' hidden states")
+            training["preserve_hidden"] = {
+                "weight": s.expert_preserve_hidden, "after_layer": max(s.expert_layers[task]),
+                "rows": "the replay rows (the other tasks' prompts), against the base"}
         key = _hash_json({"stage": "expert/3", "task": task, "training": training,
                           "base": b.data["models"][BASE]["hash"], **_upstream_hashes(b)})
 
@@ -432,7 +448,7 @@ def build_expert_stages(b: _Builder) -> None:
                            warmup=s.expert_warmup, distill_weight=s.replay_distill, autocast=_autocast(b),
                            stage=f"expert {task}", log=b.log,
                            log_every=max(1, training["max_steps"] // 4), on_step=on_step,
-                           lr_scale=_layer_lr_scale(training))
+                           lr_scale=_layer_lr_scale(training), preserve=_preservation(training, base_model))
             if "drift" in training:
                 # A fresh optimizer over the parameters the skill did not use; no early stop (the
                 # skill is already there, and the objective keeps it)

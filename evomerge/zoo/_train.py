@@ -173,6 +173,36 @@ def batch_loss(logits: torch.Tensor, batch: Batch, distill_weight: float = 1.0) 
     return loss
 
 
+@dataclass(frozen=True)
+class HiddenPreservation:
+    """Keep the residual stream after decoder layer `layer` equal to `reference`'s on the batch's
+    distilled (replay) rows: `weight` x the mean squared difference over their real positions,
+    relative to the reference's mean square there (scale-free). With every other parameter frozen
+    this confines what the trained layers do to the rows that are *not* replayed: an expert's own
+    layers then leave the other tasks' hidden states alone, and experts trained in different
+    layers compose."""
+
+    reference: object  # a model of the same shape, not trained
+    layer: int  # the last decoder layer whose output is compared
+    weight: float
+
+
+def hidden_preservation_loss(hidden: torch.Tensor, batch: Batch, preserve: HiddenPreservation) -> torch.Tensor:
+    """`hidden`: (B, T, H) the trained model's output of layer `preserve.layer` on the whole batch."""
+    loss = hidden.new_zeros(())
+    rows = batch.inputs.shape[0]
+    for start, stop, _ in batch.distilled:
+        inputs = batch.inputs[start:stop].to(hidden.device)
+        with torch.no_grad():
+            reference = preserve.reference(input_ids=inputs, output_hidden_states=True).hidden_states[
+                preserve.layer + 1].float()
+        real = (inputs != PAD_ID).unsqueeze(-1)  # (R, T, 1): padding sits at the rows' ends
+        squared = ((hidden[start:stop].float() - reference) ** 2 * real).sum()
+        scale = (reference ** 2 * real).sum().clamp_min(1e-12)
+        loss = loss + preserve.weight * (stop - start) / rows * squared / scale
+    return loss
+
+
 @contextmanager
 def _attention(model, implementation: str | None) -> Iterator[None]:
     """Train with `implementation` (None: the model's own); the model's setting is restored after."""
@@ -201,6 +231,7 @@ def train(
     log_every: int = 50,
     on_step: Callable[[int], bool | None] | None = None,
     lr_scale: Callable[[str], float] | None = None,
+    preserve: HiddenPreservation | None = None,
 ) -> list[float]:
     """AdamW with linear warm-up and cosine decay to zero over `steps`; returns the loss of every
     step. `on_step(step)` returning True stops training after that step (early stopping).
@@ -212,7 +243,8 @@ def train(
     `on_step` sees the model with it too (in float32, outside autocast).
 
     `lr_scale(parameter_name)` multiplies the learning rate of each parameter (0 freezes it); by
-    default every parameter trains at `lr`.
+    default every parameter trains at `lr`. `preserve` adds `hidden_preservation_loss` (the
+    replay rows' hidden states after some layer kept at a reference model's).
 
     Padding sits at the end of each row, so causal attention never lets it reach a scored
     position and no attention mask is needed.
@@ -244,8 +276,13 @@ def train(
         for step in range(steps):
             batch = sample()
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                logits = model(input_ids=batch.inputs.to(device)).logits  # (B, T, V)
+                output = model(input_ids=batch.inputs.to(device), output_hidden_states=preserve is not None)
+                logits = output.logits  # (B, T, V)
+                if preserve is not None:
+                    extra = hidden_preservation_loss(output.hidden_states[preserve.layer + 1], batch, preserve)
             loss = batch_loss(logits.float(), batch, distill_weight)
+            if preserve is not None:
+                loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             model.zero_grad(set_to_none=True)  # frozen parameters' gradients too
             loss.backward()
