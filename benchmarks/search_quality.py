@@ -292,7 +292,7 @@ def random_subset_fitness(manifest, work: Path, main_path: Path, items: int) -> 
     per task (seed 0), with no calibration at all. A `CompressedFitness` whose estimator is
     'subset' (the subset's mean); its item parameters are zero placeholders that 'subset' never
     reads, so nothing is scored to build it (0 item evaluations)."""
-    from evomerge.fitness.calibrate import _model_fingerprints
+    from evomerge.fitness.calibrate import model_fingerprints
     from evomerge.fitness.compressed import CompressedFitness, FitnessError, TaskFitness
     from evomerge.fitness.estimators import CompressedEstimator
     from evomerge.fitness.irt import IRTParams
@@ -317,7 +317,7 @@ def random_subset_fitness(manifest, work: Path, main_path: Path, items: int) -> 
         estimator = CompressedEstimator(IRTParams(zeros, zeros, np.zeros(1)), subset, None, {}, mixing_method="none")
         tasks[t] = TaskFitness(tf.task, [ids[i] for i in subset.items], estimator, dataset_hash(split), len(ids))
     meta = {"models": main.meta["models"], "item_evaluations": 0, "calibration_models": 0,
-            "model_fingerprints": _model_fingerprints(str(manifest.base_path), [str(p) for p in manifest.expert_paths],
+            "model_fingerprints": model_fingerprints(str(manifest.base_path), [str(p) for p in manifest.expert_paths],
                                                       False),
             "note": "random subset, estimator 'subset' (plain mean); no IRT: placeholder item parameters"}
     return CompressedFitness(name, tasks, "subset", meta).save(target, overwrite=True)

@@ -329,7 +329,7 @@ def fit_task_calibration(
                                    empirical_prior=empirical_prior)
 
 
-def _model_fingerprints(base: str, experts: list[str], allow_pickle: bool) -> dict:
+def model_fingerprints(base: str, experts: list[str], allow_pickle: bool) -> dict:
     """The calibration models' weights fingerprints: a search reusing this fitness checks them."""
     from evomerge.merge.checkpoint import ModelFolder
 
@@ -380,7 +380,7 @@ def calibrate(
         raise FitnessError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
     irt_dims = default_dims(irt_model, irt_dims)
     started = time.perf_counter()
-    fingerprints = _model_fingerprints(base, experts, allow_pickle)
+    fingerprints = model_fingerprints(base, experts, allow_pickle)
     for t in tasks:
         size = len(t.load_split("fitness"))
         if n > size:
