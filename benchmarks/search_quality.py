@@ -513,11 +513,26 @@ JOBS = {"search": search_job, "corners": corners_job, "test": test_job, "fixed":
 _SEAL = None
 
 
+def exit_with_parent(parent: int, poll_seconds: float = 1.0) -> None:
+    """End this process soon after `parent` ends. A study killed without a chance to clean up
+    (SIGTERM, SIGKILL) would otherwise leave its pool processes running their searches and holding
+    the run folders' locks, and `--resume` would refuse those folders until they finished."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)  # the run's lock is left stale; the next resume takes it over
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _init_worker(seal_reason: str | None) -> None:
     """A pool process: one torch thread, warnings off, and in the development phase every test
     split sealed for the process's lifetime (the seal is per process)."""
     global _SEAL
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    exit_with_parent(os.getppid())
     import torch
 
     torch.set_num_threads(1)

@@ -289,3 +289,34 @@ def test_levers_on_test_pair_every_seed_with_a_deterministic_baseline_reference_
     assert corners_arm["vs_reference_mean"]["n"] == 3
     text = levers.markdown(result, "cmd", "t")
     assert "| corners | 1 (deterministic) | 99 | 71.0 | 60.0 | +1.0 [" in text and "reference - arm" in text
+
+
+def test_a_pool_process_ends_soon_after_its_parent_is_killed(tmp_path):
+    """`exit_with_parent`: a grandchild that watches its parent outlives it by about the poll
+    interval; without the watch it would sleep its whole minute (the check at the end)."""
+    import os
+    import subprocess
+    import time
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    child = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen([sys.executable, '-c', sys.argv[1]])\n"
+             "print(p.pid, flush=True)\n"
+             "import time; time.sleep(0.5)\n"
+             "os._exit(0)  # the parent dies without cleaning up\n")
+    grandchild = (f"import sys, os, time; sys.path.insert(0, {str(bench)!r}); sys.path.insert(0, {str(bench.parent)!r})\n"
+                  "from search_quality import exit_with_parent\n"
+                  "exit_with_parent(os.getppid(), poll_seconds=0.1)\n"
+                  "time.sleep(60)\n")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", child, grandchild], capture_output=True, text=True, timeout=30)
+    pid = int(out.stdout.split()[0])
+    while time.monotonic() - started < 20:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the grandchild outlived its parent by 20 s")
