@@ -710,7 +710,8 @@ def zoo_main(args: argparse.Namespace) -> None:
         study = json.loads(path.read_text())
         records = [json.loads(p.read_text()) for p in sorted(results.glob("*/*.json"))]
         wanted = {r.key for r in rows}
-        markdown, _ = report(rows, [r for r in records if r["row"] in wanted], study)
+        markdown, comparisons = report(rows, [r for r in records if r["row"] in wanted], study)
+        write_comparisons(results / "comparisons.json", comparisons)
         print(markdown)
         if args.record:
             record_section(section_key(manifest.size), markdown, Path(args.results_md))
@@ -766,11 +767,21 @@ def zoo_main(args: argparse.Namespace) -> None:
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*/*.json"))]
     wanted = {r.key for r in rows}
     markdown, comparisons = report(rows, [r for r in records if r["row"] in wanted], study)
-    (results / "comparisons.json").write_text(json.dumps([c.to_json() for c in comparisons], indent=1))
+    write_comparisons(results / "comparisons.json", comparisons)
     print()
     print(markdown)
     if args.record:
         record_section(section_key(manifest.size), markdown, Path(args.results_md))
+
+
+def write_comparisons(path: Path, comparisons: list) -> None:
+    """The paired comparisons as JSON, merged into the file's: a run or report over some of the
+    study's rows replaces those rows' entries (same row, baseline and metric) and keeps the others'."""
+    fresh = [c.to_json() for c in comparisons]
+    key = lambda c: (c["row"], c["baseline"], c["metric"])  # noqa: E731
+    replaced = {key(c) for c in fresh}
+    kept = [c for c in json.loads(path.read_text()) if key(c) not in replaced] if path.is_file() else []
+    path.write_text(json.dumps(kept + fresh, indent=1))
 
 
 def _load(path: Path) -> dict:

@@ -320,3 +320,22 @@ def test_a_pool_process_ends_soon_after_its_parent_is_killed(tmp_path):
     else:
         os.kill(pid, 9)
         pytest.fail("the grandchild outlived its parent by 20 s")
+
+
+def test_comparisons_of_a_partial_run_replace_only_their_own_entries(tmp_path):
+    """`write_comparisons`: a run over some rows replaces those rows' (row, baseline, metric) entries and
+    keeps the rest, so the file stays complete whichever subset of the study ran last."""
+    study = _load("search_quality")
+
+    class Comparison:
+        def __init__(self, row, baseline, metric, mean):
+            self.data = {"row": row, "baseline": baseline, "metric": metric, "difference": {"mean": mean}}
+
+        def to_json(self):
+            return self.data
+
+    path = tmp_path / "comparisons.json"
+    study.write_comparisons(path, [Comparison("a", "corners", "chosen_mean", 1.0), Comparison("b", "corners", "chosen_mean", 2.0)])
+    study.write_comparisons(path, [Comparison("b", "corners", "chosen_mean", 3.0), Comparison("b", "corners", "hv", 4.0)])
+    got = [(c["row"], c["metric"], c["difference"]["mean"]) for c in json.loads(path.read_text())]
+    assert got == [("a", "chosen_mean", 1.0), ("b", "chosen_mean", 3.0), ("b", "hv", 4.0)]
