@@ -262,18 +262,23 @@ def _calibrated(manifest, work: Path, name: str, settings: dict[str, Any]) -> Pa
     return calibrate_from_config(path, out_dir=target, overwrite=True, echo=quiet)
 
 
+# The searched rows' subsets: anchors, the library's default when the committed studies ran (the
+# default is random items since; pinned so that a resumed study keeps one fitness for all its rows)
+STUDY_SUBSET_METHOD = "anchors"
+
+
 def main_fitness(manifest, work: Path, subset: int, random_merges: int | None) -> Path:
-    """The searched rows' fitness: the calibration defaults (endpoints + random merges, anchors
-    subsets of `subset` items per task, gp-IRT)."""
-    from evomerge.fitness.calibrate import DEFAULT_IRT_DIMS, DEFAULT_RANDOM_MERGES, DEFAULT_SUBSET_METHOD
+    """The searched rows' fitness: the calibration defaults as the committed studies ran them
+    (endpoints + random merges, anchors subsets of `subset` items per task, gp-IRT)."""
+    from evomerge.fitness.calibrate import DEFAULT_IRT_DIMS, DEFAULT_RANDOM_MERGES
 
     merges = DEFAULT_RANDOM_MERGES if random_merges is None else random_merges
-    name = (f"zoo_{manifest.size}_{manifest.content_hash[:8]}_bench_r{merges}_n{subset}_{DEFAULT_SUBSET_METHOD}"
+    name = (f"zoo_{manifest.size}_{manifest.content_hash[:8]}_bench_r{merges}_n{subset}_{STUDY_SUBSET_METHOD}"
             f"_d{DEFAULT_IRT_DIMS}")
     return _calibrated(manifest, work, name, {
         "calibration": {"random_merges": merges, "method": "task_arithmetic", "weight": [0.0, 1.5],
                         "density": [0.2, 1.0], "seed": 0},
-        "subset": {"n": subset, "seed": 0}})  # the rest: `evomerge fitness calibrate` defaults
+        "subset": {"n": subset, "method": STUDY_SUBSET_METHOD, "seed": 0}})  # the rest: `evomerge fitness calibrate` defaults
 
 
 def mergenetic_fitness(manifest, work: Path, items: int) -> Path:

@@ -291,6 +291,10 @@ def compare(rows: dict[str, list[dict]], row: str, baseline: str, metric: str, *
     return Comparison(row, baseline, metric, paired_difference(a, b), items_a, items_b, matched, "", fixed_recipe)
 
 
+BASELINE_TITLES = ("corners (a)", "task-level, same optimizer (b)", "mergekit-evolve-style (c)", "Mergenetic-style (d)",
+                   "uniform task arithmetic (e)", "TIES defaults (e)")
+
+
 def baseline_keys(row: Row, available: Sequence[str]) -> list[tuple[str, str]]:
     """(column title, baseline row key) a per-layer row is compared with."""
     out = [("corners (a)", "corners")]
@@ -338,14 +342,15 @@ def comparison_table(rows: Sequence[Row], records: dict[str, list[dict]], metric
     searched = [r for r in rows if r.family == "per-layer" and r.key in records]
     if not searched:
         return [], []
-    titles = list(dict.fromkeys(title for r in searched for title, _ in baseline_keys(r, list(records))))
+    present = {title for r in searched for title, _ in baseline_keys(r, list(records))}
+    titles = [t for t in BASELINE_TITLES if t in present]  # one order, whichever row has which baselines
     if not titles:
         return [], []
     fixed = {r.key for r in rows if r.family == "fixed"}
     lines = ["| row | " + " | ".join(titles) + " |", "|---|" + "---|" * len(titles)]
     out = []
     for r in searched:
-        cells = dict.fromkeys(titles, "")
+        cells = dict.fromkeys(titles, "not run")
         for title, key in baseline_keys(r, list(records)):
             c = compare(records, r.key, key, metric, fixed_recipe=key in fixed)
             cells[title] = c.cell()

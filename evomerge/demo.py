@@ -211,6 +211,23 @@ def _run_models(run_config: Path) -> tuple[str, list[str]]:
     return str(models.base), [str(e) for e in models.experts]
 
 
+def preset_mismatches(fitness, calibration: Path) -> list[str]:
+    """What of the calibration preset a saved fitness was not made with: its estimator, and each
+    task's subset method and size (a changed default or preset must not keep an old fitness)."""
+    from evomerge.fitness.calibrate import load_calibration_config
+
+    config, _ = load_calibration_config(calibration)
+    out = [] if fitness.estimator == config.estimator else [
+        f"estimator {fitness.estimator}, the preset's {config.estimator}"]
+    for name, task in fitness.tasks.items():
+        subset = task.estimator.subset
+        n = min(config.subset.n, task.n_total)
+        if subset.method != config.subset.method or len(subset.items) != n:
+            out.append(f"{name}: subset {subset.method} n={len(subset.items)}, the preset's "
+                       f"{config.subset.method} n={n}")
+    return out
+
+
 def ensure_fitness(paths: DemoPaths) -> Path:
     """Step 2: reuse the compressed fitness if it matches the run's models, else calibrate it."""
     from evomerge.fitness.calibrate import calibrate_from_config
@@ -221,9 +238,12 @@ def ensure_fitness(paths: DemoPaths) -> Path:
     except FileNotFoundError:
         return calibrate_from_config(paths.calibration)
     base, experts = _run_models(paths.run_config)
-    stale = CompressedFitness.load(path).model_mismatches(base, experts, unknown_is_stale=True)
-    if stale:  # the zoo was rebuilt (a new recipe or seed) since this fitness was calibrated
-        print(f"{path} does not match the zoo's models ({'; '.join(stale)}); recalibrating")
+    fitness = CompressedFitness.load(path)
+    stale = fitness.model_mismatches(base, experts, unknown_is_stale=True)
+    if paths.calibration.is_file():  # without its preset a fitness can be reused but not remade
+        stale += preset_mismatches(fitness, paths.calibration)
+    if stale:  # the zoo was rebuilt, or the preset changed, since this fitness was calibrated
+        print(f"{path} does not match the zoo's models or the calibration preset ({'; '.join(stale)}); recalibrating")
         return calibrate_from_config(paths.calibration, overwrite=True)
     print(f"reusing {path}")
     return path

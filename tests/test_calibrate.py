@@ -111,7 +111,7 @@ def test_calibration_saves_the_population_and_fits_the_mixing_weights_on_the_ran
         # the saved calibration is the one the pipeline's own function makes from these answers
         refit = fit_task_calibration(y, arrays["endpoint_rows"], arrays["mixing_rows"], n=N_SUBSET, n_folds=FOLDS)
         saved = fitness.task(task.name).estimator
-        assert saved.subset.method == DEFAULT_SUBSET_METHOD == "anchors"
+        assert saved.subset.method == DEFAULT_SUBSET_METHOD == "random"
         np.testing.assert_array_equal(saved.subset.items, refit.subset.items)
         assert saved.mixing_weights == refit.mixing_weights
         assert saved.mixing_method == "cv"
@@ -300,3 +300,27 @@ def test_example_config_resolves_against_its_own_folder():
         assert task.prompt == "{prompt}" and task.scorer == "exact_match" and task.id_field == "id"
         assert (root / entry.dataset["path"]).resolve() == REPO / "zoo" / "small" / "tasks" / entry.preset[4:]
         assert Path(task.dataset["path"]) == Path.cwd() / "zoo" / "small" / "tasks" / entry.preset[4:]
+
+
+def test_the_demo_recalibrates_when_the_preset_no_longer_describes_the_saved_fitness(calibrated, monkeypatch):
+    """`demo.preset_mismatches`: a saved fitness is stale when the preset asks for another estimator,
+    subset method or subset size (a changed default must not keep an old fitness), and not otherwise."""
+    from types import SimpleNamespace
+
+    import evomerge.fitness.calibrate as calibrate_module
+    from evomerge.demo import preset_mismatches
+
+    _, tasks, path = calibrated
+    fitness = CompressedFitness.load(path)
+
+    def preset(estimator=fitness.estimator, method=DEFAULT_SUBSET_METHOD, n=N_SUBSET):
+        config = SimpleNamespace(estimator=estimator, subset=SimpleNamespace(method=method, n=n))
+        monkeypatch.setattr(calibrate_module, "load_calibration_config", lambda _: (config, None))
+        return preset_mismatches(fitness, Path("preset.yaml"))
+
+    assert preset() == []
+    other = [m for m in ("random", "anchors") if m != DEFAULT_SUBSET_METHOD][0]
+    assert preset(method=other) == [f"{t.name}: subset {DEFAULT_SUBSET_METHOD} n={N_SUBSET}, the preset's {other} "
+                                    f"n={N_SUBSET}" for t in tasks]
+    assert len(preset(n=N_SUBSET + 1)) == len(tasks)
+    assert preset(estimator="p-IRT") == [f"estimator {fitness.estimator}, the preset's p-IRT"]

@@ -23,7 +23,10 @@ task accuracy; the mixing weight of gp-IRT / gmp-IRT (fitted by cross-validation
 On the small zoo at n = 20 per task (benchmarks/fitness_estimation.py; benchmarks/RESULTS.md,
 "Fitness estimation") the best estimator's MAE on 64 held-out merges was 0.036 with anchors,
 0.039 with random items and 0.083 with informative ones; Spearman per task 0.92, 0.86 and 0.80.
-Informative items were best on an earlier zoo with 300-item splits; anchors are the default now.
+Informative items were best on an earlier zoo with 300-item splits; anchors were the default until
+measured on per-layer search candidates, where their error doubles (small zoo: 0.034 on held-out
+merges, 0.059 on search candidates) while random items keep theirs (0.025, 0.029): random is the
+default now (`calibrate.DEFAULT_SUBSET_METHOD`).
 
 n = N (the whole split, the natural way to ask for an exact fitness) keeps every item at weight 1/N
 whatever the method: anchors could not form N distinct clusters when items share IRT parameters,
