@@ -53,7 +53,7 @@ models: {base: ../zoo/small/models/base, experts: [../zoo/small/models/addition,
 tasks:
   - {preset: zoo_addition, dataset: {path: ../zoo/small/tasks/addition}}
 calibration: {random_merges: 10, method: task_arithmetic, weight: [0.0, 1.5], density: [0.2, 1.0], seed: 0}
-subset: {n: 20, method: anchors, seed: 0}   # features: irt | correctness; or random, or informative
+subset: {n: 20, method: random, seed: 0}    # the default; or anchors (features: irt | correctness), or informative
 irt: {model: 2pl-jmap, dims: 2, prior: empirical}   # or {model: 2pl, dims: 1} (girth's MML; minutes per fit)
 mixing: {method: cv, folds: 5}        # or {method: bias-variance} (in-sample, no refits)
 estimator: gp-IRT                     # or subset, p-IRT, mp-IRT, gmp-IRT
