@@ -211,26 +211,9 @@ def _run_models(run_config: Path) -> tuple[str, list[str]]:
     return str(models.base), [str(e) for e in models.experts]
 
 
-def preset_mismatches(fitness, calibration: Path) -> list[str]:
-    """What of the calibration preset a saved fitness was not made with: its estimator, and each
-    task's subset method and size (a changed default or preset must not keep an old fitness)."""
-    from evomerge.fitness.calibrate import load_calibration_config
-
-    config, _ = load_calibration_config(calibration)
-    out = [] if fitness.estimator == config.estimator else [
-        f"estimator {fitness.estimator}, the preset's {config.estimator}"]
-    for name, task in fitness.tasks.items():
-        subset = task.estimator.subset
-        n = min(config.subset.n, task.n_total)
-        if subset.method != config.subset.method or len(subset.items) != n:
-            out.append(f"{name}: subset {subset.method} n={len(subset.items)}, the preset's "
-                       f"{config.subset.method} n={n}")
-    return out
-
-
 def ensure_fitness(paths: DemoPaths) -> Path:
     """Step 2: reuse the compressed fitness if it matches the run's models, else calibrate it."""
-    from evomerge.fitness.calibrate import calibrate_from_config
+    from evomerge.fitness.calibrate import calibrate_from_config, load_calibration_config, preset_mismatches
     from evomerge.fitness.compressed import CompressedFitness, resolve_fitness_path
 
     try:
@@ -241,7 +224,7 @@ def ensure_fitness(paths: DemoPaths) -> Path:
     fitness = CompressedFitness.load(path)
     stale = fitness.model_mismatches(base, experts, unknown_is_stale=True)
     if paths.calibration.is_file():  # without its preset a fitness can be reused but not remade
-        stale += preset_mismatches(fitness, paths.calibration)
+        stale += preset_mismatches(fitness, load_calibration_config(paths.calibration)[0])
     if stale:  # the zoo was rebuilt, or the preset changed, since this fitness was calibrated
         print(f"{path} does not match the zoo's models or the calibration preset ({'; '.join(stale)}); recalibrating")
         return calibrate_from_config(paths.calibration, overwrite=True)

@@ -302,21 +302,18 @@ def test_example_config_resolves_against_its_own_folder():
         assert Path(task.dataset["path"]) == Path.cwd() / "zoo" / "small" / "tasks" / entry.preset[4:]
 
 
-def test_the_demo_recalibrates_when_the_preset_no_longer_describes_the_saved_fitness(calibrated, monkeypatch):
-    """`demo.preset_mismatches`: a saved fitness is stale when the preset asks for another estimator,
+def test_the_demo_recalibrates_when_the_preset_no_longer_describes_the_saved_fitness(calibrated):
+    """`calibrate.preset_mismatches`: a saved fitness is stale when the preset asks for another estimator,
     subset method or subset size (a changed default must not keep an old fitness), and not otherwise."""
     from types import SimpleNamespace
 
-    import evomerge.fitness.calibrate as calibrate_module
-    from evomerge.demo import preset_mismatches
+    from evomerge.fitness.calibrate import preset_mismatches
 
     _, tasks, path = calibrated
     fitness = CompressedFitness.load(path)
 
     def preset(estimator=fitness.estimator, method=DEFAULT_SUBSET_METHOD, n=N_SUBSET):
-        config = SimpleNamespace(estimator=estimator, subset=SimpleNamespace(method=method, n=n))
-        monkeypatch.setattr(calibrate_module, "load_calibration_config", lambda _: (config, None))
-        return preset_mismatches(fitness, Path("preset.yaml"))
+        return preset_mismatches(fitness, SimpleNamespace(estimator=estimator, subset=SimpleNamespace(method=method, n=n)))
 
     assert preset() == []
     other = [m for m in ("random", "anchors") if m != DEFAULT_SUBSET_METHOD][0]

@@ -203,6 +203,21 @@ def _output_path(config: CalibrationConfig, root: Path, name: str | None) -> Pat
     return Path(_absolute(root, config.fitness_dir)) / (name or config.name)
 
 
+def preset_mismatches(fitness: CompressedFitness, config) -> list[str]:
+    """What of a calibration config (`load_calibration_config`) a saved fitness was not made with:
+    its estimator, and each task's subset method and size (a changed default or preset must not keep
+    an old fitness; the models are `CompressedFitness.model_mismatches`)."""
+    out = [] if fitness.estimator == config.estimator else [
+        f"estimator {fitness.estimator}, the preset's {config.estimator}"]
+    for name, task in fitness.tasks.items():
+        subset = task.estimator.subset
+        n = min(config.subset.n, task.n_total)
+        if subset.method != config.subset.method or len(subset.items) != n:
+            out.append(f"{name}: subset {subset.method} n={len(subset.items)}, the preset's "
+                       f"{config.subset.method} n={n}")
+    return out
+
+
 def calibrate_from_config(path: str | os.PathLike, *, name: str | None = None, out_dir: str | os.PathLike | None = None,
                           overwrite: bool = False, echo=print) -> Path:
     """Calibrate as the config file at `path` describes; saves to `out_dir`, else to

@@ -384,6 +384,9 @@ def build_expert_stages(b: _Builder) -> None:
             cache["base"], cache["pools"] = base_model, _replay_pools(b, base_model, cache["tokenizer"])
         return cache["base"], cache["pools"]
 
+    if s.expert_preserve_hidden and (s.expert_layers is None or s.replay_distill <= 0):
+        raise ValueError(f"zoo size {s.name!r}: expert_preserve_hidden needs expert_layers and a "
+                         "distilled replay (replay_distill > 0): it keeps the replay rows' hidden states")
     for task in s.tasks:
         others = [t for t in s.tasks if t != task]
         lr, target = s.expert_lr_for(task), s.expert_target_for(task)
@@ -412,9 +415,6 @@ def build_expert_stages(b: _Builder) -> None:
             training["drift"] = {"steps": s.expert_drift_steps, "lr": s.expert_drift_lr,
                                  "trains": "every parameter outside the expert's own layers"}
         if s.expert_preserve_hidden:  # recorded only when set, so the other zoos' keys stay
-            if s.expert_layers is None or s.replay_distill <= 0:
-                raise ValueError(f"zoo size {s.name!r}: expert_preserve_hidden needs expert_layers and a "
-                                 "distilled replay (replay_distill > 0): it keeps the replay rows' hidden states")
             training["preserve_hidden"] = {
                 "weight": s.expert_preserve_hidden, "after_layer": max(s.expert_layers[task]),
                 "rows": "the replay rows (the other tasks' prompts), against the base"}
