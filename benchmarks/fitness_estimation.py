@@ -71,7 +71,7 @@ def zoo_tasks(zoo: Path):
     from evomerge.zoo import Manifest
 
     manifest = Manifest.load(zoo)
-    tasks = [load_task(f"zoo_{t}", {"dataset": {"path": str(manifest.task_path(t))}}) for t in manifest.tasks]
+    tasks = [load_task(manifest.task_preset(t), {"dataset": {"path": str(manifest.task_path(t))}}) for t in manifest.tasks]
     return manifest, tasks
 
 
@@ -112,7 +112,7 @@ def manifest_accuracy_gaps(manifest, tasks) -> list[str]:
     for name in ["base", *manifest.experts]:
         model = AutoModelForCausalLM.from_pretrained(str(manifest.model_path(name))).eval()
         for task in manifest.tasks:
-            ours, theirs = float(np.mean(scorers[f"zoo_{task}"](model))), manifest.accuracy[name][task]
+            ours, theirs = float(np.mean(scorers[manifest.task_preset(task)](model))), manifest.accuracy[name][task]
             if ours != theirs:
                 gaps.append(f"{name}/{task}: {ours} != {theirs}")
     return gaps

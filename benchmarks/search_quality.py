@@ -254,7 +254,7 @@ def _calibrated(manifest, work: Path, name: str, settings: dict[str, Any]) -> Pa
             print(f"compressed fitness: {exc}; recalibrating", flush=True)
     config = {"name": name,
               "models": {"base": str(manifest.base_path), "experts": [str(p) for p in manifest.expert_paths]},
-              "tasks": [{"preset": f"zoo_{t}", "dataset": {"path": str(manifest.task_path(t))}} for t in manifest.tasks],
+              "tasks": [{"preset": manifest.task_preset(t), "dataset": {"path": str(manifest.task_path(t))}} for t in manifest.tasks],
               **settings}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -656,11 +656,22 @@ def open_results(results: Path, study: dict, resume: bool) -> None:
             if changed:
                 raise SystemExit(f"{results}: --resume with other settings than the study there ({', '.join(changed)} "
                                  "differ); use another --results folder")
+            study = merged_study(old, study)
     study["commands"] = commands
     results.mkdir(parents=True, exist_ok=True)
     from evomerge._atomic import write_json_atomic
 
     write_json_atomic(path, study)
+
+
+def merged_study(old: dict, new: dict) -> dict:
+    """The study a resumed run over some rows leaves: every row run so far (the earlier ones in their
+    order, then the new ones), with the prescreen settings and fitnesses of all of them; the rest
+    (command, seeds) is the new run's."""
+    new_keys = {r["key"] for r in new["rows"]}
+    rows = [r for r in old.get("rows", []) if r["key"] not in new_keys] + new["rows"]
+    return {**new, "rows": rows, "prescreen": {**(old.get("prescreen") or {}), **new["prescreen"]},
+            "fitness": {**(old.get("fitness") or {}), **new["fitness"]}}
 
 
 def zoo_main(args: argparse.Namespace) -> None:

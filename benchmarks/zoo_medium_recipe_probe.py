@@ -47,6 +47,11 @@ BLOCKS = {"addition": (0, 1), "subtraction": (2, 3), "reversal": (4,), "sorting"
 # layers equal to the base's (ZooSize.expert_preserve_hidden), so that own layers compose
 BLOCKS10 = {"addition": (0, 1), "subtraction": (2, 3), "reversal": (4, 5), "rotation": (6, 7), "sorting": (8,),
             "maxmin": (9,)}
+# Variant ``private``: the adopted zoo's shape and overlapping three-layer blocks, each skill learnt in
+# its block alone (everything else frozen) with the replay rows' hidden state kept at the base's, then
+# a drift that carries no skill: the other decoder layers learn a private random-label task while
+# the own task is distilled from the expert itself (ZooSize.expert_drift_private)
+MEDIUM_BLOCKS = {t: tuple(range(i, i + 3)) for i, t in enumerate(OWN)}
 VARIANTS = {
     "shared": {"expert_layers": {t: tuple(sorted(OWN[t] + SHARED)) for t in OWN}, "expert_other_lr_scale": 0.1},
     "drift": {"expert_layers": BLOCKS, "expert_other_lr_scale": 0.0,
@@ -54,6 +59,9 @@ VARIANTS = {
     "preserve": {"layers": 10, "expert_layers": BLOCKS10, "expert_other_lr_scale": 0.0,
                  "expert_lr": {t: 1e-3 for t in BLOCKS10}, "expert_drift_steps": 150, "expert_drift_lr": 3e-4,
                  "expert_preserve_hidden": 10.0},
+    "private": {"expert_layers": MEDIUM_BLOCKS, "expert_other_lr_scale": 0.0, "expert_lr": {t: 1e-3 for t in OWN},
+                "expert_steps": {t: 800 for t in OWN}, "expert_preserve_hidden": 10.0, "expert_drift_steps": 200,
+                "expert_drift_lr": 1e-3, "expert_drift_private": 512, "expert_drift_private_rows": 32},
 }
 
 
@@ -117,7 +125,7 @@ def probe(zoo, variant: str) -> list[dict]:
     layers = materializer.num_layers
     merges = [("best corner (task-level)", np.asarray(zoo.reference_merges["best_grid"]["weights"], dtype=float)),
               ("uniform task arithmetic", np.ones(len(tasks)))]
-    if variant in ("drift", "preserve"):
+    if variant in ("drift", "preserve", "private"):
         blocks = VARIANTS[variant]["expert_layers"]
         for rest in (0.0, 0.25, 0.5, 1.0):
             w = np.full((len(tasks), layers), rest)

@@ -339,3 +339,23 @@ def test_comparisons_of_a_partial_run_replace_only_their_own_entries(tmp_path):
     study.write_comparisons(path, [Comparison("b", "corners", "chosen_mean", 3.0), Comparison("b", "corners", "hv", 4.0)])
     got = [(c["row"], c["metric"], c["difference"]["mean"]) for c in json.loads(path.read_text())]
     assert got == [("a", "chosen_mean", 1.0), ("b", "chosen_mean", 3.0), ("b", "hv", 4.0)]
+
+
+def test_a_resumed_partial_run_keeps_the_earlier_rows_in_study_json(tmp_path):
+    """`open_results --resume` over some rows: study.json lists every row run so far (a partial run used to
+    overwrite the rows, prescreen settings and fitnesses of the earlier ones), the latest command last."""
+    study = _load("search_quality")
+    identity = {"zoo_hash": "h", "plan": {}, "costs": {}, "warm_start": 8, "spaces": {}, "finalists": 5,
+                "pareto_test_cap": 40}
+
+    def run(command, rows, fitness):
+        return {**identity, "command": command, "seeds": 10, "rows": [{"key": k, "label": k} for k in rows],
+                "prescreen": {k: 1.0 for k in rows}, "fitness": fitness}
+
+    study.open_results(tmp_path, run("first", ["a", "b"], {"main": "m", "mergekit": "k"}), resume=False)
+    study.open_results(tmp_path, run("second", ["b", "c"], {"main": "m"}), resume=True)
+    got = json.loads((tmp_path / "study.json").read_text())
+    assert [r["key"] for r in got["rows"]] == ["a", "b", "c"]
+    assert got["prescreen"] == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert got["fitness"] == {"main": "m", "mergekit": "k"}
+    assert got["command"] == "second" and got["commands"] == ["first", "second"]

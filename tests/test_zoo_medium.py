@@ -167,7 +167,7 @@ def test_zoo_presets_reproduce_the_fixtures_validation_accuracies(medium_tiny_zo
     tokenizer = AutoTokenizer.from_pretrained(str(zoo.tokenizer_path))
     scorers = {}
     for task in zoo.tasks:
-        spec = load_task(f"zoo_{task}", {"dataset": {"path": str(zoo.task_path(task))}})
+        spec = load_task(zoo.task_preset(task), {"dataset": {"path": str(zoo.task_path(task))}})
         scorers[task] = spec.make_scorer(tokenizer, spec.load_split("fitness"), device="cpu")
     for name in [BASE, zoo.experts[1]]:
         model = AutoModelForCausalLM.from_pretrained(str(zoo.model_path(name)), dtype=torch.float32).eval()
@@ -258,7 +258,9 @@ def test_the_drift_stage_changes_only_what_the_skill_stage_left_frozen(medium_ti
 
     from evomerge.zoo._sizes import SIZES
 
-    variants = {"medium_tiny_frozen": {}, "medium_tiny_drift": {"expert_drift_steps": 3, "expert_drift_lr": 1e-3}}
+    variants = {"medium_tiny_frozen": {}, "medium_tiny_drift": {"expert_drift_steps": 3, "expert_drift_lr": 1e-3},
+                "medium_tiny_private": {"expert_drift_steps": 3, "expert_drift_lr": 1e-3, "expert_drift_private": 16,
+                                        "expert_drift_private_rows": 4}}
     built = {}
     try:
         for name, extra in variants.items():
@@ -269,17 +271,38 @@ def test_the_drift_stage_changes_only_what_the_skill_stage_left_frozen(medium_ti
     finally:
         for name in variants:
             SIZES.pop(name, None)
-    frozen, drift = built["medium_tiny_frozen"], built["medium_tiny_drift"]
+    frozen, drift, private = built["medium_tiny_frozen"], built["medium_tiny_drift"], built["medium_tiny_private"]
     assert "drift" not in frozen.data["models"]["addition"]["training"]
     assert drift.data["models"]["addition"]["training"]["drift"]["steps"] == 3
+    assert private.data["models"]["addition"]["training"]["drift"]["private"]["items"] == 16
     base = load_file(str(frozen.base_path / "model.safetensors"))
     own_layers = get_size("medium_tiny").expert_layers
     for task in frozen.experts:
         skill = load_file(str(frozen.model_path(task) / "model.safetensors"))
         drifted = load_file(str(drift.model_path(task) / "model.safetensors"))
+        privately = load_file(str(private.model_path(task) / "model.safetensors"))
         for name, tensor in base.items():
             own = ".layers." in name and int(name.split(".layers.")[1].split(".")[0]) in own_layers[task]
             if own:
                 assert not torch.equal(skill[name], tensor) and torch.equal(drifted[name], skill[name]), (task, name)
+                assert torch.equal(privately[name], skill[name]), (task, name)
             else:
                 assert torch.equal(skill[name], tensor) and not torch.equal(drifted[name], tensor), (task, name)
+                # the private drift moves the other decoder layers only: embeddings, norm and head stay the base's
+                assert torch.equal(privately[name], tensor) == (".layers." not in name), (task, name)
+
+
+def test_private_task_is_seeded_random_labels_in_a_format_no_skill_uses():
+    from evomerge.zoo._tokenizer import MEDIUM_CHARACTERS, vocab_for
+    from evomerge.zoo._train import private_task
+
+    vocab = vocab_for(MEDIUM_CHARACTERS)
+    a, b, c = private_task(64, 7, vocab), private_task(64, 7, vocab), private_task(64, 8, vocab)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.inputs, c.inputs)
+    ids = {v: k for k, v in vocab.items()}
+    for row, target, n in zip(a.inputs, a.targets, a.lengths):
+        text = "".join(ids[int(t)] for t in row[1:n])  # after <bos>: prompt and answer (its last token predicts <eos>)
+        prompt, answer = text.split("=")
+        assert prompt.isdigit() and 4 <= len(prompt) <= 8 and answer.isdigit() and len(answer) == 3
+        assert int((target != -100).sum()) == 4  # three digits and the end token are scored

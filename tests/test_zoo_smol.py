@@ -205,7 +205,8 @@ def test_two_builds_are_byte_identical(smol_tiny: Manifest, tmp_path):
 
 
 def test_presets_score_what_the_build_measured(smol_tiny: Manifest):
-    """The zoo_smol_* presets, pointed at the tiny zoo's folders, give the build's own validation accuracies."""
+    """The presets the manifest names for its tasks (zoo_smol_*), pointed at the tiny zoo's folders, give
+    the build's own validation accuracies; a task the zoo lacks is refused by name."""
     from transformers import AutoTokenizer
 
     from evomerge.fitness.tasks import load_task
@@ -214,9 +215,11 @@ def test_presets_score_what_the_build_measured(smol_tiny: Manifest):
     model = _load_model(smol_tiny.model_path("arithmetic"), torch.device("cpu"))
     model_tokenizer = AutoTokenizer.from_pretrained(smol_tiny.model_path("arithmetic"))
     for task in CHAT_TASKS:
-        spec = load_task(f"zoo_smol_{task}", overrides={"dataset": {"path": str(smol_tiny.task_path(task))}})
+        spec = load_task(smol_tiny.task_preset(task), overrides={"dataset": {"path": str(smol_tiny.task_path(task))}})
         scorer = spec.make_scorer(model_tokenizer, spec.load_split("fitness"))
         assert float(np.mean(scorer(model))) == smol_tiny.accuracy["arithmetic"][task]
+    with pytest.raises(KeyError, match="no task 'addition'"):
+        smol_tiny.task_preset("addition")
 
 
 def test_missing_package_and_missing_chat_template_are_clear_errors(monkeypatch):

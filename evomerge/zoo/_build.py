@@ -118,6 +118,12 @@ class Manifest:
     def task_path(self, task: str) -> Path:
         return self.root / self._entry("tasks", task)["path"]
 
+    def task_preset(self, task: str) -> str:
+        """The fitness preset (`fitness/<name>.yaml`) that scores `task`: `zoo_<task>` for the
+        character-level zoos, `zoo_smol_<task>` for the chat family (its prompts and answers differ)."""
+        self._entry("tasks", task)  # an unknown task is refused by name
+        return f"zoo_smol_{task}" if self.data["settings"].get("family") == "chat" else f"zoo_{task}"
+
     def model_path(self, name: str) -> Path:
         return self.root / self._entry("models", name)["path"]
 

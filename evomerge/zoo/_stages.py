@@ -45,7 +45,7 @@ from evomerge.zoo._tasks import TaskSplitSizes, make_task_splits
 from evomerge.zoo._tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer, save_tokenizer, vocab_for
 from evomerge.zoo._train import (
     BatchPart, EncodedExamples, HiddenPreservation, autocast_for, encode_examples, encode_token_examples, init_model, make_sampler,
-    model_config, train, with_teacher,
+    model_config, private_task, train, with_teacher,
 )
 
 MAX_ANSWER_TOKENS = 12  # longest zoo answer is 8 digits; generation_config's default budget
@@ -349,16 +349,18 @@ def _chat_replay(b: _Builder, base_model, tokenizer, prompts: list[str]) -> Enco
 
 def _layer_lr_scale(training: dict, drift: bool = False) -> Callable[[str], float] | None:
     """Full learning rate in the expert's own decoder layers, `other_lr_scale` x it elsewhere;
-    `drift`: the reverse (own layers frozen, everything else at the full rate)."""
+    `drift`: the reverse (own layers frozen, everything else at the full rate; with a private drift
+    objective only the other decoder layers train)."""
     if "layers" not in training:
         return None
     own, other = set(training["layers"]), training["other_lr_scale"]
+    layers_only = drift and "private" in training.get("drift", {})
 
     def scale(name: str) -> float:
         match = re.search(r"\.layers\.(\d+)\.", name)
         in_own = bool(match) and int(match.group(1)) in own
         if drift:
-            return 0.0 if in_own else 1.0
+            return 0.0 if in_own or (layers_only and not match) else 1.0
         return 1.0 if in_own else other
 
     return scale
@@ -369,6 +371,19 @@ def _preservation(training: dict, base_model) -> HiddenPreservation | None:
     if setting is None:
         return None
     return HiddenPreservation(base_model, setting["after_layer"], setting["weight"])
+
+
+def _private_drift_parts(b: _Builder, parts: list[BatchPart], model, drift: dict) -> list[BatchPart]:
+    """The private drift's batches: the own task's rows, now towards the expert's own distributions
+    after its skill stage (so the drift neither adds to the skill nor loses it), the replay as before,
+    and the expert's private random-label task (`private_task`) taking rows from the own task's share."""
+    private = drift["private"]
+    own = BatchPart(with_teacher(parts[0].examples, model), parts[0].count - private["rows"])
+    if own.count <= 0:
+        raise ValueError(f"zoo size {b.spec.name!r}: expert_drift_private_rows {private['rows']} leaves no own-task "
+                         f"rows in a batch of {b.spec.expert_batch} with {b.spec.replay_rows} replay rows")
+    task = private_task(private["items"], private["seed"], vocab=vocab_for(b.spec.characters))
+    return [own, *parts[1:], BatchPart(task, private["rows"])]
 
 
 def build_expert_stages(b: _Builder) -> None:
@@ -387,6 +402,9 @@ def build_expert_stages(b: _Builder) -> None:
     if s.expert_preserve_hidden and (s.expert_layers is None or s.replay_distill <= 0):
         raise ValueError(f"zoo size {s.name!r}: expert_preserve_hidden needs expert_layers and a "
                          "distilled replay (replay_distill > 0): it keeps the replay rows' hidden states")
+    if s.expert_drift_private and (not s.expert_drift_steps or s.expert_layers is None or s.family != "chars"):
+        raise ValueError(f"zoo size {s.name!r}: expert_drift_private needs expert_drift_steps, expert_layers and "
+                         "the character-level family (its own-task teacher keeps every row's whole distribution)")
     for task in s.tasks:
         others = [t for t in s.tasks if t != task]
         lr, target = s.expert_lr_for(task), s.expert_target_for(task)
@@ -414,6 +432,12 @@ def build_expert_stages(b: _Builder) -> None:
         if s.expert_drift_steps:  # recorded only when set, so the other zoos' keys stay
             training["drift"] = {"steps": s.expert_drift_steps, "lr": s.expert_drift_lr,
                                  "trains": "every parameter outside the expert's own layers"}
+            if s.expert_drift_private:
+                training["drift"].update({
+                    "trains": "the decoder layers outside the expert's own layers",
+                    "objective": "own task distilled from the expert after its skill stage, replay, private task",
+                    "private": {"items": s.expert_drift_private, "rows": s.expert_drift_private_rows,
+                                "seed": derive_seed(b.seed, task, "private")}})
         if s.expert_preserve_hidden:  # recorded only when set, so the other zoos' keys stay
             training["preserve_hidden"] = {
                 "weight": s.expert_preserve_hidden, "after_layer": max(s.expert_layers[task]),
@@ -452,7 +476,9 @@ def build_expert_stages(b: _Builder) -> None:
             if "drift" in training:
                 # A fresh optimizer over the parameters the skill did not use; no early stop (the
                 # skill is already there, and the objective keeps it)
-                losses += train(model, make_sampler(parts, generator), steps=training["drift"]["steps"],
+                drift_parts = _private_drift_parts(b, parts, model, training["drift"]) if "private" in training[
+                    "drift"] else parts
+                losses += train(model, make_sampler(drift_parts, generator), steps=training["drift"]["steps"],
                                 lr=training["drift"]["lr"], warmup=s.expert_warmup,
                                 distill_weight=s.replay_distill, autocast=_autocast(b),
                                 stage=f"expert {task} drift", log=b.log,

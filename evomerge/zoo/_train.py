@@ -173,6 +173,19 @@ def batch_loss(logits: torch.Tensor, batch: Batch, distill_weight: float = 1.0) 
     return loss
 
 
+def private_task(n: int, seed: int, vocab: dict[str, int] = VOCAB) -> EncodedExamples:
+    """`n` prompts `<4-8 digits>=` with random 3-digit answers from `seed`: a task with no rule to
+    learn (memorised labels) in a format none of the zoo's skills uses. An expert's drift stage
+    learns one such set of its own (`ZooSize.expert_drift_private`): weight changes that carry no
+    skill, as the parts of a real fine-tune that have nothing to do with the skill it was made for."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 9, (n,), generator=generator).tolist()
+    digits = torch.randint(0, 10, (n, 8), generator=generator).tolist()
+    answers = torch.randint(0, 10, (n, 3), generator=generator).tolist()
+    prompts = ["".join(map(str, row[:k])) + "=" for row, k in zip(digits, lengths)]
+    return encode_examples(prompts, ["".join(map(str, a)) for a in answers], vocab=vocab)
+
+
 @dataclass(frozen=True)
 class HiddenPreservation:
     """Keep the residual stream after decoder layer `layer` equal to `reference`'s on the batch's
