@@ -378,12 +378,12 @@ def _private_drift_parts(b: _Builder, parts: list[BatchPart], model, drift: dict
     after its skill stage (so the drift neither adds to the skill nor loses it), the replay as before,
     and the expert's private random-label task (`private_task`) taking rows from the own task's share."""
     private = drift["private"]
-    own = BatchPart(with_teacher(parts[0].examples, model), parts[0].count - private["rows"])
-    if own.count <= 0:
+    own_rows = parts[0].count - private["rows"]
+    if own_rows <= 0:
         raise ValueError(f"zoo size {b.spec.name!r}: expert_drift_private_rows {private['rows']} leaves no own-task "
                          f"rows in a batch of {b.spec.expert_batch} with {b.spec.replay_rows} replay rows")
     task = private_task(private["items"], private["seed"], vocab=vocab_for(b.spec.characters))
-    return [own, *parts[1:], BatchPart(task, private["rows"])]
+    return [BatchPart(with_teacher(parts[0].examples, model), own_rows), *parts[1:], BatchPart(task, private["rows"])]
 
 
 def build_expert_stages(b: _Builder) -> None:
