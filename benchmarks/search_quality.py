@@ -361,8 +361,11 @@ def run_config(spec: dict):
             "seed": seed, "runs_dir": spec["runs_dir"]}
     config = load_run_config(data, root=Path(spec["runs_dir"]))
     if row.seeded:
-        corners = bind_space(config).corner_genomes(spec["warm_start"])
-        data["optimizer"]["settings"]["initial_genomes"] = corners.tolist()
+        bound = bind_space(config)
+        seeds = bound.corner_genomes(spec["warm_start"])
+        if spec.get("warm_start_windows") and row.family == "per-layer":  # + each expert alone in each window
+            seeds = np.vstack([seeds, bound.window_genomes(spec["warm_start_windows"])])
+        data["optimizer"]["settings"]["initial_genomes"] = seeds.tolist()
         config = load_run_config(data, root=Path(spec["runs_dir"]))
     return config
 
@@ -380,6 +383,16 @@ def search_job(spec: dict) -> dict:
     path = Path(config.runs_dir) / config.name
     started = time.perf_counter()
     resumed = (path / "run.json").is_file()
+    if resumed:  # a run folder of the same row and seed from a study with other settings must not be taken over
+        from evomerge.runs.run import Run as _Run
+
+        try:
+            saved = _Run.load(path).config.optimizer.model_dump()
+        except Exception:  # noqa: BLE001 - an unreadable run is restarted below, as before
+            saved = None
+        if saved is not None and saved != config.optimizer.model_dump():
+            raise SystemExit(f"{path}: a run with other optimizer settings (warm start, strategy settings) is there; "
+                             "give this study its own --work folder")
     try:
         path = resume_search(path, progress=False, echo=quiet) if resumed else None
     except RunStoreError:
@@ -629,7 +642,8 @@ def prescreen_factor(optimizer: str, option: str) -> float:
     return 1.0 if option == "off" else float(option)
 
 
-STUDY_IDENTITY = ("zoo_hash", "plan", "costs", "warm_start", "prescreen", "spaces", "finalists", "pareto_test_cap")
+STUDY_IDENTITY = ("zoo_hash", "plan", "costs", "warm_start", "warm_start_windows", "prescreen", "spaces", "finalists",
+                  "pareto_test_cap")
 
 
 def open_results(results: Path, study: dict, resume: bool) -> None:
@@ -717,6 +731,7 @@ def zoo_main(args: argparse.Namespace) -> None:
              "command": "python benchmarks/search_quality.py " + " ".join(args.argv),
              "costs": vars(costs) | {"endpoint_calibration": costs.endpoint_calibration, "corners": costs.corners},
              "plan": plan.to_json(), "warm_start": args.warm_start, "prescreen": prescreen, "spaces": spaces,
+             **({"warm_start_windows": args.warm_start_windows} if args.warm_start_windows else {}),
              "finalists": args.finalists, "pareto_test_cap": args.pareto_test_cap, "fitness": fitness,
              "rows": [r.to_json() for r in rows]}
     if args.report_only:  # the tables from the records there, nothing run and nothing read
@@ -744,7 +759,8 @@ def zoo_main(args: argparse.Namespace) -> None:
 
     base = {"models": {"base": str(manifest.base_path), "experts": [str(p) for p in manifest.expert_paths]},
             "fitness": fitness, "device": args.device, "runs_dir": str(work / "runs"), "prescreen": prescreen,
-            "warm_start": args.warm_start, "validation_items": n_val, "pareto_test_cap": args.pareto_test_cap,
+            "warm_start": args.warm_start, "warm_start_windows": args.warm_start_windows,
+            "validation_items": n_val, "pareto_test_cap": args.pareto_test_cap,
             "calibration_items": {"main": costs.calibration, "mergenetic": costs.endpoint_calibration, "mergekit": 0}}
     dev, final = [], []
     fixed_rows = [r for r in rows if r.family == "fixed"]
@@ -819,6 +835,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="rows per strategy: without and with the warm-start set")
     z.add_argument("--warm-start", type=int, default=8,
                    help="warm-start set: the first N task-level corners (base, each expert, ..., all experts)")
+    z.add_argument("--warm-start-windows", type=int, default=0,
+                   help="seeded per-layer rows also start from each expert alone in every window of this many "
+                        "consecutive layers (BoundSpace.window_genomes; 0 = corners only)")
     z.add_argument("--seeds", type=int, default=10)
     z.add_argument("--budget", type=int, default=150, help="candidate evaluations per searched row")
     z.add_argument("--search-space", default="task_arithmetic_per_layer")

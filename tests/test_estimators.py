@@ -59,6 +59,20 @@ def test_subset_estimate_by_hand():
     np.testing.assert_array_equal(est.subset_responses, TINY_Y)
 
 
+def test_estimates_are_accuracies_even_when_the_weights_overshoot_one_in_floating_point():
+    """Seven subset weights normalised to 1 whose float64 dot product with all-correct answers is
+    1.0000000000000002 (a search's MAP, link='logit', refused such an objective): the estimate is 1."""
+    from evomerge.fitness.estimators import mix, subset_estimate
+
+    w = np.array([0.2025685913706569, 0.3581971678527226, 0.10374590996586161, 0.023399867873627283,
+                  0.1819727574313413, 0.0892937876920204, 0.04082191781377013])
+    assert float(w @ np.ones(7)) > 1.0  # the overshoot this guards against
+    full = subset_estimate(np.ones(7), w, n_total=100)
+    assert full.value == 1.0
+    assert mix("gp-IRT", 0.3, full, full).value == 1.0
+    assert subset_estimate(np.zeros(7), w, n_total=100).value == 0.0
+
+
 @pytest.mark.parametrize("method", ["mle", "map"])
 def test_pirt_and_gpirt_by_hand(method):
     fitted = tiny_estimator(ability_method=method)

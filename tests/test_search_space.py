@@ -199,3 +199,19 @@ def test_a_depth_curve_is_a_mergekit_gradient_over_its_control_points():
     with pytest.raises(SearchSpaceError, match="`control_points` only applies to granularity `curve`"):
         SearchSpace.from_dict({"name": "x", "method": "ties", "control_points": 3,
                                "parameters": {"weight": {"low": 0, "high": 1}}})
+
+
+def test_window_genomes_put_one_expert_in_each_window_of_layers():
+    """Hand-worked: 4 layers, 2 experts, windows of 2 slid by 1 -> 3 windows x 2 experts, each the
+    expert at 1 in its window and every other coefficient 0; refused for a window wider than the model."""
+    bound = SearchSpace.load("task_arithmetic_per_layer").bind(4, 2)
+    weights = [bound.per_layer(g)["weight"][0] for g in bound.window_genomes(2)]  # (K, L) each
+    expected = [
+        [[1, 1, 0, 0], [0, 0, 0, 0]], [[0, 0, 0, 0], [1, 1, 0, 0]],
+        [[0, 1, 1, 0], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 1, 1, 0]],
+        [[0, 0, 1, 1], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 1, 1]],
+    ]
+    assert np.array_equal(np.array(weights), np.array(expected, dtype=float))
+    assert len(bound.window_genomes(2, stride=2)) == 4  # windows at layers 0-1 and 2-3
+    with pytest.raises(SearchSpaceError, match="window width 5"):
+        bound.window_genomes(5)

@@ -119,7 +119,7 @@ def subset_estimate(responses: np.ndarray, weights: np.ndarray, n_total: int) ->
     w = np.asarray(weights, dtype=np.float64)
     y = _check_subset_responses(responses, w.shape[0])
     n = y.shape[0]
-    value = float(w @ y)
+    value = min(max(float(w @ y), 0.0), 1.0)  # an accuracy: weights summing to 1 in floating point may overshoot by an ulp
     p = (n * value + 0.5) / (n + 1.0)
     fpc = (n_total - n) / (n_total - 1.0) if n_total > 1 else 0.0
     stderr = float(np.sqrt((w * w).sum() * p * (1 - p) * fpc))
@@ -236,7 +236,7 @@ def mix(name: str, weight: float, data: Estimate, model: Estimate) -> Estimate:
         raise ValueError(f"mixing weight for {name} must lie in [0, 1], got {weight}")
     return Estimate(
         name,
-        weight * data.value + (1 - weight) * model.value,
+        min(max(weight * data.value + (1 - weight) * model.value, 0.0), 1.0),  # an accuracy, whatever the rounding
         weight * data.stderr + (1 - weight) * model.stderr,
         data.subset_responses,
         model.theta,

@@ -338,6 +338,31 @@ class BoundSpace:
             subsets = subsets[: max(1, max_count - 1)] + [(1.0,) * K]
         return np.stack([self.task_level_genome({"weight": w}) for w in subsets])
 
+    def window_genomes(self, width: int, stride: int = 1) -> np.ndarray:
+        """Each expert alone at weight 1 in a window of `width` consecutive blocks (layers, for a
+        per-layer space) and 0 everywhere else, the window slid over depth by `stride`: the merges that
+        take one expert's skill from some depth only, which no corner can express. Ordered window by
+        window, expert by expert within a window; other parameters take the middle of their bounds.
+        (n, dim)"""
+        if "weight" not in self.param_names:
+            raise SearchSpaceError(f"search space {self.space.name!r} does not search `weight`; no window genomes")
+        if self.is_curve:
+            raise SearchSpaceError(f"search space {self.space.name!r}: window genomes need granularity layer or block")
+        blocks = self._shape[0]
+        if not 1 <= width <= blocks or stride < 1:
+            raise SearchSpaceError(f"search space {self.space.name!r}: window width {width} (stride {stride}) must be "
+                                   f"1..{blocks}, the space's blocks")
+        middle = self.task_level_genome({}).reshape(self._shape)
+        w = self.param_names.index("weight")
+        out = []
+        for start in range(0, blocks - width + 1, stride):
+            for k in range(self.num_experts):
+                genome = middle.copy()
+                genome[:, :, w, :] = 0.0
+                genome[start:start + width, :, w, k] = 1.0
+                out.append(genome.reshape(self.dim))
+        return np.clip(np.stack(out), self.bounds[:, 0], self.bounds[:, 1])
+
     def per_layer(self, genome: np.ndarray) -> dict[str, np.ndarray]:
         """{param: array (groups, K, L)}: each layer's value (a block's gene, or a curve at the layer's depth)."""
         if self.is_curve:  # resolved as the materializer resolves the decoded setting at each layer's depth
