@@ -370,6 +370,21 @@ def run_config(spec: dict):
     return config
 
 
+def refuse_other_optimizer(path: Path, config) -> None:
+    """A run folder of the same row and seed left by a study with other optimizer settings (another
+    warm start, say) must not be resumed as this study's: it would silently stand for it."""
+    from evomerge.runs.run import Run
+    from evomerge.runs.store import RunStoreError
+
+    try:
+        saved = Run.load(path).config.optimizer.model_dump()
+    except (RunStoreError, OSError, ValueError):  # unreadable: the caller restarts it, as before
+        return
+    if saved != config.optimizer.model_dump():
+        raise RuntimeError(f"{path}: a run with other optimizer settings (warm start, strategy settings) is there; "
+                           "give this study its own --work folder")
+
+
 def search_job(spec: dict) -> dict:
     """Development step of one searched (row, seed): search (resumed if interrupted), its Pareto set
     among the first `candidates` evaluations, the member it chooses on validation. No test split."""
@@ -383,16 +398,8 @@ def search_job(spec: dict) -> dict:
     path = Path(config.runs_dir) / config.name
     started = time.perf_counter()
     resumed = (path / "run.json").is_file()
-    if resumed:  # a run folder of the same row and seed from a study with other settings must not be taken over
-        from evomerge.runs.run import Run as _Run
-
-        try:
-            saved = _Run.load(path).config.optimizer.model_dump()
-        except Exception:  # noqa: BLE001 - an unreadable run is restarted below, as before
-            saved = None
-        if saved is not None and saved != config.optimizer.model_dump():
-            raise SystemExit(f"{path}: a run with other optimizer settings (warm start, strategy settings) is there; "
-                             "give this study its own --work folder")
+    if resumed:
+        refuse_other_optimizer(path, config)
     try:
         path = resume_search(path, progress=False, echo=quiet) if resumed else None
     except RunStoreError:

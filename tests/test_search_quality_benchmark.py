@@ -359,3 +359,30 @@ def test_a_resumed_partial_run_keeps_the_earlier_rows_in_study_json(tmp_path):
     assert got["prescreen"] == {"a": 1.0, "b": 1.0, "c": 1.0}
     assert got["fitness"] == {"main": "m", "mergekit": "k"}
     assert got["command"] == "second" and got["commands"] == ["first", "second"]
+
+
+def test_a_run_folder_left_with_another_warm_start_is_not_resumed_as_this_studys(tmp_path):
+    """`refuse_other_optimizer`: a study that seeds with other genomes (or other strategy settings) than the
+    run folder of the same row and seed was made with refuses it (it used to resume that run silently and
+    report it as its own); the same settings pass, and a folder that is not a run is left to the caller."""
+    import yaml
+
+    from evomerge.runs.config import load_run_config
+    from evomerge.runs.store import RunStore
+
+    study = _load("search_quality")
+
+    def config(initial):
+        return load_run_config({
+            "name": "layer-map-seeded_s0", "models": {"base": "base", "experts": ["a", "b"]},
+            "search_space": "task_arithmetic_per_layer", "fitness": {"name": "f"},
+            "optimizer": {"name": "map", "settings": {"batch_size": 8, "initial_genomes": initial}},
+            "budget": {"evaluations": 8}, "seed": 0, "runs_dir": str(tmp_path)}, root=tmp_path)
+
+    made = config([[1.0, 0.0], [0.0, 1.0]])
+    store = RunStore.create(tmp_path / made.name, yaml.safe_dump(made.model_dump()))
+    store.unlock()
+    study.refuse_other_optimizer(tmp_path / made.name, config([[1.0, 0.0], [0.0, 1.0]]))  # same: passes
+    with pytest.raises(RuntimeError, match="other optimizer settings"):
+        study.refuse_other_optimizer(tmp_path / made.name, config([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    study.refuse_other_optimizer(tmp_path / "not_a_run", made)  # unreadable: the caller restarts it
