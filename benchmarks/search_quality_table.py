@@ -291,17 +291,22 @@ def compare(rows: dict[str, list[dict]], row: str, baseline: str, metric: str, *
     return Comparison(row, baseline, metric, paired_difference(a, b), items_a, items_b, matched, "", fixed_recipe)
 
 
-BASELINE_TITLES = ("corners (a)", "task-level, same optimizer (b)", "mergekit-evolve-style (c)", "Mergenetic-style (d)",
-                   "uniform task arithmetic (e)", "TIES defaults (e)")
+# (column title, baseline row key) in table order; None: the row's own task-level counterpart
+BASELINES = (("corners (a)", "corners"), ("task-level, same optimizer (b)", None),
+             ("mergekit-evolve-style (c)", "mergekit-evolve"), ("Mergenetic-style (d)", "mergenetic"),
+             ("uniform task arithmetic (e)", "fixed-uniform"), ("TIES defaults (e)", "fixed-ties"))
+BASELINE_TITLES = tuple(title for title, _ in BASELINES)
 
 
 def baseline_keys(row: Row, available: Sequence[str]) -> list[tuple[str, str]]:
     """(column title, baseline row key) a per-layer row is compared with."""
-    out = [("corners (a)", "corners")]
-    if row.optimizer is not None:
-        out.append(("task-level, same optimizer (b)", search_row_key("task-level", row.optimizer, row.seeded)))
-    out += [("mergekit-evolve-style (c)", "mergekit-evolve"), ("Mergenetic-style (d)", "mergenetic"),
-            ("uniform task arithmetic (e)", "fixed-uniform"), ("TIES defaults (e)", "fixed-ties")]
+    out = []
+    for title, key in BASELINES:
+        if key is None:
+            if row.optimizer is None:
+                continue
+            key = search_row_key("task-level", row.optimizer, row.seeded)
+        out.append((title, key))
     return [(title, key) for title, key in out if key in available]
 
 
