@@ -81,14 +81,32 @@ STRATEGY_SETTINGS: dict[str, dict[str, Any]] = {
     "ngopt": {"batch_size": 10},  # budget filled in from --budget
     "m2n2": {"archive_size": 20, "batch_size": 4},
     "map": {"batch_size": 8, "terms": "auto"},
+    # localize and stitch: each expert alone in each window of 3 layers, then merges of the kept
+    # windows, then MAP (evomerge.search.optimizers._stitch)
+    "stitch": {"parts": "windows", "window": 3, "stitches": 20, "batch_size": 8, "inner": "map",
+               "inner_settings": {"batch_size": 8, "terms": "auto"}},
 }
 
 
-def strategy_settings(name: str, budget: int) -> dict[str, Any]:
-    settings = dict(STRATEGY_SETTINGS.get(name, {}))
+def strategy_settings(name: str, budget: int, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    settings = {**STRATEGY_SETTINGS.get(name, {}), **(overrides or {}).get(name, {})}
     if name == "ngopt":
         settings["budget"] = budget
     return settings
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """--set STRATEGY.SETTING=VALUE (VALUE as YAML: 40, map, [1, 2]) -> {strategy: {setting: value}}."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        strategy, _, setting = name.partition(".")
+        if not (strategy and setting and value):
+            raise SystemExit(f"--set {item!r}: expected STRATEGY.SETTING=VALUE, e.g. stitch.stitches=40")
+        out.setdefault(strategy, {})[setting] = yaml.safe_load(value)
+    return out
 
 
 # =============================================================================== results file
@@ -352,7 +370,7 @@ def run_config(spec: dict):
     from evomerge.runs.problem import bind_space
 
     row, seed = Row(**spec["row"]), spec["seed"]
-    settings = strategy_settings(row.optimizer, row.candidates)
+    settings = strategy_settings(row.optimizer, row.candidates, spec.get("strategy_settings"))
     data = {"name": f"{row.key}_s{seed}", "models": spec["models"], "search_space": row.space,
             "fitness": {"name": spec["fitness"][row.fitness], "estimator": row.estimator},
             "optimizer": {"name": row.optimizer, "settings": settings, "prescreen": spec["prescreen"][row.key]},
@@ -650,7 +668,7 @@ def prescreen_factor(optimizer: str, option: str) -> float:
 
 
 STUDY_IDENTITY = ("zoo_hash", "plan", "costs", "warm_start", "warm_start_windows", "prescreen", "spaces", "finalists",
-                  "pareto_test_cap")
+                  "pareto_test_cap", "strategy_settings")
 
 
 def open_results(results: Path, study: dict, resume: bool) -> None:
@@ -709,6 +727,7 @@ def zoo_main(args: argparse.Namespace) -> None:
                    f"search_quality_{manifest.size}_{manifest.content_hash[:8]}_b{args.budget}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     strategies = args.strategies.split(",")
+    overrides = parse_overrides(args.set)
     seedings = {"both": [False, True], "unseeded": [False], "seeded": [True]}[args.seeding]
     reason = "search_quality zoo: fitnesses, searches and choices (development phase)"
     with sealed_test(reason):
@@ -739,6 +758,7 @@ def zoo_main(args: argparse.Namespace) -> None:
              "costs": vars(costs) | {"endpoint_calibration": costs.endpoint_calibration, "corners": costs.corners},
              "plan": plan.to_json(), "warm_start": args.warm_start, "prescreen": prescreen, "spaces": spaces,
              **({"warm_start_windows": args.warm_start_windows} if args.warm_start_windows else {}),
+             **({"strategy_settings": overrides} if overrides else {}),
              "finalists": args.finalists, "pareto_test_cap": args.pareto_test_cap, "fitness": fitness,
              "rows": [r.to_json() for r in rows]}
     if args.report_only:  # the tables from the records there, nothing run and nothing read
@@ -766,7 +786,7 @@ def zoo_main(args: argparse.Namespace) -> None:
 
     base = {"models": {"base": str(manifest.base_path), "experts": [str(p) for p in manifest.expert_paths]},
             "fitness": fitness, "device": args.device, "runs_dir": str(work / "runs"), "prescreen": prescreen,
-            "warm_start": args.warm_start, "warm_start_windows": args.warm_start_windows,
+            "warm_start": args.warm_start, "warm_start_windows": args.warm_start_windows, "strategy_settings": overrides,
             "validation_items": n_val, "pareto_test_cap": args.pareto_test_cap,
             "calibration_items": {"main": costs.calibration, "mergenetic": costs.endpoint_calibration, "mergekit": 0}}
     dev, final = [], []
@@ -845,6 +865,9 @@ def main(argv: list[str] | None = None) -> None:
     z.add_argument("--warm-start-windows", type=int, default=0,
                    help="seeded per-layer rows also start from each expert alone in every window of this many "
                         "consecutive layers (BoundSpace.window_genomes; 0 = corners only)")
+    z.add_argument("--set", action="append", default=[], metavar="STRATEGY.SETTING=VALUE",
+                   help="a strategy setting other than STRATEGY_SETTINGS' (repeatable; YAML values), e.g. "
+                        "stitch.stitches=40; part of the study's identity")
     z.add_argument("--seeds", type=int, default=10)
     z.add_argument("--budget", type=int, default=150, help="candidate evaluations per searched row")
     z.add_argument("--search-space", default="task_arithmetic_per_layer")

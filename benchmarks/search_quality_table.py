@@ -163,6 +163,11 @@ def plan_budgets(costs: ItemCosts, budget: int, finalists: int) -> BudgetPlan:
     return BudgetPlan(search, mergekit, mergenetic, corners, notes)
 
 
+# strategies that need a space with depth: localize and stitch takes experts from depth windows, and
+# a task-level space has one block (its windows are the corners)
+PER_LAYER_ONLY = frozenset({"stitch"})
+
+
 def study_rows(strategies: Sequence[str], seedings: Sequence[bool], plan: BudgetPlan, *, per_layer_space: str,
                task_level_space: str, mergekit_space: str, mergenetic_space: str, experts: Sequence[str],
                baselines: bool = True) -> list[Row]:
@@ -172,6 +177,8 @@ def study_rows(strategies: Sequence[str], seedings: Sequence[bool], plan: Budget
         if family == "task-level" and not baselines:
             continue
         for optimizer in strategies:
+            if family == "task-level" and optimizer in PER_LAYER_ONLY:
+                continue
             for seeded in seedings:
                 rows.append(Row(search_row_key(family, optimizer, seeded),
                                 f"{family} {optimizer}, {SEEDED_LABEL[seeded]}", family, optimizer, seeded, space,

@@ -39,6 +39,12 @@ FAST = {
     "ngopt": dict(batch_size=10, budget=80),
     "m2n2": dict(archive_size=10, batch_size=5),
     "map": dict(batch_size=8, front_pop_size=24, front_generations=10),
+    # localize and stitch over two groups of three one-gene parts; no stitched merges, so that the
+    # protocol tests reach the inner optimizer (MAP) within their first asks (tests/test_stitch.py
+    # covers the stitching)
+    "stitch": dict(parts=tuple(tuple(float(i == j) for j in range(DIM)) for i in range(DIM)),
+                   part_groups=(0, 0, 0, 1, 1, 1), empty=(0.0,) * DIM, stitches=0, inner="map",
+                   inner_settings=dict(batch_size=8, front_pop_size=24, front_generations=10)),
 }
 
 

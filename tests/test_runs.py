@@ -289,6 +289,33 @@ def test_every_optimizer_starts_from_the_corner_merges(workspace, optimizer):
     np.testing.assert_allclose(np.array(asked[:4]), corners)
 
 
+def test_a_stitch_search_starts_from_each_expert_in_each_window_and_resolves_its_parts(workspace):
+    """`parts: windows` with `window: 1`: after the corners, the search asks each expert alone in each
+    layer (the space's window genomes, in order), then stitched merges; the run reaches its budget. A window wider than the model is a config error naming the field."""
+    from evomerge.runs.problem import bind_space
+    from evomerge.runs.search import new_optimizer
+
+    settings = {"parts": "windows", "window": 1, "initial_genomes": "corners", "stitches": 3, "batch_size": 4}
+    path = write_config(workspace, "stitched", search_space="task_arithmetic_per_layer",
+                        optimizer={"name": "stitch", "settings": settings})
+    config = load_run_config(path)
+    space = bind_space(config)
+    opt = new_optimizer(config, space, 2)
+    corners, (parts, experts) = space.corner_genomes(), space.window_parts(1)
+    assert opt.parts.tolist() == parts.tolist() and opt.groups.tolist() == experts.tolist() == [0, 1] * space.num_layers
+    result = CliRunner().invoke(main, ["search", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = Run.load(workspace / "runs" / "stitched")
+    genomes = np.array([run.genome(int(i)) for i in run.evaluations.index])
+    expected = np.vstack([corners, parts])  # the empty genome is corner 0: asked once
+    np.testing.assert_allclose(genomes[: len(expected)], expected)
+    assert len(genomes) >= 24  # the budget; the inner optimizer's last batch may overshoot it, as NSGA-II's does
+    bad = write_config(workspace, "stitched_bad", search_space="task_arithmetic_per_layer",
+                       optimizer={"name": "stitch", "settings": {**settings, "window": 99}})
+    result = CliRunner().invoke(main, ["search", str(bad), "--quiet"])
+    assert result.exit_code == 2 and "optimizer.settings.parts: windows" in result.output and "window width 99" in result.output
+
+
 def test_notebook_runs(workspace, reference_run):
     import nbformat
     from nbclient import NotebookClient

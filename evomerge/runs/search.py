@@ -588,6 +588,14 @@ def new_optimizer(config: RunConfig, space, n_objectives: int) -> Optimizer:
             except ValueError as exc:
                 raise ConfigError(f"field `optimizer.settings.initial_genomes`: {exc}") from None
             settings["initial_genomes"] = [tuple(g) for g in corners.tolist()]
+        if settings.get("parts") == "windows":  # localize and stitch: each expert in each depth window
+            try:
+                parts, experts = space.window_parts(int(settings.get("window") or 0), int(settings.get("window_stride", 1)))
+                empty = space.empty_genome()
+            except ValueError as exc:
+                raise ConfigError(f"field `optimizer.settings.parts: windows` (window, window_stride): {exc}") from None
+            settings.update(parts=[tuple(g) for g in parts.tolist()], part_groups=experts.tolist(),
+                            empty=tuple(empty.tolist()))
         return make_prescreened(name, space.dim, space.bounds, n_objectives, seed=config.seed,
                                 factor=config.optimizer.prescreen, **settings)
     except (ValueError, TypeError) as exc:

@@ -344,6 +344,10 @@ class BoundSpace:
         take one expert's skill from some depth only, which no corner can express. Ordered window by
         window, expert by expert within a window; other parameters take the middle of their bounds.
         (n, dim)"""
+        return self.window_parts(width, stride)[0]
+
+    def window_parts(self, width: int, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """`window_genomes` and the expert each one takes: ``((n, dim), (n,))``."""
         if "weight" not in self.param_names:
             raise SearchSpaceError(f"search space {self.space.name!r} does not search `weight`; no window genomes")
         if self.is_curve:
@@ -354,14 +358,24 @@ class BoundSpace:
                                    f"1..{blocks}, the space's blocks")
         middle = self.task_level_genome({}).reshape(self._shape)
         w = self.param_names.index("weight")
-        out = []
+        out, experts = [], []
         for start in range(0, blocks - width + 1, stride):
             for k in range(self.num_experts):
                 genome = middle.copy()
                 genome[:, :, w, :] = 0.0
                 genome[start:start + width, :, w, k] = 1.0
                 out.append(genome.reshape(self.dim))
-        return np.clip(np.stack(out), self.bounds[:, 0], self.bounds[:, 1])
+                experts.append(k)
+        return np.clip(np.stack(out), self.bounds[:, 0], self.bounds[:, 1]), np.asarray(experts, dtype=int)
+
+    def empty_genome(self) -> np.ndarray:
+        """The genome that takes no expert (every weight 0: the base); other parameters in the middle
+        of their bounds, as in the window genomes. (dim,)"""
+        if "weight" not in self.param_names:
+            raise SearchSpaceError(f"search space {self.space.name!r} does not search `weight`; no empty genome")
+        genome = self.task_level_genome({}).reshape(self._shape)
+        genome[:, :, self.param_names.index("weight"), :] = 0.0
+        return np.clip(genome.reshape(self.dim), self.bounds[:, 0], self.bounds[:, 1])
 
     def per_layer(self, genome: np.ndarray) -> dict[str, np.ndarray]:
         """{param: array (groups, K, L)}: each layer's value (a block's gene, or a curve at the layer's depth)."""

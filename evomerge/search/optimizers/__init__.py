@@ -8,7 +8,7 @@
     genome = opt.ask_one(); opt.tell_one(genome, objectives_row)   # steady state, results in any order,
                                                       # for opt.takes_out_of_order(settings) (see _base)
 
-Registered names: random, nsga2, nsga3, ga, de, cma, twopointsde, ngopt, m2n2, map. Any of them can
+Registered names: random, nsga2, nsga3, ga, de, cma, twopointsde, ngopt, m2n2, map, stitch. Any of them can
 be wrapped in surrogate pre-screening (:func:`make_prescreened`, or the ``prescreen`` wrapper by
 name: ``make_optimizer("prescreen", ..., inner="nsga2", factor=4)``).
 
@@ -20,6 +20,7 @@ Modules, in import order (each imports only those above it):
     _replay       ReplayOptimizer: back-ends checkpointed by replaying their history
     _random, _pymoo, _nevergrad, _m2n2, _map    the strategies (MAP's quadratic surrogates too)
     _prescreen    surrogate pre-screening around any of them
+    _stitch       localize and stitch: depth windows of each expert, merged, then another optimizer
 
 The protocol and the checkpoint functions are imported with this package; the strategies (and
 pymoo, nevergrad, scipy with them) on first use of one of their names.
@@ -47,6 +48,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
               "cross_validated_r2", "n_quadratic_terms", "quadratic_features", "quadratic_term_names", "r2_score"),
     "._prescreen": ("PRESCREEN_DEFAULTS", "PrescreenSettings", "PrescreenState", "Prescreened", "ScreenPlan",
                     "fit_screen", "make_prescreened", "select_proposals"),
+    "._stitch": ("StitchOptimizer", "StitchSettings", "StitchState", "kept_parts", "stitch_genome"),
 }
 _LAZY_SOURCE = {name: module for module, names in _LAZY.items() for name in names}
 

@@ -31,6 +31,7 @@ _BUILTIN: dict[str, str] = {
     "ngopt": f"{_HERE}._nevergrad:NGOptOptimizer",
     "m2n2": f"{_HERE}._m2n2:M2N2Optimizer",
     "map": f"{_HERE}._map:MAPOptimizer",
+    "stitch": f"{_HERE}._stitch:StitchOptimizer",
 }
 _WRAPPERS: dict[str, str] = {
     "prescreen": f"{_HERE}._prescreen:Prescreened",
