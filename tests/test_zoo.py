@@ -302,6 +302,9 @@ def test_second_build_reuses_everything(tiny_zoo: Manifest, tmp_path):
     assert "model base" in again.reused and "evaluation" in again.reused
     assert again.content_hash == tiny_zoo.content_hash
     assert again.accuracy == tiny_zoo.accuracy
+    # the same content: the from-scratch build time still describes it
+    assert again.data["build"]["measured"] == "from_scratch"
+    assert again.data["build"]["seconds"] == tiny_zoo.data["build"]["seconds"]
 
 
 def test_deleted_and_corrupted_files_are_rebuilt_identically(tiny_zoo: Manifest, tmp_path):

@@ -272,6 +272,15 @@ def test_the_drift_stage_changes_only_what_the_skill_stage_left_frozen(medium_ti
         for name in variants:
             SIZES.pop(name, None)
     frozen, drift, private = built["medium_tiny_frozen"], built["medium_tiny_drift"], built["medium_tiny_private"]
+    # experts rebuilt with another recipe beside the copied base: the copied from-scratch time no
+    # longer describes the zoo; the build bar sums the components' own times and says so
+    data = private.data
+    summed = sum(c["seconds"] for c in [data["tokenizer"], *data["tasks"].values(), *data["models"].values()])
+    assert data["build"]["measured"] == "components" and data["build"]["content_hash"] == private.content_hash
+    assert data["build"]["seconds"] == pytest.approx(summed + data["evaluation"]["seconds"], abs=0.01)
+    bar = next(b for b in private.quality_bars if b["bar"] == "build_seconds")
+    assert bar["value"] == data["build"]["seconds"] and "summed" in bar["detail"]
+    assert medium_tiny_zoo.data["build"]["measured"] == "from_scratch"
     assert "drift" not in frozen.data["models"]["addition"]["training"]
     assert drift.data["models"]["addition"]["training"]["drift"]["steps"] == 3
     assert private.data["models"]["addition"]["training"]["drift"]["private"]["items"] == 16
