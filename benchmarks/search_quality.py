@@ -280,23 +280,35 @@ def _calibrated(manifest, work: Path, name: str, settings: dict[str, Any]) -> Pa
     return calibrate_from_config(path, out_dir=target, overwrite=True, echo=quiet)
 
 
-# The searched rows' subsets: anchors, the library's default when the committed studies ran (the
-# default is random items since; pinned so that a resumed study keeps one fitness for all its rows)
-STUDY_SUBSET_METHOD = "anchors"
+# The subsets of the studies committed before 2026-11-30 (the small zoo's and the 7781c7b3 medium
+# zoo's): anchors, the library's default when they ran. A study folder without a `subset_method`
+# is one of those, and is resumed or reported with anchors; new studies take the library's default
+# (random items since issue 16), the fitness the recommended configuration runs with.
+LEGACY_SUBSET_METHOD = "anchors"
 
 
-def main_fitness(manifest, work: Path, subset: int, random_merges: int | None) -> Path:
-    """The searched rows' fitness: the calibration defaults as the committed studies ran them
-    (endpoints + random merges, anchors subsets of `subset` items per task, gp-IRT)."""
+def main_fitness(manifest, work: Path, subset: int, random_merges: int | None, method: str) -> Path:
+    """The searched rows' fitness: the calibration defaults (endpoints + random merges, gp-IRT) with
+    `subset` items per task chosen by `method`."""
     from evomerge.fitness.calibrate import DEFAULT_IRT_DIMS, DEFAULT_RANDOM_MERGES
 
     merges = DEFAULT_RANDOM_MERGES if random_merges is None else random_merges
-    name = (f"zoo_{manifest.size}_{manifest.content_hash[:8]}_bench_r{merges}_n{subset}_{STUDY_SUBSET_METHOD}"
+    name = (f"zoo_{manifest.size}_{manifest.content_hash[:8]}_bench_r{merges}_n{subset}_{method}"
             f"_d{DEFAULT_IRT_DIMS}")
     return _calibrated(manifest, work, name, {
         "calibration": {"random_merges": merges, "method": "task_arithmetic", "weight": [0.0, 1.5],
                         "density": [0.2, 1.0], "seed": 0},
-        "subset": {"n": subset, "method": STUDY_SUBSET_METHOD, "seed": 0}})  # the rest: `evomerge fitness calibrate` defaults
+        "subset": {"n": subset, "method": method, "seed": 0}})  # the rest: `evomerge fitness calibrate` defaults
+
+
+def study_subset_method(results: Path, asked: str | None) -> str:
+    """The searched rows' subset method: as asked, else the study folder's (a study from before the
+    setting existed: anchors), else the library's default."""
+    from evomerge.fitness.calibrate import DEFAULT_SUBSET_METHOD
+
+    path = results / "study.json"
+    saved = json.loads(path.read_text()).get("subset_method", LEGACY_SUBSET_METHOD) if path.is_file() else None
+    return asked or saved or DEFAULT_SUBSET_METHOD
 
 
 def mergenetic_fitness(manifest, work: Path, items: int) -> Path:
@@ -668,7 +680,7 @@ def prescreen_factor(optimizer: str, option: str) -> float:
 
 
 STUDY_IDENTITY = ("zoo_hash", "plan", "costs", "warm_start", "warm_start_windows", "prescreen", "spaces", "finalists",
-                  "pareto_test_cap", "strategy_settings")
+                  "pareto_test_cap", "strategy_settings", "subset_method")
 
 
 def open_results(results: Path, study: dict, resume: bool) -> None:
@@ -689,6 +701,8 @@ def open_results(results: Path, study: dict, resume: bool) -> None:
                 if key == "prescreen":  # per row: rows may be added or left out, a shared row must agree
                     a, b = old.get(key) or {}, study.get(key) or {}
                     return all(a[r] == b[r] for r in set(a) & set(b))
+                if key == "subset_method":  # studies from before the setting ran with anchors
+                    return old.get(key, LEGACY_SUBSET_METHOD) == study.get(key)
                 return old.get(key) == study.get(key)
 
             changed = [k for k in STUDY_IDENTITY if not same(k)]
@@ -730,8 +744,9 @@ def zoo_main(args: argparse.Namespace) -> None:
     overrides = parse_overrides(args.set)
     seedings = {"both": [False, True], "unseeded": [False], "seeded": [True]}[args.seeding]
     reason = "search_quality zoo: fitnesses, searches and choices (development phase)"
+    subset_method = study_subset_method(results, args.subset_method)
     with sealed_test(reason):
-        main_path = main_fitness(manifest, work, args.subset, args.random_merges)
+        main_path = main_fitness(manifest, work, args.subset, args.random_merges, subset_method)
         main = CompressedFitness.load(main_path)
         n_val, smallest = validation_items(main)
         costs = ItemCosts(len(manifest.experts), len(main.task_names), n_val, smallest,
@@ -758,7 +773,7 @@ def zoo_main(args: argparse.Namespace) -> None:
              "costs": vars(costs) | {"endpoint_calibration": costs.endpoint_calibration, "corners": costs.corners},
              "plan": plan.to_json(), "warm_start": args.warm_start, "prescreen": prescreen, "spaces": spaces,
              **({"warm_start_windows": args.warm_start_windows} if args.warm_start_windows else {}),
-             **({"strategy_settings": overrides} if overrides else {}),
+             **({"strategy_settings": overrides} if overrides else {}), "subset_method": subset_method,
              "finalists": args.finalists, "pareto_test_cap": args.pareto_test_cap, "fitness": fitness,
              "rows": [r.to_json() for r in rows]}
     if args.report_only:  # the tables from the records there, nothing run and nothing read
@@ -875,6 +890,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="'default' (PRESCREEN_DEFAULTS), 'off', or a factor, for the per-layer and task-level rows")
     z.add_argument("--random-merges", type=int, default=None, help="calibration random merges (default: the library's)")
     z.add_argument("--subset", type=int, default=20, help="fitness items per task of the searched rows")
+    z.add_argument("--subset-method", default=None, choices=("random", "anchors"),
+                   help="how the searched rows' fitness items are chosen (default: the study folder's, else the "
+                        "library's default)")
     z.add_argument("--finalists", type=int, default=5,
                    help="best Pareto members by fitness re-scored on the whole validation split to choose one")
     z.add_argument("--development-only", action="store_true",

@@ -346,7 +346,7 @@ def test_a_resumed_partial_run_keeps_the_earlier_rows_in_study_json(tmp_path):
     overwrite the rows, prescreen settings and fitnesses of the earlier ones), the latest command last."""
     study = _load("search_quality")
     identity = {"zoo_hash": "h", "plan": {}, "costs": {}, "warm_start": 8, "spaces": {}, "finalists": 5,
-                "pareto_test_cap": 40}
+                "pareto_test_cap": 40, "subset_method": "random"}
 
     def run(command, rows, fitness):
         return {**identity, "command": command, "seeds": 10, "rows": [{"key": k, "label": k} for k in rows],
@@ -359,6 +359,25 @@ def test_a_resumed_partial_run_keeps_the_earlier_rows_in_study_json(tmp_path):
     assert got["prescreen"] == {"a": 1.0, "b": 1.0, "c": 1.0}
     assert got["fitness"] == {"main": "m", "mergekit": "k"}
     assert got["command"] == "second" and got["commands"] == ["first", "second"]
+
+
+def test_a_study_from_before_the_subset_method_setting_is_resumed_with_anchors_only(tmp_path):
+    """study.json without `subset_method` (the committed small and 7781c7b3 medium studies) ran with
+    anchors: resumed with anchors (unless asked otherwise), and a resume with random items is refused;
+    a new folder takes the library's default."""
+    from evomerge.fitness.calibrate import DEFAULT_SUBSET_METHOD
+
+    study = _load("search_quality")
+    assert study.study_subset_method(tmp_path / "new", None) == DEFAULT_SUBSET_METHOD == "random"
+    identity = {"zoo_hash": "h", "plan": {}, "costs": {}, "warm_start": 8, "spaces": {}, "finalists": 5,
+                "pareto_test_cap": 40, "command": "c", "seeds": 10, "rows": [], "prescreen": {}, "fitness": {}}
+    (tmp_path / "study.json").write_text(json.dumps(identity))
+    (tmp_path / "row").mkdir()
+    (tmp_path / "row" / "seed00.json").write_text("{}")
+    assert study.study_subset_method(tmp_path, None) == "anchors"
+    study.open_results(tmp_path, {**identity, "subset_method": "anchors"}, resume=True)
+    with pytest.raises(SystemExit, match="subset_method differ"):
+        study.open_results(tmp_path, {**identity, "subset_method": "random"}, resume=True)
 
 
 def test_a_run_folder_left_with_another_warm_start_is_not_resumed_as_this_studys(tmp_path):
