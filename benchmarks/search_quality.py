@@ -118,9 +118,12 @@ def record_section(key: str, markdown: str, path: Path = RESULTS_MD) -> None:
     record(key, markdown, path)
 
 
-def section_key(zoo_size: str) -> str:
-    """One RESULTS.md section per zoo size; the medium zoo's kept its first key, "zoo"."""
-    return "search_quality:zoo" if zoo_size == "medium" else f"search_quality:{zoo_size}"
+def section_key(zoo_size: str, content_hash: str = "") -> str:
+    """One RESULTS.md section per zoo: the small zoo's by size; the medium zoo's first recipe (7781c7b3)
+    kept its first key, "zoo", and a later medium zoo has its content's own section."""
+    if zoo_size != "medium":
+        return f"search_quality:{zoo_size}"
+    return "search_quality:zoo" if content_hash.startswith("7781c7b3") else f"search_quality:medium_{content_hash[:8]}"
 
 
 def paired_t(diff: np.ndarray) -> float:
@@ -787,7 +790,7 @@ def zoo_main(args: argparse.Namespace) -> None:
         write_comparisons(results / "comparisons.json", comparisons)
         print(markdown)
         if args.record:
-            record_section(section_key(manifest.size), markdown, Path(args.results_md))
+            record_section(section_key(manifest.size, manifest.content_hash), markdown, Path(args.results_md))
         return
     open_results(results, study, args.resume)
     print(f"zoo {zoo} ({manifest.size}, {costs.experts} experts, {costs.tasks} tasks, {n_val:,} validation items); "
@@ -845,7 +848,7 @@ def zoo_main(args: argparse.Namespace) -> None:
     print()
     print(markdown)
     if args.record:
-        record_section(section_key(manifest.size), markdown, Path(args.results_md))
+        record_section(section_key(manifest.size, manifest.content_hash), markdown, Path(args.results_md))
 
 
 def write_comparisons(path: Path, comparisons: list) -> None:

@@ -243,6 +243,10 @@ def test_example_calibration_lands_where_the_example_run_looks(monkeypatch, tmp_
     target = calibration_output_path(REPO / "fitness" / "examples" / "zoo_small_calibration.yaml")
     run = load_run_config(REPO / "search_spaces" / "examples" / "zoo_small_run.yaml")
     assert target == Path(run.fitness.name) == REPO / "fitness" / "zoo_small"  # also where the demo looks
+    medium = load_run_config(REPO / "search_spaces" / "examples" / "zoo_medium_run.yaml")
+    assert calibration_output_path(REPO / "fitness" / "examples" / "zoo_medium_calibration.yaml") == \
+        Path(medium.fitness.name) == REPO / "fitness" / "zoo_medium"
+    assert medium.optimizer.name == "stitch" and medium.optimizer.settings["parts"] == "windows"
     # an explicit name: a bare name goes in the config's fitness_dir, a path is taken as given
     assert calibration_output_path(REPO / "fitness" / "examples" / "zoo_small_calibration.yaml", name="other") == \
         REPO / "fitness" / "other"
