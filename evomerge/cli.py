@@ -111,11 +111,13 @@ def zoo_group() -> None:
 @click.option("--size", type=click.Choice(["tiny", "small", "medium_tiny", "medium", "smol_tiny", "smol"]), default="small",
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def zoo_build(out_dir: Path, size: str, seed: int) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="experts trained at a time on a CPU, one torch thread each (the same bytes)")
+def zoo_build(out_dir: Path, size: str, seed: int, workers: int) -> None:
     """Build (or reuse) the demo base model, task experts and task data under OUT/SIZE."""
     from evomerge.zoo import build_zoo
 
-    manifest = build_zoo(out_dir, size=size, seed=seed, progress=True)
+    manifest = build_zoo(out_dir, size=size, seed=seed, progress=True, workers=workers)
     click.echo(f"zoo ready: {getattr(manifest, 'root', out_dir)}")
 
 

@@ -247,6 +247,25 @@ def test_hidden_preservation_keeps_the_replayed_tasks_hidden_states_and_still_tr
     assert kept_own / kept_replay > 1.5 * free_own / free_replay, (kept_own, kept_replay, free_own, free_replay)
 
 
+def test_experts_trained_two_at_a_time_are_the_bytes_of_one_after_another(medium_tiny_zoo: Manifest, tmp_path):
+    """`build_zoo(workers=2)`: the experts to build train in two forked processes, and each expert's
+    weights are byte-identical to the fixture's, built one after another; the manifest lists them in
+    the task order, as built."""
+    copy = tmp_path / "medium_tiny"
+    shutil.copytree(medium_tiny_zoo.root, copy)
+    manifest = json.loads((copy / "zoo.json").read_text())
+    for task in MEDIUM_TASKS:
+        manifest["models"][task]["key"] = "stale"
+    (copy / "zoo.json").write_text(json.dumps(manifest))
+    rebuilt = one_torch_thread(build_zoo, tmp_path, size="medium_tiny", seed=0, progress=False, workers=2)
+    assert rebuilt.built == [f"model {task}" for task in MEDIUM_TASKS] and "evaluation" in rebuilt.reused  # same hashes
+    assert list(rebuilt.data["models"]) == ["base", *MEDIUM_TASKS]
+    for task in MEDIUM_TASKS:
+        assert (rebuilt.model_path(task) / "model.safetensors").read_bytes() == \
+            (medium_tiny_zoo.model_path(task) / "model.safetensors").read_bytes(), task
+    assert rebuilt.content_hash == medium_tiny_zoo.content_hash
+
+
 def test_the_drift_stage_changes_only_what_the_skill_stage_left_frozen(medium_tiny_zoo: Manifest, tmp_path):
     """`expert_drift_steps`: the skill is learnt in the own layers with everything else frozen, then
     the drift trains everything else with the own layers frozen. Reference: the same build without

@@ -241,9 +241,14 @@ class _Builder:
             entry = (entry or {}).get(name)
         return entry
 
+    @staticmethod
+    def reusable(folder: Path, key: str, previous: dict | None) -> bool:
+        """`previous` has this key and the folder's files are intact."""
+        return previous is not None and previous.get("key") == key and folder_files(folder) == previous.get("files")
+
     def ensure(self, label: str, folder: Path, key: str, previous: dict | None, build: Callable[[Path], dict]) -> dict:
         """Reuse `folder` if `previous` has this key and the files are intact; else build it."""
-        if previous is not None and previous.get("key") == key and folder_files(folder) == previous.get("files"):
+        if self.reusable(folder, key, previous):
             self.reused.append(label)
             self.log(f"{label}: reused ({folder.relative_to(self.root)})")
             return previous

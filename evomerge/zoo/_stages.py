@@ -386,8 +386,11 @@ def _private_drift_parts(b: _Builder, parts: list[BatchPart], model, drift: dict
     return [BatchPart(with_teacher(parts[0].examples, model), own_rows), *parts[1:], BatchPart(task, private["rows"])]
 
 
-def build_expert_stages(b: _Builder) -> None:
+def build_expert_stages(b: _Builder, workers: int = 1) -> None:
+    """Every expert, built (or reused) in the order of the tasks; with `workers` > 1 on a CPU, the
+    experts to build train that many at a time in forked processes (the same bytes)."""
     s = b.spec
+    jobs: list[tuple[str, str, Callable[[Path], dict]]] = []
     base_path = b.root / b.data["models"][BASE]["path"]
     cache: dict = {}  # the base model and replay pools, loaded only if some expert needs building
 
@@ -491,9 +494,48 @@ def build_expert_stages(b: _Builder) -> None:
                 **training, "steps": len(losses), "final_loss": round(float(np.mean(losses[-10:])), 4),
                 "validation_checks": [[step, round(acc, 4)] for step, acc in checks]})
 
-        entry = b.ensure(f"model {task}", b.root / "models" / task, key, b.previous_entry("models", task), build)
+        jobs.append((task, key, build))
+
+    def ensure(job: tuple) -> dict:
+        task, key, build = job
+        return b.ensure(f"model {task}", b.root / "models" / task, key, b.previous_entry("models", task), build)
+
+    stale = [(task, key, build) for task, key, build in jobs
+             if not b.reusable(b.root / "models" / task, key, b.previous_entry("models", task))]
+    if workers > 1 and len(stale) > 1 and str(b.device) == "cpu":
+        base_and_pools()  # once, before the fork: every worker inherits the base and the replay pools
+        built = _in_forked_workers(ensure, stale, workers)
+        b.built += [f"model {task}" for task, _, _ in stale]
+    else:
+        built = {}
+    for job in jobs:
+        task = job[0]
+        entry = built[task] if task in built else ensure(job)
         b.data["models"][task] = _with_zoo_tokenizer(b, f"model {task}", entry)
         b.save()
+
+
+_FORKED: list = []  # (function, jobs) for the forked workers: inherited, never pickled
+
+
+def _forked_job(index: int):
+    torch.set_num_threads(1)
+    function, jobs = _FORKED[0]
+    return jobs[index][0], function(jobs[index])
+
+
+def _in_forked_workers(function: Callable, jobs: list, workers: int) -> dict:
+    """{task: function(job)} with the jobs spread over `workers` forked processes, one torch thread
+    each. Each expert's training depends only on its own seeds, so the bytes are those of building
+    them one after another (tested); fork, so that the closures and the loaded base need no pickling."""
+    import multiprocessing
+
+    _FORKED[:] = [(function, jobs)]
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            return dict(pool.map(_forked_job, range(len(jobs)), chunksize=1))
+    finally:
+        _FORKED.clear()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -663,12 +705,14 @@ def _chat_quality_bars(accuracy: dict, merges: dict, tasks: list[str]) -> list[d
 
 
 def build_zoo(
-    out_dir: str | os.PathLike, size: str = "small", seed: int = 0, progress: bool = True
+    out_dir: str | os.PathLike, size: str = "small", seed: int = 0, progress: bool = True, workers: int = 1
 ) -> Manifest:
     """Build the zoo into `out_dir/size` (or reuse what is already there) and return its manifest.
 
     `out_dir/small` and `out_dir/tiny` can live side by side; the manifest is `out_dir/size/zoo.json`.
     Deterministic for a given (size, seed) on one machine, torch version and thread count.
+    `workers` > 1 trains that many experts at a time on a CPU (forked processes, one torch thread
+    each): the same bytes as one after another.
     """
     import datasets
     from transformers.utils import logging as hf_logging
@@ -681,7 +725,7 @@ def build_zoo(
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     try:
-        return _build(root, spec, int(seed), progress)
+        return _build(root, spec, int(seed), progress, int(workers))
     finally:
         if hf_bars:
             hf_logging.enable_progress_bar()
@@ -689,15 +733,16 @@ def build_zoo(
             datasets.enable_progress_bars()
 
 
-def _build(root: Path, spec: ZooSize, seed: int, progress: bool) -> Manifest:
+def _build(root: Path, spec: ZooSize, seed: int, progress: bool, workers: int = 1) -> Manifest:
     builder = _Builder(root, spec, seed, progress)
-    builder.log(f"zoo size={spec.name} seed={seed} -> {root} (device {builder.device}, {torch.get_num_threads()} threads)")
+    builder.log(f"zoo size={spec.name} seed={seed} -> {root} (device {builder.device}, {torch.get_num_threads()} threads"
+                + (f", experts {workers} at a time)" if workers > 1 else ")"))
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     build_tokenizer_stage(builder)
     build_task_stages(builder)
     build_base_stage(builder)
-    build_expert_stages(builder)
+    build_expert_stages(builder, workers)
     evaluate_stage(builder)
 
     data = builder.data
