@@ -769,6 +769,9 @@ def zoo_main(args: argparse.Namespace) -> None:
                       task_level_space=spaces["task-level"], mergekit_space=spaces["mergekit-evolve"],
                       mergenetic_space=spaces["mergenetic"], experts=manifest.experts,
                       baselines=not args.skip_baselines)
+    if args.only_rows:  # a part of the design now, the rest later (--resume); the baselines stay
+        keep = set(args.only_rows.split(","))
+        rows = [r for r in rows if r.key in keep or r.family not in ("per-layer", "task-level")]
     prescreen = {r.key: (prescreen_factor(r.optimizer, args.prescreen) if r.family in ("per-layer", "task-level")
                          else 1.0) for r in rows if r.optimizer}
     study = {"zoo": str(zoo), "zoo_size": manifest.size, "zoo_hash": manifest.content_hash, "seeds": args.seeds,
@@ -905,6 +908,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="final step: score at most N Pareto members per record on test (the chosen + the best by "
                         "fitness mean; 0 = all)")
     z.add_argument("--skip-baselines", action="store_true", help="only the per-layer rows")
+    z.add_argument("--only-rows", default=None,
+                   help="comma list of searched row keys to run (e.g. global-cma-seeded); the baselines stay")
     z.add_argument("--jobs", type=int, default=2, help="processes running (row, seed) jobs, one torch thread each")
     z.add_argument("--device", default=None)
     z.add_argument("--resume", action="store_true", help="skip finished jobs, resume interrupted searches")
