@@ -711,8 +711,8 @@ def build_zoo(
 
     `out_dir/small` and `out_dir/tiny` can live side by side; the manifest is `out_dir/size/zoo.json`.
     Deterministic for a given (size, seed) on one machine, torch version and thread count.
-    `workers` > 1 trains that many experts at a time on a CPU (forked processes, one torch thread
-    each): the same bytes as one after another.
+    `workers` > 1 trains that many experts at a time on a CPU (forked processes) with one torch thread
+    everywhere: the bytes of a one-thread build.
     """
     import datasets
     from transformers.utils import logging as hf_logging
@@ -724,9 +724,13 @@ def build_zoo(
     hf_bars, ds_bars = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    threads = torch.get_num_threads()
+    if workers > 1:  # one thread everywhere: forking a process whose OpenMP pool has run is unsafe
+        torch.set_num_threads(1)
     try:
         return _build(root, spec, int(seed), progress, int(workers))
     finally:
+        torch.set_num_threads(threads)
         if hf_bars:
             hf_logging.enable_progress_bar()
         if ds_bars:
