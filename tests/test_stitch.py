@@ -131,5 +131,7 @@ def test_settings_errors_name_the_field():
                        empty=(0.0,) * DIM)
     with pytest.raises(ValueError, match=r"stitch: inner must name another optimizer"):
         make(inner="stitch")
+    with pytest.raises(ValueError, match=r"stitch: inner optimizer 'map': map: unknown setting\(s\) \['batchsize'\]"):
+        make(inner="map", inner_settings={"batchsize": 8})  # at construction, before any evaluation
     with pytest.raises(ValueError, match=r"stitch: parts must have shape \(P, 12\)"):
         make_optimizer("stitch", DIM, (0.0, 1.0), K, parts=[(0.0,) * 3], part_groups=[0], empty=(0.0,) * DIM)

@@ -126,6 +126,7 @@ class StitchOptimizer(Optimizer):
         if "weights" in (s.inner_settings or {}) or "initial_genomes" in (s.inner_settings or {}):
             raise ValueError("stitch: inner_settings take neither weights (the wrapper's pass on) nor "
                              "initial_genomes (the refine phase seeds it)")
+        self._new_inner()  # a typo in them fails now, not after the localize and stitch phases
         first = np.vstack([self.initial_rows(), self.empty[None], self.parts])
         self.inner: Optimizer | None = None
         self.strategy_state = StitchState(
@@ -218,6 +219,19 @@ class StitchOptimizer(Optimizer):
                              for i in best for g in range(len(st.kept)) if g not in level[i]])
 
     # -- refine
+    def _new_inner(self, seeds: np.ndarray | None = None) -> Optimizer:
+        """The inner optimizer with its settings (and the block structure), seeded with `seeds`."""
+        s = self.settings
+        settings = dict(s.inner_settings or {})
+        if s.gene_blocks is not None:
+            settings.setdefault("gene_blocks", s.gene_blocks)
+        initial = None if seeds is None else [tuple(g) for g in seeds.tolist()]
+        try:
+            return make_optimizer(s.inner, self.dim, (self.lower, self.upper), self.n_objectives, self.seed + 1,
+                                  weights=s.weights, initial_genomes=initial, **settings)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"stitch: inner optimizer {s.inner!r}: {exc}") from None
+
     def _start_inner(self) -> None:
         st = self.strategy_state
         s = self.settings
@@ -226,13 +240,8 @@ class StitchOptimizer(Optimizer):
         front[ok[non_dominated_mask(st.F[ok])]] = True
         order = np.lexsort((-(st.F @ self.weights), ~front))  # the front first, each by weighted mean
         order = [i for i in order if not st.failed[i]]
-        settings = dict(s.inner_settings or {})
-        if s.gene_blocks is not None:
-            settings.setdefault("gene_blocks", s.gene_blocks)
-        capacity = OPTIMIZERS[s.inner].initial_capacity(settings) or s.inner_seeds
-        seeds = st.X[order[: min(s.inner_seeds, capacity)]]
-        self.inner = make_optimizer(s.inner, self.dim, (self.lower, self.upper), self.n_objectives, self.seed + 1,
-                                    weights=s.weights, initial_genomes=[tuple(g) for g in seeds.tolist()], **settings)
+        capacity = OPTIMIZERS[s.inner].initial_capacity(dict(s.inner_settings or {})) or s.inner_seeds
+        self.inner = self._new_inner(st.X[order[: min(s.inner_seeds, capacity)]])
 
     def _ask_inner(self) -> np.ndarray:
         st = self.strategy_state
