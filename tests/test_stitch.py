@@ -78,10 +78,33 @@ def test_stitching_finds_the_brute_force_optimum_every_corner_misses():
     opt = make(stitches=5)
     run(opt, 9 + 1 + 4)  # empty + 9 parts, then the 4 stitched merges
     state = opt.strategy_state
-    assert state.kept.tolist() == [0, 4, 8]  # expert k's part starting at layer k
+    parts, _ = window_parts()
+    assert state.kept.tolist() == [list(parts[i]) for i in (0, 4, 8)]  # expert k's part starting at layer k
     assert state.stitched == [[0, 1], [0, 2], [1, 2], [0, 1, 2]]  # pairs (tied predictions: in order), the beam's one triple
     assert opt.best_score == pytest.approx(means.max())
     assert np.array_equal(opt.best_genome, everything[means.argmax()])
+
+
+def test_trimming_narrows_a_window_wider_than_the_skill_to_the_layers_that_carry_it():
+    """Windows of 3 layers hold each expert's 2 skill layers plus one more (-0.1 on every task): the best
+    kept window of expert k still carries the extra layer, and stitching all three scores 0.6. With
+    `trim`, each kept window is also tried one layer narrower at either end; the groups keep the two-layer
+    windows, and the stitched triple is the brute-force optimum, 0.9."""
+    parts, groups = window_parts(width=3)
+    blocks = [layer for layer in range(L) for _ in range(K)]
+    results = {}
+    for trim in (False, True):
+        opt = make_optimizer("stitch", DIM, (0.0, 1.0), K, seed=0, parts=parts, part_groups=groups,
+                             empty=(0.0,) * DIM, gene_blocks=blocks, trim=trim, stitches=4, inner="random")
+        run(opt, 40)
+        results[trim] = opt
+    assert results[False].best_score == pytest.approx(0.6)
+    kept = results[True].strategy_state.kept.reshape(K, L, K)
+    for k in range(K):
+        expected = np.zeros((L, K))
+        expected[k:k + 2, k] = 1.0
+        assert np.array_equal(kept[k], expected), k
+    assert results[True].best_score == pytest.approx(0.9)
 
 
 def test_pairs_go_in_the_order_of_their_predicted_gain_and_stop_at_the_stitches():
@@ -108,9 +131,10 @@ def test_no_genome_is_evaluated_twice_and_the_inner_optimizer_starts_from_the_be
     assert len(seeds) == 6 and skills(seeds[:1]).mean() == pytest.approx(0.9)  # the stitched triple first
 
 
-@pytest.mark.parametrize("evaluations", [4, 12, 30])  # mid-localize, mid-stitch, refine
+@pytest.mark.parametrize("evaluations", [4, 12, 20, 30])  # mid-localize, mid-trim, mid-stitch, refine
 def test_checkpoint_round_trip_gives_identical_next_asks(evaluations, tmp_path):
-    live = make(seed=5, stitches=4, batch_size=4, inner="map", inner_settings={"batch_size": 4})
+    live = make(seed=5, stitches=4, batch_size=4, inner="map", inner_settings={"batch_size": 4}, trim=True,
+                gene_blocks=[layer for layer in range(L) for _ in range(K)])
     run(live, evaluations)
     save_state(live.state(), tmp_path / "state.json")
     resumed = Optimizer.from_state(load_state(tmp_path / "state.json"))

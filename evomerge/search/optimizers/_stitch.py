@@ -11,6 +11,9 @@ its own fitness, in three phases:
    (the base: no expert) and every part. Each group keeps the part with the largest gain over the
    empty genome on any one objective: a windowed expert shows its skill on its own task, which the
    mean over all tasks dilutes. Ties go to the larger scalarised value.
+   With ``trim``, each kept part is also tried without its first and without its last block (a
+   window one layer narrower at either end) and the group keeps the best of the three by the same
+   rule: a window wider than the layers that carry the skill takes the others' drift along.
 2. stitch: merges of the kept parts of two or more groups, each the empty genome plus the sum of the
    parts' changes from it (clipped into the bounds). A beam over the number of parts: every pair
    first, then each of the ``beam`` best evaluated merges of the last size with one more group, in
@@ -60,6 +63,7 @@ class StitchSettings(BaseSettings):
     inner: str = "random"       # the optimizer of the refine phase
     inner_settings: dict[str, Any] | None = None
     inner_seeds: int = 16       # best genomes so far that seed it
+    trim: bool = False          # also try each kept part without its first / without its last block
     batch_size: int = 8
 
 
@@ -71,7 +75,7 @@ class StitchState:
     F: np.ndarray                   # (n, M) their objectives, failures filled
     failed: np.ndarray              # (n,) bool
     R: np.ndarray | None            # (n, items) their responses (NaN where none); None until some
-    kept: np.ndarray                # (G,) the part each group keeps (index into parts); empty before
+    kept: np.ndarray                # (G, dim) the part each group keeps (a part, or a trimmed one); (0, dim) before
     level: int                      # stitch phase: number of parts in the merges being evaluated
     stitched: list[list[int]]       # the group subsets evaluated or queued, in order
     inner: OptimizerState | None    # refine phase, in a checkpoint (while running: `StitchOptimizer.inner`)
@@ -132,7 +136,7 @@ class StitchOptimizer(Optimizer):
         self.strategy_state = StitchState(
             phase="localize", queue=_unique_rows(first, self._scale), X=np.zeros((0, self.dim)),
             F=np.zeros((0, self.n_objectives)), failed=np.zeros(0, dtype=bool), R=None,
-            kept=np.zeros(0, dtype=int), level=2, stitched=[], inner=None, plan=None)
+            kept=np.zeros((0, self.dim)), level=2, stitched=[], inner=None, plan=None)
 
     @property
     def _scale(self) -> np.ndarray:
@@ -161,6 +165,8 @@ class StitchOptimizer(Optimizer):
                 return batch
             if st.phase == "localize":
                 self._localize()
+            elif st.phase == "trim":
+                self._keep_trimmed()
             elif st.phase == "stitch":
                 self._next_level()
             else:
@@ -170,7 +176,44 @@ class StitchOptimizer(Optimizer):
         st = self.strategy_state
         empty = self._evaluated(self.empty)
         F_parts = np.stack([self._evaluated(p) for p in self.parts])
-        st.kept = kept_parts(F_parts, self.groups, empty, self.weights)
+        st.kept = self.parts[kept_parts(F_parts, self.groups, empty, self.weights)]
+        if self.settings.trim:
+            st.phase = "trim"
+            trims = [t for part in st.kept for t in self._trims(part)]
+            st.queue = _unique_rows(np.stack(trims), self._scale) if trims else np.zeros((0, self.dim))
+            st.queue = st.queue[self._row_of(st.queue) < 0]
+        else:
+            self._start_stitching()
+
+    def _trims(self, part: np.ndarray) -> list[np.ndarray]:
+        """The part without its first and without its last block (genes of the gene_blocks it changes),
+        when it changes more than one block; those genes take the empty genome's values."""
+        if self.settings.gene_blocks is None:
+            return []
+        blocks = np.asarray(self.settings.gene_blocks)
+        changed = np.unique(blocks[np.abs(part - self.empty) > _MATCH * self._scale])
+        out = []
+        for edge in (changed[:1], changed[-1:]) if len(changed) > 1 else ():
+            trimmed = part.copy()
+            trimmed[np.isin(blocks, edge)] = self.empty[np.isin(blocks, edge)]
+            out.append(trimmed)
+        return out
+
+    def _keep_trimmed(self) -> None:
+        """Each group keeps the best of its part and the part's trims, by the localize rule."""
+        st = self.strategy_state
+        empty = self._evaluated(self.empty)
+        kept = []
+        for part in st.kept:
+            options = np.stack([part, *self._trims(part)])
+            F = np.stack([self._evaluated(o) for o in options])
+            kept.append(options[kept_parts(F, np.zeros(len(options), dtype=int), empty, self.weights)[0]])
+        st.kept = np.stack(kept)
+        self._start_stitching()
+
+    def _start_stitching(self) -> None:
+        st = self.strategy_state
+        empty = self._evaluated(self.empty)
         st.phase, st.level = "stitch", 2
         gains = [self._gain(g) for g in range(len(st.kept))]
         self._queue_subsets([(list(pair), empty + gains[pair[0]] + gains[pair[1]])
@@ -199,10 +242,10 @@ class StitchOptimizer(Optimizer):
         st.queue = np.stack([self._genome(s) for s in queued]) if queued else np.zeros((0, self.dim))
 
     def _genome(self, subset: list[int]) -> np.ndarray:
-        return stitch_genome(self.parts[self.strategy_state.kept[subset]], self.empty, self.lower, self.upper)
+        return stitch_genome(self.strategy_state.kept[subset], self.empty, self.lower, self.upper)
 
     def _gain(self, group: int) -> np.ndarray:
-        return self._evaluated(self.parts[self.strategy_state.kept[group]]) - self._evaluated(self.empty)
+        return self._evaluated(self.strategy_state.kept[group]) - self._evaluated(self.empty)
 
     def _next_level(self) -> None:
         """Each of the `beam` best evaluated merges of the current size, with one more group; the
