@@ -12,8 +12,9 @@ its own fitness, in three phases:
    empty genome on any one objective: a windowed expert shows its skill on its own task, which the
    mean over all tasks dilutes. Ties go to the larger scalarised value.
    With ``trim``, each kept part is also tried without its first and without its last block (a
-   window one layer narrower at either end) and the group keeps the best of the three by the same
-   rule: a window wider than the layers that carry the skill takes the others' drift along.
+   window one layer narrower at either end) and the group keeps the best of the three by the
+   weighted mean: a window wider than the layers that carry the skill takes the expert's changes
+   elsewhere along, which costs the other tasks.
 2. stitch: merges of the kept parts of two or more groups, each the empty genome plus the sum of the
    parts' changes from it (clipped into the bounds). A beam over the number of parts: every pair
    first, then each of the ``beam`` best evaluated merges of the last size with one more group, in
@@ -200,14 +201,16 @@ class StitchOptimizer(Optimizer):
         return out
 
     def _keep_trimmed(self) -> None:
-        """Each group keeps the best of its part and the part's trims, by the localize rule."""
+        """Each group keeps the best of its part and the part's trims by the weighted mean: all of them
+        carry the skill (or the trim lost it, and its own task falls), and what a layer too many costs
+        shows on the other tasks, which the one-task gain of the localize rule ignores. Ties keep the
+        wider part."""
         st = self.strategy_state
-        empty = self._evaluated(self.empty)
         kept = []
         for part in st.kept:
             options = np.stack([part, *self._trims(part)])
-            F = np.stack([self._evaluated(o) for o in options])
-            kept.append(options[kept_parts(F, np.zeros(len(options), dtype=int), empty, self.weights)[0]])
+            score = np.stack([self._evaluated(o) for o in options]) @ self.weights
+            kept.append(options[int(np.argmax(score))])
         st.kept = np.stack(kept)
         self._start_stitching()
 
