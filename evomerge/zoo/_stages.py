@@ -767,13 +767,13 @@ def _build(root: Path, spec: ZooSize, seed: int, progress: bool, workers: int = 
     same_content = timed == data["content_hash"]
     if from_scratch:
         measured = {"seconds": run_seconds, "measured": "from_scratch", "load_average": [load_before, load_after],
-                    "threads": torch.get_num_threads()}
+                    "threads": torch.get_num_threads(), "expert_workers": workers}
     elif same_content and previous_build.get("seconds") is not None and previous_build.get("measured") != "components":
-        measured = {k: previous_build.get(k) for k in ("seconds", "load_average", "threads")}
+        measured = {k: previous_build.get(k) for k in ("seconds", "load_average", "threads", "expert_workers")}
         measured["measured"] = "from_scratch"
     else:
         measured = {"seconds": round(components_seconds, 2), "measured": "components", "load_average": None,
-                    "threads": None}
+                    "threads": None, "expert_workers": None}
     data["build"] = {**measured, "content_hash": data["content_hash"],
                      "last_run": {"seconds": run_seconds, "built": builder.built, "reused": builder.reused}}
     _set_build_bar(data)
