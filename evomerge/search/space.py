@@ -373,9 +373,7 @@ class BoundSpace:
         of their bounds, as in the window genomes. (dim,)"""
         if "weight" not in self.param_names:
             raise SearchSpaceError(f"search space {self.space.name!r} does not search `weight`; no empty genome")
-        genome = self.task_level_genome({}).reshape(self._shape)
-        genome[:, :, self.param_names.index("weight"), :] = 0.0
-        return np.clip(genome.reshape(self.dim), self.bounds[:, 0], self.bounds[:, 1])
+        return self.task_level_genome({"weight": np.zeros(self.num_experts)})  # corner 0
 
     def per_layer(self, genome: np.ndarray) -> dict[str, np.ndarray]:
         """{param: array (groups, K, L)}: each layer's value (a block's gene, or a curve at the layer's depth)."""
